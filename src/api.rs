@@ -1,0 +1,617 @@
+//! The HTTP API of API.md section 2 (the parts that exist so far): routing and handlers.
+//!
+//! Owns the mapping from method and path to a handler, request validation (names, JSON,
+//! query parameters) and the JSON bodies of replies. Handlers reach the bus only through the
+//! shard's service methods. Must never: panic on input, block, or answer an error without the
+//! JSON error body.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::bus::event::Draft;
+use crate::bus::Published;
+use crate::cursor::Cursor;
+use crate::glob::GlobSet;
+use crate::http::codec::{json_escape_into, Method, RequestHead};
+use crate::http::Response;
+use crate::metrics::{self, ErrorKind, ProcessInfo, ShardStats, Transport};
+use crate::names;
+use crate::query::{percent_decode, query_pairs};
+use crate::shard::{BusError, ConnCtl, Shard};
+
+/// What a request turns into.
+pub enum Reply {
+    Response(Response),
+    /// The connection becomes an SSE stream.
+    Stream(crate::sse::StreamRequest),
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        Reply::Response(r)
+    }
+}
+
+const PREFIX: &str = "/api/v1/relay";
+
+/// Routes one request.
+pub async fn dispatch(
+    shard: &Rc<Shard>,
+    _ctl: &Rc<ConnCtl>,
+    head: &RequestHead,
+    body: Bytes,
+) -> Reply {
+    let reply = route(shard, head, body).await;
+    if let Reply::Response(response) = &reply {
+        match response.status {
+            400 => shard.stats.error(ErrorKind::BadRequest),
+            404 => shard.stats.error(ErrorKind::NotFound),
+            405 => shard.stats.error(ErrorKind::MethodNotAllowed),
+            413 => shard.stats.error(ErrorKind::BodyTooLarge),
+            500 => shard.stats.error(ErrorKind::Internal),
+            _ => {}
+        }
+    }
+    reply
+}
+
+async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
+    let path = head.path.as_str();
+    let read = matches!(head.method, Method::Get | Method::Head);
+    let allow = |methods: &str| -> Reply {
+        Response::error(
+            405,
+            "method_not_allowed",
+            &format!(
+                "{} is not allowed on {path}; allowed: {methods}",
+                head.method.as_str()
+            ),
+        )
+        .with_header("Allow", methods)
+        .into()
+    };
+    match path {
+        "/healthz" => {
+            return if read {
+                healthz().into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        "/readyz" => {
+            return if read {
+                readyz(shard).into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        "/metrics" => {
+            return if read {
+                metrics(shard).into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix(PREFIX) else {
+        return not_found(path).into();
+    };
+    match rest {
+        "/health" => {
+            if read {
+                health(shard).into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        "/metrics" => {
+            if read {
+                metrics(shard).into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        "/events" => match head.method {
+            Method::Post => publish(shard, body).await.into(),
+            _ => allow("POST"),
+        },
+        "/events/stream" => {
+            if read {
+                stream(shard, head)
+            } else {
+                allow("GET")
+            }
+        }
+        "/channels" => {
+            if read {
+                channels(shard).await.into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        "/connections" => {
+            if read {
+                connections(shard).into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
+        _ => match rest
+            .strip_prefix("/channels/")
+            .and_then(|r| r.strip_suffix("/history"))
+        {
+            Some(channel) if read => history(shard, channel, head.query.as_deref()).await.into(),
+            Some(_) => allow("GET, HEAD"),
+            None => not_found(path).into(),
+        },
+    }
+}
+
+fn not_found(path: &str) -> Response {
+    Response::error(404, "not_found", &format!("no such endpoint: {path}"))
+}
+
+fn bad_request(message: &str) -> Response {
+    Response::error(400, "bad_request", message)
+}
+
+fn bus_error(shard: &Shard, e: BusError) -> Response {
+    match e {
+        BusError::Congested { .. } => {
+            shard.stats.error(ErrorKind::RingFull);
+            Response::error(503, "overloaded", &e.to_string()).with_header("Retry-After", "1")
+        }
+        BusError::Unavailable => Response::error(503, "shutting_down", &e.to_string()),
+    }
+}
+
+// ----- liveness, readiness, health, metrics -----
+
+fn healthz() -> Response {
+    Response::json(200, br#"{"status":"ok"}"#.to_vec())
+}
+
+fn readyz(shard: &Shard) -> Response {
+    let shared = &shard.shared;
+    if shared.is_draining() {
+        return Response::error(503, "not_ready", "the relay is draining");
+    }
+    let serving = shared.serving.load(Ordering::Acquire);
+    if serving < shared.shards {
+        return Response::error(
+            503,
+            "not_ready",
+            &format!("{serving} of {} shards are serving", shared.shards),
+        );
+    }
+    Response::json(200, br#"{"status":"ready"}"#.to_vec())
+}
+
+/// A shard whose maintenance tick (every 250 ms) is this late is stalled.
+const STALL_DEGRADED_MS: u64 = 1_000;
+const STALL_UNHEALTHY_MS: u64 = 5_000;
+
+fn health(shard: &Shard) -> Response {
+    let shared = &shard.shared;
+    let now_ms = shared.now_ms();
+    let mut worst_age = 0;
+    let mut shards_json = String::from("[");
+    for (i, stats) in shared.stats.iter().enumerate() {
+        let beat = stats.loop_heartbeat_ms.load(Ordering::Relaxed);
+        let age = now_ms.saturating_sub(beat);
+        worst_age = worst_age.max(age);
+        let active: i64 = stats.connections_active.iter().map(|g| g.get()).sum();
+        if i > 0 {
+            shards_json.push(',');
+        }
+        let _ = write!(
+            shards_json,
+            r#"{{"shard":{i},"heartbeat_age_ms":{age},"connections":{active}}}"#
+        );
+    }
+    shards_json.push(']');
+    let serving = shared.serving.load(Ordering::Acquire);
+    let (status, code) = if serving < shared.shards || worst_age > STALL_UNHEALTHY_MS {
+        ("unhealthy", 503)
+    } else if shared.is_draining() || worst_age > STALL_DEGRADED_MS {
+        ("degraded", 200)
+    } else {
+        ("ok", 200)
+    };
+    let body = format!(
+        r#"{{"status":"{status}","uptime_s":{},"shards":{},"connections":{},"draining":{},"driver":"{}","shard_status":{shards_json},"subsystems":{{}}}}"#,
+        shared.uptime().as_secs(),
+        shared.shards,
+        shared.connections.load(Ordering::Relaxed),
+        shared.is_draining(),
+        shared.driver.get().copied().unwrap_or("unknown"),
+    );
+    Response::json(code, body.into_bytes())
+}
+
+fn metrics(shard: &Shard) -> Response {
+    let shared = &shard.shared;
+    let stats: Vec<&ShardStats> = shared.stats.iter().map(|s| s.as_ref()).collect();
+    let info = ProcessInfo {
+        uptime_s: shared.uptime().as_secs_f64(),
+        shards: shared.shards,
+        draining: shared.is_draining(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let mut text = String::with_capacity(8192);
+    metrics::render_prometheus(&mut text, &stats, &info);
+    Response {
+        status: 200,
+        content_type: metrics::CONTENT_TYPE,
+        body: text.into_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+fn connections(shard: &Shard) -> Response {
+    let shared = &shard.shared;
+    let mut totals = [0i64; Transport::COUNT];
+    let mut opened = [0u64; Transport::COUNT];
+    let mut refused = 0;
+    let mut per_shard = String::from("[");
+    for (i, stats) in shared.stats.iter().enumerate() {
+        if i > 0 {
+            per_shard.push(',');
+        }
+        let _ = write!(per_shard, r#"{{"shard":{i},"active":{{"#);
+        for t in Transport::ALL {
+            let active = stats.connections_active[t as usize].get();
+            totals[t as usize] += active;
+            opened[t as usize] += stats.connections_total[t as usize].get();
+            let comma = if t as usize > 0 { "," } else { "" };
+            let _ = write!(per_shard, r#"{comma}"{}":{active}"#, t.as_str());
+        }
+        let _ = write!(
+            per_shard,
+            r#"}},"subscriptions":{}}}"#,
+            stats.subscriptions.get()
+        );
+        refused += stats.connections_refused.get();
+    }
+    per_shard.push(']');
+    let by_transport = |values: &[i64]| {
+        Transport::ALL
+            .iter()
+            .map(|t| format!(r#""{}":{}"#, t.as_str(), values[*t as usize]))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let opened_i: Vec<i64> = opened.iter().map(|&v| v as i64).collect();
+    let body = format!(
+        r#"{{"active":{},"by_transport":{{{}}},"opened_total":{{{}}},"refused_total":{refused},"max_connections":{},"shards":{per_shard}}}"#,
+        totals.iter().sum::<i64>(),
+        by_transport(&totals),
+        by_transport(&opened_i),
+        shard.config().limits.max_connections,
+    );
+    Response::json(200, body.into_bytes())
+}
+
+// ----- publish -----
+
+/// One event as a publisher sends it: an envelope without `seq`, `epoch` or `ts`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DraftIn<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default, borrow)]
+    source: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    correlation_id: Option<Cow<'a, str>>,
+}
+
+/// Free-text envelope fields are bounded so one event cannot carry unbounded metadata.
+const FREE_TEXT_MAX: usize = 256;
+
+/// Parses a publish body (one envelope or an array of them) into drafts.
+pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return Err("the body is empty; send an event object or an array of them".into());
+    }
+    if trimmed.starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        if items.is_empty() {
+            return Err("the batch is empty".into());
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| draft_from(body, raw.get()).map_err(|e| format!("event {i}: {e}")))
+            .collect()
+    } else {
+        Ok(vec![draft_from(body, text)?])
+    }
+}
+
+fn draft_from(body: &Bytes, text: &str) -> Result<Draft, String> {
+    let input: DraftIn = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    names::validate_channel(&input.channel).map_err(|e| e.to_string())?;
+    names::validate_type(&input.event_type).map_err(|e| e.to_string())?;
+    if let Some(id) = &input.id {
+        names::validate_event_id(id).map_err(|e| e.to_string())?;
+    }
+    for (what, value) in [
+        ("source", &input.source),
+        ("correlation_id", &input.correlation_id),
+    ] {
+        if let Some(v) = value {
+            if v.len() > FREE_TEXT_MAX {
+                return Err(format!("{what} is longer than {FREE_TEXT_MAX} bytes"));
+            }
+        }
+    }
+    Ok(Draft {
+        channel: Arc::from(&*input.channel),
+        event_type: input.event_type.into(),
+        id: input.id.map(Into::into),
+        data: slice_of(body, input.data.get()),
+        source: input.source.map(Into::into),
+        correlation_id: input.correlation_id.map(Into::into),
+    })
+}
+
+/// `part` borrowed from `body`'s bytes, as a zero-copy `Bytes`; a copy if it is not.
+fn slice_of(body: &Bytes, part: &str) -> Bytes {
+    let base = body.as_ptr() as usize;
+    let start = part.as_ptr() as usize;
+    match start.checked_sub(base) {
+        Some(offset) if offset + part.len() <= body.len() => {
+            body.slice(offset..offset + part.len())
+        }
+        _ => Bytes::copy_from_slice(part.as_bytes()),
+    }
+}
+
+async fn publish(shard: &Rc<Shard>, body: Bytes) -> Response {
+    let drafts = match parse_drafts(&body) {
+        Ok(d) => d,
+        Err(message) => return bad_request(&message),
+    };
+    match shard.publish(drafts).await {
+        Ok(results) => Response::json(202, publish_results(&results)),
+        Err(e) => bus_error(shard, e),
+    }
+}
+
+fn publish_results(results: &[Published]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + results.len() * 96);
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, p) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"channel\":\"");
+        out.extend_from_slice(p.channel.as_bytes());
+        out.extend_from_slice(b"\",\"seq\":");
+        crate::bus::event::push_u64(&mut out, p.seq);
+        out.extend_from_slice(b",\"id\":\"");
+        json_escape_into(&mut out, &p.id);
+        out.extend_from_slice(if p.duplicate {
+            b"\",\"duplicate\":true}"
+        } else {
+            b"\",\"duplicate\":false}"
+        });
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+// ----- channels and history -----
+
+async fn channels(shard: &Rc<Shard>) -> Response {
+    let parts = match shard.channels().await {
+        Ok(p) => p,
+        Err(e) => return bus_error(shard, e),
+    };
+    let mut rows: Vec<_> = parts.into_iter().flat_map(|p| p.owned).collect();
+    rows.sort_by(|a, b| a.channel.cmp(&b.channel));
+    let mut out = Vec::with_capacity(32 + rows.len() * 96);
+    out.extend_from_slice(b"{\"channels\":[");
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = write_bytes(
+            &mut out,
+            format_args!(
+                r#"{{"channel":"{}","epoch":"{}","seq":{},"subscribers":{},"history":{}}}"#,
+                row.channel, row.epoch, row.seq, row.subscribers, row.history
+            ),
+        );
+    }
+    let _ = write_bytes(&mut out, format_args!(r#"],"count":{}}}"#, rows.len()));
+    Response::json(200, out)
+}
+
+fn write_bytes(out: &mut Vec<u8>, args: std::fmt::Arguments) -> std::io::Result<()> {
+    std::io::Write::write_fmt(out, args)
+}
+
+pub const HISTORY_LIMIT_DEFAULT: usize = 100;
+pub const HISTORY_LIMIT_MAX: usize = 1000;
+
+async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> Response {
+    let channel = match percent_decode(raw_channel) {
+        Ok(c) => c,
+        Err(e) => return bad_request(&format!("channel in path: {e}")),
+    };
+    if let Err(e) = names::validate_channel(&channel) {
+        return bad_request(&e.to_string());
+    }
+    let mut since = 0u64;
+    let mut limit = HISTORY_LIMIT_DEFAULT;
+    for pair in query_pairs(query.unwrap_or("")) {
+        let (key, value) = match pair {
+            Ok(p) => p,
+            Err(e) => return bad_request(&format!("query: {e}")),
+        };
+        match key.as_str() {
+            "since" => match value.parse() {
+                Ok(v) => since = v,
+                Err(_) => {
+                    return bad_request(&format!(
+                        "since must be a non-negative integer, not {value:?}"
+                    ))
+                }
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(v) if (1..=HISTORY_LIMIT_MAX).contains(&v) => limit = v,
+                _ => {
+                    return bad_request(&format!(
+                        "limit must be an integer from 1 to {HISTORY_LIMIT_MAX}, not {value:?}"
+                    ))
+                }
+            },
+            _ => {
+                return bad_request(&format!(
+                    "unknown query parameter {key:?} (expected since, limit)"
+                ))
+            }
+        }
+    }
+    let page = match shard
+        .history(Arc::from(channel.as_str()), since, limit)
+        .await
+    {
+        Ok(Some(page)) => page,
+        Ok(None) => {
+            return Response::error(
+                404,
+                "not_found",
+                &format!("channel {channel} has no history (no events retained, no subscribers)"),
+            )
+        }
+        Err(e) => return bus_error(shard, e),
+    };
+    let mut out = Vec::with_capacity(64 + page.events.iter().map(|e| e.sse.len()).sum::<usize>());
+    let _ = write_bytes(
+        &mut out,
+        format_args!(
+            r#"{{"channel":"{}","epoch":"{}","seq":{},"events":["#,
+            channel, page.epoch, page.seq
+        ),
+    );
+    for (i, event) in page.events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&event.envelope_json());
+    }
+    out.extend_from_slice(b"]}");
+    Response::json(200, out)
+}
+
+// ----- SSE -----
+
+fn stream(shard: &Rc<Shard>, head: &RequestHead) -> Reply {
+    match crate::sse::parse_request(shard.config(), head) {
+        Ok(request) => Reply::Stream(request),
+        Err(message) => bad_request(&message).into(),
+    }
+}
+
+/// Re-exported for the SSE parser, which shares these.
+pub fn parse_cursor(text: &str) -> Result<Cursor, String> {
+    Cursor::decode(text).map_err(|e| format!("Last-Event-ID: {e}"))
+}
+
+pub fn parse_types(values: &[String]) -> Option<GlobSet> {
+    let patterns: Vec<String> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect();
+    if patterns.is_empty() {
+        None
+    } else {
+        Some(GlobSet::new(patterns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_and_batch_drafts_keep_data_bytes() {
+        let body = Bytes::from_static(br#"{"channel":"doc.1","type":"t","data":{"a" : [1, 2]}}"#);
+        let drafts = parse_drafts(&body).unwrap();
+        assert_eq!(drafts.len(), 1);
+        assert_eq!(&drafts[0].data[..], br#"{"a" : [1, 2]}"#);
+        let body = Bytes::from_static(
+            br#" [{"channel":"a","type":"t","data":1,"id":"x-1"},{"channel":"b","type":"u","data":"s","source":"sift"}]"#,
+        );
+        let drafts = parse_drafts(&body).unwrap();
+        assert_eq!(drafts.len(), 2);
+        assert_eq!(drafts[0].id.as_deref(), Some("x-1"));
+        assert_eq!(&drafts[1].data[..], br#""s""#);
+        assert_eq!(drafts[1].source.as_deref(), Some("sift"));
+    }
+
+    #[test]
+    fn bad_drafts_say_what_is_wrong() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"[]", "batch is empty"),
+            (b"{", "EOF"),
+            (br#"{"channel":"a b","type":"t","data":1}"#, "channel"),
+            (br#"{"channel":"a","type":"t/x","data":1}"#, "type"),
+            (br#"{"channel":"a","type":"t"}"#, "missing field `data`"),
+            (
+                br#"{"channel":"a","type":"t","data":1,"seq":3}"#,
+                "unknown field `seq`",
+            ),
+            (
+                br#"[{"channel":"a","type":"t","data":1},{"channel":"","type":"t","data":1}]"#,
+                "event 1",
+            ),
+            (
+                br#"{"channel":"a","type":"t","data":1,"id":"has space"}"#,
+                "id",
+            ),
+            (b"\xff", "UTF-8"),
+        ];
+        for (body, needle) in cases {
+            let err = parse_drafts(&Bytes::copy_from_slice(body)).unwrap_err();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn publish_results_are_json() {
+        let results = vec![Published {
+            channel: Arc::from("c"),
+            seq: 3,
+            id: "i".into(),
+            duplicate: true,
+        }];
+        let v: serde_json::Value = serde_json::from_slice(&publish_results(&results)).unwrap();
+        assert_eq!(v["results"][0]["seq"], 3);
+        assert_eq!(v["results"][0]["duplicate"], true);
+    }
+}

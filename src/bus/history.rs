@@ -1,0 +1,204 @@
+//! A channel's bounded history: the last `size` events no older than `ttl`.
+//!
+//! Owns the retained events of one channel and the index of their ids (idempotent publish).
+//! Must never hold more than `size` events, and never keep an id whose event has left.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+
+use super::event::Event;
+
+#[derive(Debug)]
+pub struct History {
+    events: VecDeque<Arc<Event>>,
+    ids: AHashMap<Box<str>, u64>,
+    size: usize,
+    ttl: Duration,
+}
+
+/// Where a reader asking for events after `since` stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every event after `since` is retained (possibly none).
+    Complete,
+    /// Some events after `since` have already left the ring.
+    Gap,
+}
+
+impl History {
+    pub fn new(size: usize, ttl: Duration) -> Self {
+        assert!(size >= 1, "history.size is validated to be at least 1");
+        History {
+            events: VecDeque::new(),
+            ids: AHashMap::new(),
+            size,
+            ttl,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The seq of an event with this id still in history.
+    pub fn seq_of(&self, id: &str) -> Option<u64> {
+        self.ids.get(id).copied()
+    }
+
+    /// Appends `event` (seq must follow the last one); returns how many events were evicted.
+    pub fn push(&mut self, event: Arc<Event>) -> usize {
+        debug_assert!(self.events.back().is_none_or(|last| last.seq < event.seq));
+        let mut evicted = 0;
+        while self.events.len() >= self.size {
+            self.evict_front();
+            evicted += 1;
+        }
+        self.ids.insert(event.id.clone(), event.seq);
+        self.events.push_back(event);
+        evicted
+    }
+
+    /// Drops events older than the TTL; returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let mut expired = 0;
+        while let Some(front) = self.events.front() {
+            if now.saturating_duration_since(front.accepted_at) < self.ttl {
+                break;
+            }
+            self.evict_front();
+            expired += 1;
+        }
+        expired
+    }
+
+    fn evict_front(&mut self) {
+        if let Some(old) = self.events.pop_front() {
+            // Only forget the id if it still points at this event.
+            if self.ids.get(&*old.id) == Some(&old.seq) {
+                self.ids.remove(&*old.id);
+            }
+        }
+    }
+
+    /// Whether every event after `since` (up to `last_seq`) is still retained.
+    pub fn reach(&self, since: u64, last_seq: u64) -> Reach {
+        if since >= last_seq {
+            return Reach::Complete;
+        }
+        match self.events.front() {
+            Some(first) if first.seq <= since + 1 => Reach::Complete,
+            _ => Reach::Gap,
+        }
+    }
+
+    /// Up to `limit` events with `seq > since`, ascending.
+    pub fn after(&self, since: u64, limit: usize) -> Vec<Arc<Event>> {
+        let start = match self.events.front() {
+            Some(first) if since >= first.seq => (since - first.seq + 1) as usize,
+            _ => 0,
+        };
+        self.events
+            .range(start.min(self.events.len())..)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Total bytes held, for metrics and limits.
+    pub fn footprint(&self) -> usize {
+        self.events.iter().map(|e| e.footprint()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::event::Draft;
+    use bytes::Bytes;
+
+    fn ev(seq: u64, id: &str, at: Instant) -> Arc<Event> {
+        let draft = Draft {
+            channel: Arc::from("c"),
+            event_type: "t".into(),
+            id: None,
+            data: Bytes::from_static(b"1"),
+            source: None,
+            correlation_id: None,
+        };
+        Arc::new(Event::encode(
+            &draft,
+            &Arc::from("e"),
+            seq,
+            id.into(),
+            0,
+            at,
+        ))
+    }
+
+    #[test]
+    fn bounded_by_size_and_ids_follow_evictions() {
+        let now = Instant::now();
+        let mut h = History::new(3, Duration::from_secs(60));
+        for seq in 1..=5 {
+            h.push(ev(seq, &format!("id{seq}"), now));
+        }
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.seq_of("id1"), None);
+        assert_eq!(h.seq_of("id2"), None);
+        assert_eq!(h.seq_of("id3"), Some(3));
+        assert_eq!(h.seq_of("id5"), Some(5));
+        let seqs: Vec<u64> = h.after(0, 100).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn after_is_exclusive_and_limited() {
+        let now = Instant::now();
+        let mut h = History::new(10, Duration::from_secs(60));
+        for seq in 1..=6 {
+            h.push(ev(seq, &seq.to_string(), now));
+        }
+        let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(h.after(2, 2)), vec![3, 4]);
+        assert_eq!(seqs(h.after(6, 10)), Vec::<u64>::new());
+        assert_eq!(seqs(h.after(100, 10)), Vec::<u64>::new());
+        assert_eq!(seqs(h.after(0, 1)), vec![1]);
+    }
+
+    #[test]
+    fn reach_tells_a_gap_from_a_complete_replay() {
+        let now = Instant::now();
+        let mut h = History::new(3, Duration::from_secs(60));
+        for seq in 1..=5 {
+            h.push(ev(seq, &seq.to_string(), now));
+        }
+        // Retained: 3, 4, 5.
+        assert_eq!(h.reach(2, 5), Reach::Complete);
+        assert_eq!(h.reach(1, 5), Reach::Gap);
+        assert_eq!(h.reach(5, 5), Reach::Complete);
+        let empty = History::new(3, Duration::from_secs(60));
+        assert_eq!(empty.reach(0, 0), Reach::Complete);
+        assert_eq!(empty.reach(0, 4), Reach::Gap);
+    }
+
+    #[test]
+    fn ttl_expires_from_the_front() {
+        let start = Instant::now();
+        let mut h = History::new(10, Duration::from_secs(5));
+        h.push(ev(1, "a", start));
+        h.push(ev(2, "b", start + Duration::from_secs(3)));
+        assert_eq!(h.expire(start + Duration::from_secs(4)), 0);
+        assert_eq!(h.expire(start + Duration::from_secs(6)), 1);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.seq_of("a"), None);
+        assert_eq!(h.expire(start + Duration::from_secs(9)), 1);
+        assert!(h.is_empty());
+    }
+}

@@ -1,0 +1,551 @@
+//! The event bus inside one shard: the channels this shard owns, and its local subscribers.
+//!
+//! [`Owned`] is the owner side: for each channel whose [`shard_of`] is this shard it assigns
+//! `seq`, keeps the epoch and the history ring, answers recovery and history queries, and knows
+//! how many subscribers every shard has. [`LocalSubs`] is the subscriber side: the sinks on this
+//! shard per channel. Must never: be touched by another thread (a shard reaches another shard's
+//! bus only through mesh messages), or do I/O.
+
+pub mod event;
+pub mod history;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use smallvec::SmallVec;
+
+use event::{Draft, Event};
+use history::{History, Reach};
+
+/// The owner shard of a channel: a fixed hash of its name, the same on every thread.
+pub fn shard_of(channel: &str, shards: usize) -> usize {
+    // FNV-1a: stable across processes and threads, unlike a randomly seeded hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in channel.as_bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // FNV's high bits barely change between names that differ in their last bytes; a
+    // finaliser mixes every bit in before multiply-shift picks the shard from the high bits.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    ((u128::from(hash) * shards as u128) >> 64) as usize
+}
+
+/// A position in a channel's life, as a client remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// The owner's answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub channel: Arc<str>,
+    pub seq: u64,
+    pub id: Box<str>,
+    pub duplicate: bool,
+}
+
+/// The owner's answer to a subscribe.
+#[derive(Debug, Clone)]
+pub struct Subscribed {
+    pub epoch: Arc<str>,
+    /// The channel's last assigned seq when the subscription took effect.
+    pub seq: u64,
+    /// With `since`: whether every missed event is in `replay`.
+    pub recovered: bool,
+    pub replay: Vec<Arc<Event>>,
+}
+
+/// The owner's answer to a history query.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub epoch: Arc<str>,
+    pub seq: u64,
+    pub events: Vec<Arc<Event>>,
+}
+
+/// One owned channel as `/api/v1/relay/channels` shows it.
+#[derive(Debug, Clone)]
+pub struct OwnedInfo {
+    pub channel: Arc<str>,
+    pub epoch: Arc<str>,
+    pub seq: u64,
+    pub history: usize,
+    pub subscribers: u64,
+}
+
+/// History bounds for a channel, resolved once when the channel is created.
+pub type HistoryPolicy = Box<dyn Fn(&str) -> (usize, Duration)>;
+
+struct OwnedChannel {
+    epoch: Arc<str>,
+    last_seq: u64,
+    history: History,
+    /// (shard, subscribers there). Small: a channel is rarely on more shards than a few.
+    interest: SmallVec<[(u16, u32); 4]>,
+}
+
+impl OwnedChannel {
+    fn subscribers(&self) -> u64 {
+        self.interest.iter().map(|&(_, n)| u64::from(n)).sum()
+    }
+}
+
+/// The channels one shard owns.
+pub struct Owned {
+    channels: AHashMap<Arc<str>, OwnedChannel>,
+    policy: HistoryPolicy,
+    epochs: EpochSource,
+    history_events: usize,
+}
+
+/// What a maintenance sweep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub expired: usize,
+    pub reclaimed: usize,
+}
+
+impl Owned {
+    pub fn new(policy: HistoryPolicy, epoch_seed: u64) -> Self {
+        Owned {
+            channels: AHashMap::new(),
+            policy,
+            epochs: EpochSource::new(epoch_seed),
+            history_events: 0,
+        }
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn history_events(&self) -> usize {
+        self.history_events
+    }
+
+    fn channel(&mut self, name: &Arc<str>) -> &mut OwnedChannel {
+        if !self.channels.contains_key(name) {
+            let (size, ttl) = (self.policy)(name);
+            let channel = OwnedChannel {
+                epoch: self.epochs.next(),
+                last_seq: 0,
+                history: History::new(size, ttl),
+                interest: SmallVec::new(),
+            };
+            self.channels.insert(name.clone(), channel);
+        }
+        self.channels
+            .get_mut(name)
+            .expect("inserted just above when absent")
+    }
+
+    /// Sequences one draft; calls `deliver(shard, &event)` for every shard with subscribers.
+    pub fn publish(
+        &mut self,
+        draft: &Draft,
+        ts_ms: u64,
+        now: Instant,
+        mut deliver: impl FnMut(usize, &Arc<Event>),
+    ) -> Published {
+        let channel = self.channel(&draft.channel);
+        if let Some(id) = &draft.id {
+            if let Some(seq) = channel.history.seq_of(id) {
+                return Published {
+                    channel: draft.channel.clone(),
+                    seq,
+                    id: id.clone(),
+                    duplicate: true,
+                };
+            }
+        }
+        let seq = channel.last_seq + 1;
+        let id: Box<str> = match &draft.id {
+            Some(id) => id.clone(),
+            None => uuid::Uuid::now_v7().hyphenated().to_string().into(),
+        };
+        let event = Arc::new(Event::encode(
+            draft,
+            &channel.epoch,
+            seq,
+            id.clone(),
+            ts_ms,
+            now,
+        ));
+        channel.last_seq = seq;
+        let evicted = channel.history.push(event.clone());
+        for &(shard, _) in &channel.interest {
+            deliver(usize::from(shard), &event);
+        }
+        self.history_events = self.history_events + 1 - evicted;
+        Published {
+            channel: draft.channel.clone(),
+            seq,
+            id,
+            duplicate: false,
+        }
+    }
+
+    /// Registers one subscriber on `shard`; with `since`, returns the missed events too.
+    pub fn subscribe(
+        &mut self,
+        name: &Arc<str>,
+        shard: usize,
+        since: Option<&Since>,
+    ) -> Subscribed {
+        let channel = self.channel(name);
+        match channel
+            .interest
+            .iter_mut()
+            .find(|(s, _)| usize::from(*s) == shard)
+        {
+            Some((_, n)) => *n += 1,
+            None => channel.interest.push((shard as u16, 1)),
+        }
+        let (recovered, replay) = match since {
+            None => (false, Vec::new()),
+            Some(since) if *since.epoch == *channel.epoch && since.seq <= channel.last_seq => {
+                match channel.history.reach(since.seq, channel.last_seq) {
+                    Reach::Complete => (true, channel.history.after(since.seq, usize::MAX)),
+                    Reach::Gap => (false, Vec::new()),
+                }
+            }
+            Some(_) => (false, Vec::new()),
+        };
+        Subscribed {
+            epoch: channel.epoch.clone(),
+            seq: channel.last_seq,
+            recovered,
+            replay,
+        }
+    }
+
+    /// Forgets one subscriber on `shard`.
+    pub fn unsubscribe(&mut self, name: &str, shard: usize) {
+        let Some(channel) = self.channels.get_mut(name) else {
+            return;
+        };
+        if let Some(pos) = channel
+            .interest
+            .iter()
+            .position(|(s, _)| usize::from(*s) == shard)
+        {
+            channel.interest[pos].1 -= 1;
+            if channel.interest[pos].1 == 0 {
+                channel.interest.swap_remove(pos);
+            }
+        }
+    }
+
+    /// Events after `since` (exclusive), at most `limit`. `None` when the channel is unknown.
+    pub fn history(&self, name: &str, since: u64, limit: usize) -> Option<HistoryPage> {
+        let channel = self.channels.get(name)?;
+        Some(HistoryPage {
+            epoch: channel.epoch.clone(),
+            seq: channel.last_seq,
+            events: channel.history.after(since, limit),
+        })
+    }
+
+    /// Expires old history and reclaims channels with no subscribers and no history.
+    pub fn sweep(&mut self, now: Instant) -> Sweep {
+        let mut sweep = Sweep::default();
+        self.channels.retain(|_, channel| {
+            sweep.expired += channel.history.expire(now);
+            let keep = !channel.history.is_empty() || !channel.interest.is_empty();
+            if !keep {
+                sweep.reclaimed += 1;
+            }
+            keep
+        });
+        self.history_events -= sweep.expired;
+        sweep
+    }
+
+    pub fn list(&self) -> Vec<OwnedInfo> {
+        self.channels
+            .iter()
+            .map(|(name, channel)| OwnedInfo {
+                channel: name.clone(),
+                epoch: channel.epoch.clone(),
+                seq: channel.last_seq,
+                history: channel.history.len(),
+                subscribers: channel.subscribers(),
+            })
+            .collect()
+    }
+}
+
+/// Makes epochs: 8 characters of `[0-9A-Za-z]`, unique per channel life and per process start.
+struct EpochSource {
+    state: u64,
+}
+
+impl EpochSource {
+    fn new(seed: u64) -> Self {
+        EpochSource { state: seed }
+    }
+
+    fn next(&mut self) -> Arc<str> {
+        const ALPHABET: &[u8; 62] =
+            b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        // splitmix64: a counter through a bijective mixer never repeats within 2^64 calls.
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let mut out = String::with_capacity(8);
+        for _ in 0..8 {
+            out.push(char::from(ALPHABET[(z % 62) as usize]));
+            z /= 62;
+        }
+        Arc::from(out)
+    }
+}
+
+/// Something on this shard that receives a channel's live events (an SSE stream, a WebSocket).
+pub trait Sink {
+    fn offer(&self, event: &Arc<Event>);
+}
+
+/// The sinks of one channel on this shard, with the ids they unsubscribe by.
+type Sinks = Vec<(u64, Rc<dyn Sink>)>;
+
+/// Local subscribers per channel.
+#[derive(Default)]
+pub struct LocalSubs {
+    channels: AHashMap<Arc<str>, Sinks>,
+    total: usize,
+}
+
+impl LocalSubs {
+    pub fn add(&mut self, channel: &Arc<str>, sink_id: u64, sink: Rc<dyn Sink>) {
+        self.channels
+            .entry(channel.clone())
+            .or_default()
+            .push((sink_id, sink));
+        self.total += 1;
+    }
+
+    /// Returns whether the sink was there.
+    pub fn remove(&mut self, channel: &str, sink_id: u64) -> bool {
+        let Some(sinks) = self.channels.get_mut(channel) else {
+            return false;
+        };
+        let Some(pos) = sinks.iter().position(|(id, _)| *id == sink_id) else {
+            return false;
+        };
+        sinks.swap_remove(pos);
+        if sinks.is_empty() {
+            self.channels.remove(channel);
+        }
+        self.total -= 1;
+        true
+    }
+
+    /// Offers `event` to every local sink of its channel; returns how many.
+    pub fn deliver(&self, event: &Arc<Event>) -> usize {
+        match self.channels.get(&*event.channel) {
+            Some(sinks) => {
+                for (_, sink) in sinks {
+                    sink.offer(event);
+                }
+                sinks.len()
+            }
+            None => 0,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn counts(&self) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.channels.iter().map(|(c, s)| (c, s.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::cell::RefCell;
+
+    fn owned() -> Owned {
+        Owned::new(Box::new(|_| (3, Duration::from_secs(60))), 42)
+    }
+
+    fn draft(channel: &str, id: Option<&str>) -> Draft {
+        Draft {
+            channel: Arc::from(channel),
+            event_type: "t".into(),
+            id: id.map(Into::into),
+            data: Bytes::from_static(b"{}"),
+            source: None,
+            correlation_id: None,
+        }
+    }
+
+    #[test]
+    fn owner_routing_is_stable_and_spread() {
+        let mut per_shard = [0usize; 4];
+        for i in 0..4000 {
+            let name = format!("doc.{i}");
+            let shard = shard_of(&name, 4);
+            assert_eq!(shard, shard_of(&name, 4));
+            per_shard[shard] += 1;
+        }
+        for n in per_shard {
+            assert!((700..1300).contains(&n), "uneven spread {per_shard:?}");
+        }
+        assert_eq!(shard_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn seq_starts_at_one_and_duplicates_are_not_published() {
+        let mut bus = owned();
+        let now = Instant::now();
+        let mut delivered = 0;
+        let a = bus.publish(&draft("c", Some("x")), 0, now, |_, _| delivered += 1);
+        assert_eq!((a.seq, a.duplicate), (1, false));
+        let b = bus.publish(&draft("c", Some("x")), 0, now, |_, _| delivered += 1);
+        assert_eq!((b.seq, b.duplicate, &*b.id), (1, true, "x"));
+        let c = bus.publish(&draft("c", None), 0, now, |_, _| delivered += 1);
+        assert_eq!(c.seq, 2);
+        assert_eq!(c.id.len(), 36, "a generated UUID");
+        assert_eq!(delivered, 0, "nobody subscribed");
+    }
+
+    #[test]
+    fn deliveries_go_once_to_each_interested_shard() {
+        let mut bus = owned();
+        let name: Arc<str> = Arc::from("c");
+        bus.subscribe(&name, 1, None);
+        bus.subscribe(&name, 1, None);
+        bus.subscribe(&name, 3, None);
+        let mut shards = Vec::new();
+        bus.publish(&draft("c", None), 0, Instant::now(), |s, _| shards.push(s));
+        shards.sort();
+        assert_eq!(shards, vec![1, 3]);
+        bus.unsubscribe("c", 1);
+        bus.unsubscribe("c", 3);
+        let mut shards = Vec::new();
+        bus.publish(&draft("c", None), 0, Instant::now(), |s, _| shards.push(s));
+        assert_eq!(shards, vec![1]);
+    }
+
+    #[test]
+    fn recovery_replays_exactly_the_missed_events_or_says_it_cannot() {
+        let mut bus = owned();
+        let name: Arc<str> = Arc::from("c");
+        let first = bus.subscribe(&name, 0, None);
+        assert_eq!((first.seq, first.recovered), (0, false));
+        for _ in 0..4 {
+            bus.publish(&draft("c", None), 0, Instant::now(), |_, _| {});
+        }
+        // History holds 2, 3, 4 (size 3).
+        let epoch = first.epoch.to_string();
+        let since = |seq| Since {
+            epoch: epoch.clone(),
+            seq,
+        };
+        let ok = bus.subscribe(&name, 0, Some(&since(2)));
+        assert!(ok.recovered);
+        assert_eq!(
+            ok.replay.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(ok.seq, 4);
+        let gap = bus.subscribe(&name, 0, Some(&since(0)));
+        assert!(!gap.recovered);
+        assert!(gap.replay.is_empty());
+        let other_life = bus.subscribe(
+            &name,
+            0,
+            Some(&Since {
+                epoch: "zzzzzzzz".into(),
+                seq: 3,
+            }),
+        );
+        assert!(!other_life.recovered);
+        let up_to_date = bus.subscribe(&name, 0, Some(&since(4)));
+        assert!(up_to_date.recovered && up_to_date.replay.is_empty());
+    }
+
+    #[test]
+    fn idle_empty_channels_are_reclaimed_with_a_new_epoch_after() {
+        let mut bus = Owned::new(Box::new(|_| (3, Duration::from_secs(1))), 7);
+        let start = Instant::now();
+        bus.publish(&draft("c", None), 0, start, |_, _| {});
+        let epoch = bus.history("c", 0, 10).unwrap().epoch;
+        assert_eq!(bus.sweep(start), Sweep::default());
+        let later = start + Duration::from_secs(2);
+        assert_eq!(
+            bus.sweep(later),
+            Sweep {
+                expired: 1,
+                reclaimed: 1
+            }
+        );
+        assert!(bus.history("c", 0, 10).is_none());
+        let again = bus.publish(&draft("c", None), 0, later, |_, _| {});
+        assert_eq!(again.seq, 1);
+        assert_ne!(bus.history("c", 0, 10).unwrap().epoch, epoch);
+        assert_eq!(bus.history_events(), 1);
+    }
+
+    #[test]
+    fn channels_with_subscribers_survive_a_sweep() {
+        let mut bus = Owned::new(Box::new(|_| (3, Duration::from_secs(1))), 7);
+        bus.subscribe(&Arc::from("c"), 0, None);
+        assert_eq!(
+            bus.sweep(Instant::now() + Duration::from_secs(5)).reclaimed,
+            0
+        );
+        assert_eq!(bus.channel_count(), 1);
+    }
+
+    struct Recorder(RefCell<Vec<u64>>);
+    impl Sink for Recorder {
+        fn offer(&self, event: &Arc<Event>) {
+            self.0.borrow_mut().push(event.seq);
+        }
+    }
+
+    #[test]
+    fn local_subscribers_receive_their_channel_only() {
+        let mut local = LocalSubs::default();
+        let a = Rc::new(Recorder(RefCell::new(Vec::new())));
+        let b = Rc::new(Recorder(RefCell::new(Vec::new())));
+        local.add(&Arc::from("c"), 1, a.clone());
+        local.add(&Arc::from("d"), 2, b.clone());
+        let mut bus = owned();
+        bus.subscribe(&Arc::from("c"), 0, None);
+        bus.publish(&draft("c", None), 0, Instant::now(), |_, ev| {
+            local.deliver(ev);
+        });
+        assert_eq!(*a.0.borrow(), vec![1]);
+        assert!(b.0.borrow().is_empty());
+        assert!(local.remove("c", 1));
+        assert!(!local.remove("c", 1));
+        assert_eq!(local.total(), 1);
+    }
+
+    #[test]
+    fn epochs_are_distinct() {
+        let mut source = EpochSource::new(1);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let e = source.next();
+            assert_eq!(e.len(), 8);
+            assert!(seen.insert(e));
+        }
+    }
+}

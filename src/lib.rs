@@ -1,0 +1,27 @@
+//! relay: a thread-per-core, io_uring real-time event relay.
+//!
+//! Layout, one line a module (see ARCHITECTURE.md for the code map and invariants):
+//! - [`config`]: defaults < file < `RELAY_*` env < flags, validated with file/line/key errors.
+//! - [`server`]: listeners, shard threads and runtimes, start and drain.
+//! - [`shard`]: one thread's state and the service calls handlers make (publish, subscribe...).
+//! - [`mesh`]: bounded lock-free rings between shards, batched, woken on the edge.
+//! - [`bus`]: channels (seq, epoch, history, idempotency) and local subscribers.
+//! - [`http`]: the HTTP/1.1 codec (pure) and the connection loop.
+//! - [`api`]: routing and handlers of the HTTP API.
+//! - [`sse`]: Server-Sent Events streams with cursors and recovery.
+//! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
+//! - [`names`], [`glob`], [`query`], [`cursor`]: small pure helpers.
+
+pub mod api;
+pub mod bus;
+pub mod config;
+pub mod cursor;
+pub mod glob;
+pub mod http;
+pub mod mesh;
+pub mod metrics;
+pub mod names;
+pub mod query;
+pub mod server;
+pub mod shard;
+pub mod sse;

@@ -1,0 +1,72 @@
+//! The `relay` binary: load the config, start the shards, drain on SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+fn main() -> ExitCode {
+    let loaded = match relay::config::load_from_process() {
+        Ok(loaded) => loaded,
+        Err(relay::config::ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if loaded.print_config {
+        print!("{}", loaded.config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let config = loaded.config;
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    // Register before starting so a signal during start-up is not lost.
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("relay: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let source = loaded
+        .config_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "embedded defaults".into());
+    let running = match relay::server::start(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(
+        "relay listening on {} ({} shards, {} driver, config: {})",
+        running.local_addr,
+        running.shared.shards,
+        running.driver,
+        source
+    );
+    if let Some(signal) = signals.forever().next() {
+        let name = if signal == SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGINT"
+        };
+        tracing::info!(
+            "{name}: draining (deadline {}s)",
+            running.shared.config.shutdown.deadline_s
+        );
+    }
+    running.drain();
+    running.join();
+    tracing::info!("relay stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,301 @@
+//! Starting and stopping the shards: listeners, threads, runtimes, the drain.
+//!
+//! Owns the process-wide [`Shared`] state and the shard threads. Each shard gets its own
+//! SO_REUSEPORT listener on the same address (the kernel spreads connections across them), its
+//! own core, and its own monoio runtime with the configured driver. Must never: touch a shard's
+//! state from outside its thread; everything after start goes through [`Shared`] and the mesh.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Config, Driver};
+use crate::http::Response;
+use crate::mesh::Mesh;
+use crate::metrics::ShardStats;
+use crate::shard::{Shard, Shared};
+
+/// Errors that stop the relay from starting.
+#[derive(Debug)]
+pub enum StartError {
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    Runtime {
+        shard: usize,
+        driver: &'static str,
+        source: std::io::Error,
+    },
+    Thread(std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::Runtime {
+                shard,
+                driver,
+                source,
+            } => write!(
+                f,
+                "shard {shard}: cannot start the {driver} driver: {source}"
+            ),
+            StartError::Thread(e) => write!(f, "cannot start a shard thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running relay.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    pub local_addr: SocketAddr,
+    pub driver: &'static str,
+    threads: Vec<JoinHandle<()>>,
+}
+
+const LISTEN_BACKLOG: i32 = 4096;
+const IO_URING_ENTRIES: u32 = 4096;
+
+fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let bind_err = |source| StartError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(bind_err)?;
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket.set_reuse_port(true).map_err(bind_err)?;
+    socket.set_nodelay(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// Binds every shard's listener, starts the shard threads, and returns once all serve.
+pub fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let shards = config.shard_count();
+    let mut listeners = Vec::with_capacity(shards);
+    let first = listener(config.listen)?;
+    // With port 0 the kernel picks a port; the other shards must join that same port.
+    let local_addr = first.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    listeners.push(first);
+    for _ in 1..shards {
+        listeners.push(listener(local_addr)?);
+    }
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        shards,
+        mesh: Arc::new(Mesh::new(shards, config.bus.ring_capacity)),
+        stats: (0..shards).map(|i| Arc::new(ShardStats::new(i))).collect(),
+        started_at: Instant::now(),
+        draining: Default::default(),
+        serving: Default::default(),
+        drained: Default::default(),
+        connections: Default::default(),
+        driver: Default::default(),
+    });
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<&'static str, StartError>>();
+    let mut threads = Vec::with_capacity(shards);
+    for (id, std_listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let core = cores.get(id % cores.len().max(1)).copied();
+        let ready = ready_tx.clone();
+        let driver = config.driver;
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-shard-{id}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                run_shard(id, shared, std_listener, driver, ready);
+            })
+            .map_err(StartError::Thread)?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    let mut driver = "unknown";
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(d)) => driver = d,
+            Ok(Err(e)) => {
+                shared.draining.store(true, Ordering::Release);
+                for i in 0..shards {
+                    shared.mesh.wake(i);
+                }
+                return Err(e);
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = shared.driver.set(driver);
+    Ok(Running {
+        shared,
+        local_addr,
+        driver,
+        threads,
+    })
+}
+
+fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    driver: Driver,
+    ready: mpsc::Sender<Result<&'static str, StartError>>,
+) {
+    use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+    let uring = || {
+        RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(IO_URING_ENTRIES)
+            .enable_timer()
+            .build()
+    };
+    let legacy = || {
+        RuntimeBuilder::<LegacyDriver>::new()
+            .with_entries(IO_URING_ENTRIES)
+            .enable_timer()
+            .build()
+    };
+    let fail = |driver, source| {
+        let _ = ready.send(Err(StartError::Runtime {
+            shard: id,
+            driver,
+            source,
+        }));
+    };
+    match driver {
+        Driver::IoUring => match uring() {
+            Ok(mut rt) => rt.block_on(shard_main(id, shared, listener, "io_uring", ready.clone())),
+            Err(e) => fail("io_uring", e),
+        },
+        Driver::Epoll => match legacy() {
+            Ok(mut rt) => rt.block_on(shard_main(id, shared, listener, "epoll", ready.clone())),
+            Err(e) => fail("epoll", e),
+        },
+        Driver::Auto => match uring() {
+            Ok(mut rt) => rt.block_on(shard_main(id, shared, listener, "io_uring", ready.clone())),
+            Err(uring_error) => {
+                tracing::warn!(shard = id, error = %uring_error, "io_uring unavailable; falling back to epoll");
+                match legacy() {
+                    Ok(mut rt) => {
+                        rt.block_on(shard_main(id, shared, listener, "epoll", ready.clone()))
+                    }
+                    Err(e) => fail("epoll", e),
+                }
+            }
+        },
+    }
+}
+
+async fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    std_listener: std::net::TcpListener,
+    driver: &'static str,
+    ready: mpsc::Sender<Result<&'static str, StartError>>,
+) {
+    let shard = Shard::new(id, shared.clone());
+    let listener = match TcpListener::from_std(std_listener) {
+        Ok(l) => l,
+        Err(source) => {
+            let _ = ready.send(Err(StartError::Runtime {
+                shard: id,
+                driver,
+                source,
+            }));
+            return;
+        }
+    };
+    monoio::spawn(shard.clone().pump());
+    monoio::spawn(shard.clone().flusher());
+    monoio::spawn(shard.clone().maintenance());
+    shared.serving.fetch_add(1, Ordering::AcqRel);
+    let _ = ready.send(Ok(driver));
+    drop(ready);
+
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => match shard.open_conn(peer) {
+                    Some(ctl) => {
+                        monoio::spawn(crate::http::conn::serve(shard.clone(), stream, ctl));
+                    }
+                    None => {
+                        monoio::spawn(refuse(stream, shard.config().limits.max_connections));
+                    }
+                },
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning on the error.
+                    tracing::warn!(shard = id, error = %e, "accept failed");
+                    shard.stats.error(crate::metrics::ErrorKind::Io);
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = shard.drain_started() => break,
+        }
+    }
+    drop(listener);
+    shared.serving.fetch_sub(1, Ordering::AcqRel);
+
+    // Connections finish what they are doing; past the deadline they are cut.
+    let deadline = Instant::now() + Duration::from_secs(shared.config.shutdown.deadline_s);
+    while shard.conn_count() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cut = shard.conn_count();
+    if cut > 0 {
+        tracing::warn!(
+            shard = id,
+            connections = cut,
+            "drain deadline passed; cutting connections"
+        );
+    }
+    shared.drained.fetch_add(1, Ordering::AcqRel);
+    // Keep answering other shards (their requests to channels owned here) until all are done.
+    while shared.drained.load(Ordering::Acquire) < shared.shards && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn refuse(mut stream: monoio::net::TcpStream, max: usize) {
+    use monoio::io::AsyncWriteRentExt;
+    let response = Response::error(
+        503,
+        "too_many_connections",
+        &format!("the relay holds its maximum of {max} connections (limits.max_connections)"),
+    )
+    .with_header("Retry-After", "1");
+    let mut out = Vec::new();
+    crate::http::conn::write(&mut out, &response, false, false, 0);
+    let _ = stream.write_all(out).await;
+}
+
+impl Running {
+    /// Begins the drain: readiness turns 503, listeners close, connections finish.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        for shard in 0..self.shared.shards {
+            self.shared.mesh.wake(shard);
+        }
+    }
+
+    /// Waits for every shard thread to end (each bounds itself by the drain deadline).
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! One shard: a thread pinned to a core, running its own monoio runtime.
+//!
+//! Owns everything that lives on its thread: its listener, its connections ([`ConnCtl`]), the
+//! channels it owns ([`Owned`]), its local subscribers ([`LocalSubs`]), its outbox and its
+//! stats. Other shards reach this state only through [`Msg`]s on the mesh; handlers on this
+//! shard reach other shards only through the async service methods here (`publish`,
+//! `subscribe`, `history`, `channels`), which route by [`shard_of`].
+//!
+//! Must never: share its `Rc` state with another thread, block the runtime, or queue without
+//! a bound (a congested outbox refuses publishes, which the API answers with 503).
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ahash::AHashMap;
+use futures_channel::oneshot;
+
+use crate::bus::event::{Draft, Event};
+use crate::bus::{shard_of, HistoryPage, LocalSubs, Owned, Published, Since, Subscribed};
+use crate::config::Config;
+use crate::mesh::{Mesh, Outbox};
+use crate::metrics::{ShardStats, Transport};
+
+/// What shards say to each other.
+pub enum Msg {
+    /// To the owner: sequence these drafts (all owned by the receiver), in order.
+    Publish {
+        drafts: Vec<Draft>,
+        reply: oneshot::Sender<Result<Vec<Published>, BusError>>,
+    },
+    /// To the owner: one more subscriber on `shard`; with `since`, send the missed events.
+    Subscribe {
+        channel: Arc<str>,
+        shard: usize,
+        since: Option<Since>,
+        reply: oneshot::Sender<Subscribed>,
+    },
+    /// To the owner: one subscriber fewer on `shard`.
+    Unsubscribe { channel: Arc<str>, shard: usize },
+    /// To the owner: a page of history.
+    History {
+        channel: Arc<str>,
+        since: u64,
+        limit: usize,
+        reply: oneshot::Sender<Option<HistoryPage>>,
+    },
+    /// From the owner to a shard with subscribers: write this to them.
+    Deliver(Arc<Event>),
+    /// To every shard: what you own and who subscribes here.
+    ListChannels {
+        reply: oneshot::Sender<ShardChannels>,
+    },
+}
+
+/// Errors of the bus layer, each mapped to an HTTP status by the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusError {
+    /// A ring or outbox toward `shard` is full: back off and retry (503 + Retry-After).
+    Congested { shard: usize },
+    /// The other shard went away (only during shutdown).
+    Unavailable,
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusError::Congested { shard } => write!(
+                f,
+                "the relay is overloaded (shard {shard}'s queue is full); retry shortly"
+            ),
+            BusError::Unavailable => write!(f, "the relay is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for BusError {}
+
+/// One shard's part of the channel listing.
+#[derive(Debug, Default)]
+pub struct ShardChannels {
+    pub owned: Vec<crate::bus::OwnedInfo>,
+    pub local_subscribers: Vec<(Arc<str>, usize)>,
+}
+
+/// Process-wide facts every shard reads; written rarely (start, drain).
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub shards: usize,
+    pub mesh: Arc<Mesh<Msg>>,
+    pub stats: Vec<Arc<ShardStats>>,
+    pub started_at: Instant,
+    pub draining: AtomicBool,
+    /// Shards whose accept loop runs.
+    pub serving: AtomicUsize,
+    /// Shards that have no connection left after a drain began.
+    pub drained: AtomicUsize,
+    /// All open connections, for `limits.max_connections`. Touched once per connection, never
+    /// per event.
+    pub connections: AtomicUsize,
+    pub driver: std::sync::OnceLock<&'static str>,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started_at.elapsed()
+    }
+
+    /// Milliseconds since start, for heartbeats.
+    pub fn now_ms(&self) -> u64 {
+        self.started_at.elapsed().as_millis() as u64
+    }
+}
+
+/// Control block of one connection: lets the shard close it, and lets its task sleep until
+/// there is something to write or it must close.
+pub struct ConnCtl {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub opened_at: Instant,
+    transport: Cell<Transport>,
+    closing: Cell<bool>,
+    notified: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl ConnCtl {
+    pub fn new(id: u64, peer: SocketAddr, closing: bool) -> ConnCtl {
+        ConnCtl {
+            id,
+            peer,
+            opened_at: Instant::now(),
+            transport: Cell::new(Transport::Http),
+            closing: Cell::new(closing),
+            notified: Cell::new(false),
+            waker: Cell::new(None),
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport.get()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Asks the connection's task to finish and close.
+    pub fn close(&self) {
+        self.closing.set(true);
+        self.wake();
+    }
+
+    /// Tells the connection's task there is something to write.
+    pub fn notify(&self) {
+        if !self.notified.replace(true) {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves when notified (consuming it) or closing. One waiter at a time.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            if self.closing.get() || self.notified.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Resolves only when closing.
+    pub fn closed(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            if self.closing.get() {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// The per-thread state of one shard.
+pub struct Shard {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub stats: Arc<ShardStats>,
+    pub outbox: Outbox<Msg>,
+    pub owned: RefCell<Owned>,
+    pub local: RefCell<LocalSubs>,
+    conns: RefCell<AHashMap<u64, Rc<ConnCtl>>>,
+    next_id: Cell<u64>,
+    draining: Cell<bool>,
+    drain_waker: Cell<Option<Waker>>,
+}
+
+impl Shard {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Shard> {
+        let config = shared.config.clone();
+        let bus = &config.bus;
+        let outbox = Outbox::new(
+            id,
+            shared.mesh.clone(),
+            bus.max_batch,
+            bus.ring_capacity * bus.max_batch,
+        );
+        let policy_config = config.clone();
+        let policy: crate::bus::HistoryPolicy = Box::new(move |channel| {
+            let (size, ttl_s) = policy_config.history_for(channel, crate::glob::glob_match);
+            (size, Duration::from_secs(ttl_s))
+        });
+        let seed = epoch_seed(id);
+        Rc::new(Shard {
+            id,
+            stats: shared.stats[id].clone(),
+            shared,
+            outbox,
+            owned: RefCell::new(Owned::new(policy, seed)),
+            local: RefCell::new(LocalSubs::default()),
+            conns: RefCell::new(AHashMap::new()),
+            next_id: Cell::new(1),
+            draining: Cell::new(false),
+            drain_waker: Cell::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shared.shards
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// A process-unique id: the shard in the low bits keeps ids from different shards apart.
+    pub fn next_id(&self) -> u64 {
+        let n = self.next_id.get();
+        self.next_id.set(n + 1);
+        (n << 8) | (self.id as u64 & 0xff)
+    }
+
+    // ----- connections -----
+
+    /// Registers a connection; `None` when over `limits.max_connections`.
+    pub fn open_conn(self: &Rc<Self>, peer: SocketAddr) -> Option<Rc<ConnCtl>> {
+        let max = self.config().limits.max_connections;
+        if self.shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            self.stats.connections_refused.inc();
+            return None;
+        }
+        let ctl = Rc::new(ConnCtl::new(self.next_id(), peer, self.draining.get()));
+        self.conns.borrow_mut().insert(ctl.id, ctl.clone());
+        self.stats.connections_active[Transport::Http as usize].add(1);
+        self.stats.connections_total[Transport::Http as usize].inc();
+        Some(ctl)
+    }
+
+    /// Moves a connection to another transport (an HTTP request that became an SSE stream).
+    pub fn set_transport(&self, ctl: &ConnCtl, transport: Transport) {
+        let old = ctl.transport.replace(transport);
+        if old != transport {
+            self.stats.connections_active[old as usize].add(-1);
+            self.stats.connections_active[transport as usize].add(1);
+            self.stats.connections_total[transport as usize].inc();
+        }
+    }
+
+    pub fn close_conn(&self, ctl: &ConnCtl) {
+        if self.conns.borrow_mut().remove(&ctl.id).is_some() {
+            self.stats.connections_active[ctl.transport() as usize].add(-1);
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn conn_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    // ----- the bus, as handlers see it -----
+
+    /// Publishes drafts (any channels), answering in input order.
+    pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<Published>, BusError> {
+        let shards = self.shards();
+        if shards == 1 {
+            return self.publish_owned(drafts);
+        }
+        // Group by owner, remembering each draft's place in the answer.
+        let mut groups: Vec<(Vec<usize>, Vec<Draft>)> =
+            (0..shards).map(|_| Default::default()).collect();
+        for (index, draft) in drafts.into_iter().enumerate() {
+            let owner = shard_of(&draft.channel, shards);
+            groups[owner].0.push(index);
+            groups[owner].1.push(draft);
+        }
+        let total: usize = groups.iter().map(|g| g.0.len()).sum();
+        let mut answers: Vec<Option<Published>> = vec![None; total];
+        let mut waiting = Vec::new();
+        for (owner, (indexes, drafts)) in groups.into_iter().enumerate() {
+            if drafts.is_empty() {
+                continue;
+            }
+            if owner == self.id {
+                for (i, p) in indexes.into_iter().zip(self.publish_owned(drafts)?) {
+                    answers[i] = Some(p);
+                }
+            } else {
+                if self.outbox.congested(owner) {
+                    self.stats.publish_rejected_full.inc();
+                    return Err(BusError::Congested { shard: owner });
+                }
+                let (reply, answer) = oneshot::channel();
+                self.outbox.send(owner, Msg::Publish { drafts, reply });
+                waiting.push((indexes, answer));
+            }
+        }
+        for (indexes, answer) in waiting {
+            let published = answer.await.map_err(|_| BusError::Unavailable)??;
+            for (i, p) in indexes.into_iter().zip(published) {
+                answers[i] = Some(p);
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.ok_or(BusError::Unavailable))
+            .collect()
+    }
+
+    /// Sequences drafts this shard owns.
+    fn publish_owned(&self, drafts: Vec<Draft>) -> Result<Vec<Published>, BusError> {
+        if let Some(shard) = (0..self.shards()).find(|&s| s != self.id && self.outbox.congested(s))
+        {
+            self.stats.publish_rejected_full.inc();
+            return Err(BusError::Congested { shard });
+        }
+        let now = Instant::now();
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut owned = self.owned.borrow_mut();
+        let local = self.local.borrow();
+        let mut out = Vec::with_capacity(drafts.len());
+        for draft in &drafts {
+            let published = owned.publish(draft, ts_ms, now, |shard, event| {
+                if shard == self.id {
+                    local.deliver(event);
+                } else {
+                    self.outbox.send(shard, Msg::Deliver(event.clone()));
+                }
+            });
+            if published.duplicate {
+                self.stats.events_duplicate.inc();
+            } else {
+                self.stats.events_published.inc();
+            }
+            out.push(published);
+        }
+        self.stats.history_events.set(owned.history_events() as i64);
+        self.stats.channels_owned.set(owned.channel_count() as i64);
+        Ok(out)
+    }
+
+    /// Adds a local sink and registers it with the owner; returns the owner's answer.
+    pub async fn subscribe(
+        &self,
+        channel: &Arc<str>,
+        sink_id: u64,
+        sink: Rc<dyn crate::bus::Sink>,
+        since: Option<Since>,
+    ) -> Result<Subscribed, BusError> {
+        // Local first: events the owner sends after registering must find the sink here.
+        self.local.borrow_mut().add(channel, sink_id, sink);
+        self.stats.subscriptions.add(1);
+        let owner = shard_of(channel, self.shards());
+        if owner == self.id {
+            let answer = self
+                .owned
+                .borrow_mut()
+                .subscribe(channel, self.id, since.as_ref());
+            self.stats
+                .channels_owned
+                .set(self.owned.borrow().channel_count() as i64);
+            return Ok(answer);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.outbox.send(
+            owner,
+            Msg::Subscribe {
+                channel: channel.clone(),
+                shard: self.id,
+                since,
+                reply,
+            },
+        );
+        answer.await.map_err(|_| BusError::Unavailable)
+    }
+
+    /// Removes a local sink and tells the owner.
+    pub fn unsubscribe(&self, channel: &Arc<str>, sink_id: u64) {
+        if !self.local.borrow_mut().remove(channel, sink_id) {
+            return;
+        }
+        self.stats.subscriptions.add(-1);
+        let owner = shard_of(channel, self.shards());
+        if owner == self.id {
+            self.owned.borrow_mut().unsubscribe(channel, self.id);
+        } else {
+            self.outbox.send(
+                owner,
+                Msg::Unsubscribe {
+                    channel: channel.clone(),
+                    shard: self.id,
+                },
+            );
+        }
+    }
+
+    pub async fn history(
+        &self,
+        channel: Arc<str>,
+        since: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, BusError> {
+        let owner = shard_of(&channel, self.shards());
+        if owner == self.id {
+            return Ok(self.owned.borrow().history(&channel, since, limit));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.outbox.send(
+            owner,
+            Msg::History {
+                channel,
+                since,
+                limit,
+                reply,
+            },
+        );
+        answer.await.map_err(|_| BusError::Unavailable)
+    }
+
+    /// Every shard's owned channels and local subscriber counts.
+    pub async fn channels(&self) -> Result<Vec<ShardChannels>, BusError> {
+        let mut answers = Vec::with_capacity(self.shards());
+        let mut waiting = Vec::new();
+        for shard in 0..self.shards() {
+            if shard == self.id {
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            self.outbox.send(shard, Msg::ListChannels { reply });
+            waiting.push(answer);
+        }
+        answers.push(self.list_channels());
+        for answer in waiting {
+            answers.push(answer.await.map_err(|_| BusError::Unavailable)?);
+        }
+        Ok(answers)
+    }
+
+    fn list_channels(&self) -> ShardChannels {
+        ShardChannels {
+            owned: self.owned.borrow().list(),
+            local_subscribers: self
+                .local
+                .borrow()
+                .counts()
+                .map(|(c, n)| (c.clone(), n))
+                .collect(),
+        }
+    }
+
+    // ----- what arrives from other shards -----
+
+    fn handle(&self, msg: Msg) {
+        match msg {
+            Msg::Deliver(event) => {
+                self.local.borrow().deliver(&event);
+            }
+            Msg::Publish { drafts, reply } => {
+                let _ = reply.send(self.publish_owned(drafts));
+            }
+            Msg::Subscribe {
+                channel,
+                shard,
+                since,
+                reply,
+            } => {
+                let answer = self
+                    .owned
+                    .borrow_mut()
+                    .subscribe(&channel, shard, since.as_ref());
+                let _ = reply.send(answer);
+            }
+            Msg::Unsubscribe { channel, shard } => {
+                self.owned.borrow_mut().unsubscribe(&channel, shard);
+            }
+            Msg::History {
+                channel,
+                since,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.owned.borrow().history(&channel, since, limit));
+            }
+            Msg::ListChannels { reply } => {
+                let _ = reply.send(self.list_channels());
+            }
+        }
+    }
+
+    /// Receives batches from other shards until the process ends.
+    pub async fn pump(self: Rc<Self>) {
+        let mesh = self.shared.mesh.clone();
+        loop {
+            mesh.notified(self.id).await;
+            let batches = mesh.drain(self.id, |_, batch| {
+                for msg in batch {
+                    self.handle(msg);
+                }
+            });
+            self.stats.ring_batches_received.add(batches as u64);
+            if self.shared.is_draining() && !self.draining.get() {
+                self.begin_drain();
+            }
+        }
+    }
+
+    /// Pushes the outbox after the tasks of a scheduling round have filled it.
+    pub async fn flusher(self: Rc<Self>) {
+        loop {
+            self.outbox.wanted().await;
+            loop {
+                let report = self.outbox.flush();
+                self.stats.ring_batches_sent.add(report.batches);
+                self.stats.ring_messages_sent.add(report.messages);
+                self.stats.ring_full.add(report.ring_full);
+                if report.left == 0 {
+                    break;
+                }
+                // A receiver is behind: give it a moment rather than spin.
+                monoio::time::sleep(Duration::from_micros(100)).await;
+            }
+        }
+    }
+
+    /// Expires history, reclaims idle channels, refreshes gauges and the heartbeat.
+    pub async fn maintenance(self: Rc<Self>) {
+        loop {
+            let now = Instant::now();
+            {
+                let mut owned = self.owned.borrow_mut();
+                owned.sweep(now);
+                self.stats.history_events.set(owned.history_events() as i64);
+                self.stats.channels_owned.set(owned.channel_count() as i64);
+            }
+            self.stats
+                .loop_heartbeat_ms
+                .store(self.shared.now_ms(), Ordering::Relaxed);
+            if self.shared.is_draining() && !self.draining.get() {
+                self.begin_drain();
+            }
+            monoio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Closes every connection (each finishes what it is doing first).
+    pub fn begin_drain(&self) {
+        if self.draining.replace(true) {
+            return;
+        }
+        if let Some(waker) = self.drain_waker.take() {
+            waker.wake();
+        }
+        let conns: Vec<Rc<ConnCtl>> = self.conns.borrow().values().cloned().collect();
+        for ctl in conns {
+            ctl.close();
+        }
+    }
+
+    /// Resolves once this shard has begun draining.
+    pub fn drain_started(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            if self.draining.get() {
+                Poll::Ready(())
+            } else {
+                self.drain_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+}
+
+fn epoch_seed(shard: usize) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ ((shard as u64) << 56)
+}
