@@ -123,13 +123,21 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
             Method::Post => publish(shard, body).await.into(),
             _ => allow("POST"),
         },
-        "/events/stream" => {
-            if read {
-                stream(shard, head)
-            } else {
-                allow("GET")
-            }
-        }
+        "/events/stream" => match head.method {
+            Method::Get => stream(shard, head),
+            // The head a GET would get, without opening a stream.
+            Method::Head => match crate::sse::parse_request(shard.config(), head) {
+                Ok(_) => Response {
+                    status: 200,
+                    content_type: "text/event-stream",
+                    body: Vec::new(),
+                    headers: vec![("Cache-Control", "no-cache".into())],
+                }
+                .into(),
+                Err(message) => bad_request(&message).into(),
+            },
+            _ => allow("GET, HEAD"),
+        },
         "/channels" => {
             if read {
                 channels(shard).await.into()

@@ -34,6 +34,11 @@ use crate::names;
 use crate::query::query_pairs;
 use crate::shard::{ConnCtl, Shard};
 
+/// One write carries at most this many events or about this many bytes, so a long replay
+/// goes out in slices instead of one buffer the size of the backlog.
+const WRITE_BATCH_EVENTS: usize = 512;
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
 /// A validated stream request.
 #[derive(Debug)]
 pub struct StreamRequest {
@@ -120,9 +125,12 @@ struct ChannelState {
 
 struct Outbound {
     channels: Vec<ChannelState>,
-    /// With whether the event is live (replays stay out of the route-latency histogram).
+    /// With whether the event is live. Replays are bounded by history already and are never
+    /// what makes a client "slow", so the bounds count live events only; replays also stay out
+    /// of the route-latency histogram.
     queue: VecDeque<(Arc<Event>, bool)>,
-    queued_bytes: usize,
+    live_count: usize,
+    live_bytes: usize,
     /// Channels whose events were dropped: announced with `event: gap` before the next write.
     gaps: Vec<Arc<str>>,
     /// The slow-consumer policy closed the stream.
@@ -165,7 +173,8 @@ impl SseSink {
                     })
                     .collect(),
                 queue: VecDeque::new(),
-                queued_bytes: 0,
+                live_count: 0,
+                live_bytes: 0,
                 gaps: Vec::new(),
                 overflowed: false,
             }),
@@ -181,8 +190,9 @@ impl SseSink {
     /// Queues one event under the bounds; the slow-consumer policy acts when they are hit.
     fn enqueue(&self, out: &mut Outbound, event: &Arc<Event>, live: bool) {
         let len = event.sse.len();
-        while !out.queue.is_empty()
-            && (out.queue.len() >= self.max_messages || out.queued_bytes + len > self.max_bytes)
+        while live
+            && out.live_count > 0
+            && (out.live_count >= self.max_messages || out.live_bytes + len > self.max_bytes)
         {
             self.stats.slow_consumer_drops.inc();
             match self.policy {
@@ -192,18 +202,41 @@ impl SseSink {
                     return;
                 }
                 SlowConsumerPolicy::DropOldest => {
-                    if let Some((old, _)) = out.queue.pop_front() {
-                        out.queued_bytes -= old.sse.len();
-                        if !out.gaps.contains(&old.channel) {
-                            out.gaps.push(old.channel.clone());
-                        }
+                    let Some((old, old_live)) = out.queue.pop_front() else {
+                        break;
+                    };
+                    if old_live {
+                        out.live_count -= 1;
+                        out.live_bytes -= old.sse.len();
+                    }
+                    if !out.gaps.contains(&old.channel) {
+                        out.gaps.push(old.channel.clone());
                     }
                 }
             }
         }
-        out.queued_bytes += len;
+        if live {
+            out.live_count += 1;
+            out.live_bytes += len;
+        }
         out.queue.push_back((event.clone(), live));
         self.ctl.notify();
+    }
+
+    /// Takes the next slice of the queue to write, bounded so one write stays bounded too.
+    fn take_batch(&self, out: &mut Outbound, batch: &mut Vec<(Arc<Event>, bool)>) {
+        let mut bytes = 0;
+        while batch.len() < WRITE_BATCH_EVENTS && bytes < WRITE_BATCH_BYTES {
+            let Some((event, live)) = out.queue.pop_front() else {
+                break;
+            };
+            bytes += event.sse.len();
+            if live {
+                out.live_count -= 1;
+                out.live_bytes -= event.sse.len();
+            }
+            batch.push((event, live));
+        }
     }
 
     /// Applies the owner's answer for one channel: replay, then what arrived meanwhile.
@@ -292,39 +325,8 @@ pub async fn serve(
         config,
     ));
     let sink_id = ctl.id;
-    let fd = stream.as_raw_fd();
-    let (read_half, mut write_half) = stream.into_split();
 
-    // The response head and the reconnect hint go first.
-    let mut buf = Vec::with_capacity(512);
-    buf.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\n",
-    );
-    buf.extend_from_slice(format!("X-Relay-Shard: {}\r\n\r\n", shard.id).as_bytes());
-    buf.extend_from_slice(format!("retry: {}\n\n", config.sse.retry_ms).as_bytes());
-    let (result, returned) = write_half.write_all(buf).await;
-    buf = returned;
-    if result.is_err() {
-        return;
-    }
-
-    // A reader notices the client leaving; our writes alone would only notice on the next event.
-    let reader_ctl = ctl.clone();
-    monoio::spawn(async move {
-        let mut read_half = read_half;
-        let mut scratch = Vec::with_capacity(64);
-        loop {
-            let (result, returned) = read_half.read(scratch).await;
-            scratch = returned;
-            scratch.clear();
-            match result {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        reader_ctl.close();
-    });
-
+    // Subscribe before answering: once the client sees 200, nothing published is missed.
     let mut cursor = Cursor::new();
     let mut subscribed = Vec::with_capacity(request.channels.len());
     let mut failed = false;
@@ -356,6 +358,47 @@ pub async fn serve(
             }
         }
     }
+
+    let fd = stream.as_raw_fd();
+    let (read_half, mut write_half) = stream.into_split();
+    let mut buf = Vec::with_capacity(512);
+    if failed {
+        let response = crate::http::Response::error(
+            503,
+            "shutting_down",
+            "the relay is shutting down; reconnect shortly",
+        )
+        .with_header("Retry-After", "1");
+        crate::http::conn::write(&mut buf, &response, false, false, shard.id);
+        let (_, returned) = write_half.write_all(buf).await;
+        buf = returned;
+    } else {
+        buf.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\n",
+        );
+        buf.extend_from_slice(format!("X-Relay-Shard: {}\r\n\r\n", shard.id).as_bytes());
+        buf.extend_from_slice(format!("retry: {}\n\n", config.sse.retry_ms).as_bytes());
+        let (result, returned) = write_half.write_all(buf).await;
+        buf = returned;
+        failed = result.is_err();
+    }
+
+    // A reader notices the client leaving; our writes alone would only notice on the next event.
+    let reader_ctl = ctl.clone();
+    monoio::spawn(async move {
+        let mut read_half = read_half;
+        let mut scratch = Vec::with_capacity(64);
+        loop {
+            let (result, returned) = read_half.read(scratch).await;
+            scratch = returned;
+            scratch.clear();
+            match result {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        reader_ctl.close();
+    });
 
     if !failed {
         write_loop(shard, ctl, &sink, &mut write_half, &mut cursor, buf).await;
@@ -406,8 +449,7 @@ async fn write_loop(
                 }
                 buf.extend_from_slice(b"]}\n\n");
             }
-            batch.extend(out.queue.drain(..));
-            out.queued_bytes = 0;
+            sink.take_batch(&mut out, &mut batch);
         }
         for (event, _) in &batch {
             cursor.set(&event.channel, &event.epoch, event.seq);
@@ -608,7 +650,7 @@ mod tests {
             sink.offer(&event("a", seq, "t"));
         }
         assert_eq!(queued(&sink).len(), 2);
-        assert!(sink.out.borrow().queued_bytes <= one * 2 + 1);
+        assert!(sink.out.borrow().live_bytes <= one * 2 + 1);
     }
 
     fn head(target: &str, last_event_id: Option<&str>) -> RequestHead {

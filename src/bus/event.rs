@@ -22,10 +22,11 @@ pub struct Event {
     pub event_type: Box<str>,
     /// When the owner accepted it: the start of `relay_event_route_duration_seconds`.
     pub accepted_at: Instant,
-    /// `event: <type>\ndata: <envelope>\n\n`; the envelope lines are a sub-slice of it.
+    /// `event: <type>\ndata: <envelope>\n\n`.
     pub sse: Bytes,
-    envelope_start: usize,
-    envelope_end: usize,
+    /// The envelope JSON exactly as encoded: a sub-slice of `sse` unless `data` held line
+    /// breaks (which SSE rewrites), then its own copy.
+    envelope: Bytes,
     /// A complete server-to-client WebSocket text frame carrying `{"op":"event",...envelope}`.
     pub ws_frame: Bytes,
 }
@@ -60,11 +61,17 @@ impl Event {
         sse.extend_from_slice(draft.event_type.as_bytes());
         sse.extend_from_slice(b"\ndata: ");
         let envelope_start = sse.len();
-        write_sse_data(&mut sse, &envelope);
+        let rewritten = write_sse_data(&mut sse, &envelope);
         let envelope_end = sse.len();
         sse.extend_from_slice(b"\n\n");
 
         let ws_frame = encode_ws_event_frame(&envelope);
+        let sse = Bytes::from(sse);
+        let envelope = if rewritten {
+            Bytes::from(envelope)
+        } else {
+            sse.slice(envelope_start..envelope_end)
+        };
         Event {
             channel: draft.channel.clone(),
             epoch: epoch.clone(),
@@ -72,41 +79,22 @@ impl Event {
             id,
             event_type: draft.event_type.clone(),
             accepted_at,
-            sse: Bytes::from(sse),
-            envelope_start,
-            envelope_end,
+            sse,
+            envelope,
             ws_frame,
         }
     }
 
-    /// The envelope JSON (with SSE continuation prefixes only if `data` held line breaks; see
-    /// [`Event::envelope_json`] for the exact bytes).
-    fn sse_data(&self) -> &[u8] {
-        &self.sse[self.envelope_start..self.envelope_end]
-    }
-
     /// The envelope JSON exactly as encoded, for the history API.
     pub fn envelope_json(&self) -> Bytes {
-        let data = self.sse_data();
-        if !data.contains(&b'\n') {
-            return self.sse.slice(self.envelope_start..self.envelope_end);
-        }
-        // Rare: `data` was sent pretty-printed. Undo the SSE continuation prefixes.
-        let mut out = Vec::with_capacity(data.len());
-        let mut rest = data;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            out.extend_from_slice(&rest[..=pos]);
-            rest = rest[pos + 1..]
-                .strip_prefix(b"data: ")
-                .unwrap_or(&rest[pos + 1..]);
-        }
-        out.extend_from_slice(rest);
-        Bytes::from(out)
+        self.envelope.clone()
     }
 
     /// Bytes this event holds (for history accounting).
     pub fn footprint(&self) -> usize {
-        self.sse.len() + self.ws_frame.len() + std::mem::size_of::<Event>()
+        let shares_sse = self.sse.as_ptr_range().contains(&self.envelope.as_ptr());
+        let own_envelope = if shares_sse { 0 } else { self.envelope.len() };
+        self.sse.len() + self.ws_frame.len() + own_envelope + std::mem::size_of::<Event>()
     }
 }
 
@@ -141,9 +129,10 @@ fn write_envelope(out: &mut Vec<u8>, draft: &Draft, epoch: &str, seq: u64, id: &
 
 /// SSE forbids raw line breaks inside a field: each one continues as a new `data:` line, which
 /// the client joins back with `\n`. JSON only has line breaks as whitespace, so the value the
-/// client parses is unchanged.
-fn write_sse_data(out: &mut Vec<u8>, json: &[u8]) {
+/// client parses is unchanged. Returns whether any line break was rewritten.
+fn write_sse_data(out: &mut Vec<u8>, json: &[u8]) -> bool {
     let mut rest = json;
+    let mut rewritten = false;
     while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
         out.extend_from_slice(&rest[..pos]);
         out.extend_from_slice(b"\ndata: ");
@@ -153,8 +142,10 @@ fn write_sse_data(out: &mut Vec<u8>, json: &[u8]) {
             1
         };
         rest = &rest[pos + skip..];
+        rewritten = true;
     }
     out.extend_from_slice(rest);
+    rewritten
 }
 
 /// `{"op":"event",` + the envelope without its opening brace, framed as one unmasked text frame.
@@ -261,8 +252,12 @@ mod tests {
             .collect();
         let v: serde_json::Value = serde_json::from_str(&joined.join("\n")).unwrap();
         assert_eq!(v["data"]["a"], 1);
-        let history: serde_json::Value = serde_json::from_slice(&ev.envelope_json()).unwrap();
-        assert_eq!(history["data"]["a"], 1);
+        let history = ev.envelope_json();
+        let history = std::str::from_utf8(&history).unwrap();
+        assert!(
+            history.contains("\"data\":{\n  \"a\": 1\r\n}"),
+            "byte for byte: {history:?}"
+        );
     }
 
     #[test]

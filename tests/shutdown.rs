@@ -1,0 +1,141 @@
+//! Black-box tests of draining on SIGTERM / SIGINT (API.md section 9), once per I/O driver.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+both_drivers!(
+    sigterm_ends_streams_and_exits_zero,
+    sigint_drains_too,
+    sigterm_when_idle,
+    readiness_is_503_while_draining,
+);
+
+const DRAIN_BOUND: Duration = Duration::from_secs(15);
+
+fn drain_with(driver: &str, signal: libc::c_int, name: &str) {
+    let mut server = Server::start(driver, &[]);
+    let path = "/api/v1/relay/events/stream?channel=sd.a&channel=sd.b";
+    let mut streams = sse_streams_on_both_shards(server.addr, path, 1);
+    wait_subscribers(server.addr, &[("sd.a", 2), ("sd.b", 2)]);
+    publish(
+        server.addr,
+        &format!(
+            "[{},{}]",
+            event_json("sd.a", "t", "1"),
+            event_json("sd.b", "t", "2")
+        ),
+    );
+    for (i, s) in streams.iter_mut().enumerate() {
+        s.take(2, &format!("stream {i} before {name}"));
+    }
+    // An idle keep-alive HTTP connection too.
+    let mut idle = Conn::open(server.addr);
+    let r = idle.roundtrip("GET", "/healthz", &[], b"");
+    assert_eq!(r.status, 200, "{r}");
+
+    server.signal(signal);
+    for (i, s) in streams.iter_mut().enumerate() {
+        assert!(
+            s.wait_eof(DRAIN_BOUND),
+            "{name}: SSE stream {i} (shard {:?}) should reach EOF when the relay drains; stderr:\n{}",
+            s.shard,
+            server.stderr()
+        );
+    }
+    let status = server.wait_exit(DRAIN_BOUND).unwrap_or_else(|| {
+        panic!(
+            "{name}: the relay should exit within 15 s; stderr:\n{}",
+            server.stderr()
+        )
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{name}: a drain should exit with status 0, got {status}; stderr:\n{}",
+        server.stderr()
+    );
+    assert!(
+        idle.closed_within(READ_TIMEOUT),
+        "{name}: an idle keep-alive connection should be closed by the drain"
+    );
+    assert!(
+        std::net::TcpStream::connect_timeout(&server.addr, Duration::from_secs(2)).is_err(),
+        "{name}: after exit nothing should accept on {}",
+        server.addr
+    );
+}
+
+fn sigterm_ends_streams_and_exits_zero(driver: &str) {
+    drain_with(driver, libc::SIGTERM, "SIGTERM");
+}
+
+fn sigint_drains_too(driver: &str) {
+    drain_with(driver, libc::SIGINT, "SIGINT");
+}
+
+fn sigterm_when_idle(driver: &str) {
+    let mut server = Server::start(driver, &[]);
+    let r = server.get("/readyz");
+    assert_eq!(r.status, 200, "{r}");
+    let status = server.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM on an idle relay should exit 0, got {status}; stderr:\n{}",
+        server.stderr()
+    );
+}
+
+/// A request already half-read when the drain starts is finished, and it sees the drain:
+/// `/readyz` answers 503 (API.md 2: "503 while starting or draining").
+fn readiness_is_503_while_draining(driver: &str) {
+    let mut server = Server::start(driver, &[]);
+    let mut stream = SseStream::open(
+        server.addr,
+        "/api/v1/relay/events/stream?channel=drain.c",
+        None,
+    );
+    wait_subscribers(server.addr, &[("drain.c", 1)]);
+    let mut ready = Conn::open(server.addr);
+    ready.send_raw(b"GET /readyz HTTP/1.1\r\nHost: x\r\n");
+    let mut health = Conn::open(server.addr);
+    health.send_raw(b"GET /api/v1/relay/health HTTP/1.1\r\nHost: x\r\n");
+    // Both heads are partial: make sure the server has read those bytes before the signal.
+    let r = server.get("/healthz");
+    assert_eq!(r.status, 200, "{r}");
+    std::thread::sleep(Duration::from_millis(100));
+
+    server.signal(libc::SIGTERM);
+    // The stream ending shows the drain has begun.
+    assert!(
+        stream.wait_eof(DRAIN_BOUND),
+        "SIGTERM: the SSE stream should end; stderr:\n{}",
+        server.stderr()
+    );
+
+    ready.send_raw(b"\r\n");
+    let r = ready
+        .read_response()
+        .unwrap_or_else(|e| panic!("a half-read /readyz request should still be answered during the drain: {e}; stderr:\n{}", server.stderr()));
+    assert_json_error(&r, 503, "/readyz while draining");
+
+    health.send_raw(b"\r\n");
+    let r = health
+        .read_response()
+        .unwrap_or_else(|e| panic!("a half-read /api/v1/relay/health request should still be answered during the drain: {e}"));
+    let v = json(&r);
+    assert_ne!(
+        v["status"], "ok",
+        "health while draining should not be ok: {v}"
+    );
+
+    let status = server.wait_exit(DRAIN_BOUND).expect("exit within 15 s");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after the drain: {status}"
+    );
+}
