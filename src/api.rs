@@ -339,11 +339,18 @@ pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
         return Err("the body is empty; send an event object or an array of them".into());
     }
     if trimmed.starts_with('[') {
+        // One pass for the common, valid batch; only a bad one is parsed again, element by
+        // element, to name the element that is wrong.
+        if let Ok(items) = serde_json::from_str::<Vec<DraftIn>>(text) {
+            if items.is_empty() {
+                return Err("the batch is empty".into());
+            }
+            if let Ok(drafts) = items.into_iter().map(|d| draft_checked(body, d)).collect() {
+                return Ok(drafts);
+            }
+        }
         let items: Vec<&RawValue> =
             serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        if items.is_empty() {
-            return Err("the batch is empty".into());
-        }
         items
             .iter()
             .enumerate()
@@ -356,6 +363,10 @@ pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
 
 fn draft_from(body: &Bytes, text: &str) -> Result<Draft, String> {
     let input: DraftIn = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    draft_checked(body, input)
+}
+
+fn draft_checked(body: &Bytes, input: DraftIn) -> Result<Draft, String> {
     names::validate_channel(&input.channel).map_err(|e| e.to_string())?;
     names::validate_type(&input.event_type).map_err(|e| e.to_string())?;
     if let Some(id) = &input.id {
