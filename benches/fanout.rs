@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use relay::bus::event::{Draft, Event};
-use relay::bus::{LocalSubs, Owned, Sink};
+use relay::bus::{ChannelSettings, LocalSubs, Owned, Sink};
 
 const SUBSCRIBERS: usize = 1000;
 const QUEUE_CAPACITY: usize = 64;
@@ -87,7 +87,15 @@ fn bench_fanout(c: &mut Criterion) {
 
     {
         // Production history defaults: 1000 events, one hour.
-        let mut owned = Owned::new(Box::new(|_| (1000, Duration::from_secs(3600))), 42);
+        let mut owned = Owned::new(
+            Box::new(|_| ChannelSettings {
+                history_size: 1000,
+                history_ttl: Duration::from_secs(3600),
+                presence: true,
+                join_leave: false,
+            }),
+            42,
+        );
         // One subscription registration for this shard; the owner tracks interest per shard.
         owned.subscribe(&channel, ME, None);
         let (local, sinks) = subscribers(&channel);

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::Principal;
 use crate::bus::event::Draft;
 use crate::bus::Published;
 use crate::cursor::Cursor;
@@ -24,13 +25,15 @@ use crate::http::Response;
 use crate::metrics::{self, ErrorKind, ProcessInfo, ShardStats, Transport};
 use crate::names;
 use crate::query::{percent_decode, query_pairs};
-use crate::shard::{BusError, ConnCtl, Shard};
+use crate::shard::{unix_ms, BusError, ConnCtl, Shard};
 
 /// What a request turns into.
 pub enum Reply {
     Response(Response),
     /// The connection becomes an SSE stream.
     Stream(crate::sse::StreamRequest),
+    /// The connection becomes a WebSocket.
+    WebSocket(crate::ws::WsRequest),
 }
 
 impl From<Response> for Reply {
@@ -104,7 +107,14 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return not_found(path).into();
     };
+    let admin = rest == "/events" || rest == "/connections" || rest.starts_with("/channels");
+    if admin {
+        if let Err(response) = api_key(shard, head) {
+            return response.into();
+        }
+    }
     match rest {
+        "/ws" => websocket(shard, head),
         "/health" => {
             if read {
                 health(shard).into()
@@ -152,6 +162,14 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
                 allow("GET, HEAD")
             }
         }
+        _ if rest.starts_with("/channels/") && rest.ends_with("/presence") => {
+            let raw = &rest["/channels/".len()..rest.len() - "/presence".len()];
+            if read {
+                presence(shard, raw).await.into()
+            } else {
+                allow("GET, HEAD")
+            }
+        }
         _ => match rest
             .strip_prefix("/channels/")
             .and_then(|r| r.strip_suffix("/history"))
@@ -160,6 +178,57 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
             Some(_) => allow("GET, HEAD"),
             None => not_found(path).into(),
         },
+    }
+}
+
+/// The JWT principal of a WebSocket/SSE request (`Authorization: Bearer` or `?token=`).
+fn principal(shard: &Shard, head: &RequestHead) -> Result<Principal, Response> {
+    let auth = &shard.shared.auth;
+    if !auth.jwt_required() {
+        return Ok(Principal::open());
+    }
+    let mut token_param = None;
+    for (key, value) in query_pairs(head.query.as_deref().unwrap_or("")).flatten() {
+        if key == "token" {
+            token_param = Some(value);
+        }
+    }
+    let bearer = crate::auth::bearer(head.header_str("authorization"));
+    auth.principal(bearer, token_param.as_deref(), unix_ms() / 1000)
+        .map_err(|e| {
+            shard.stats.auth_failures.inc();
+            Response::error(e.status(), e.code(), &e.message())
+                .with_header("WWW-Authenticate", "Bearer")
+        })
+}
+
+/// The API key the publish and admin endpoints need when `auth.api_keys` is set.
+fn api_key(shard: &Shard, head: &RequestHead) -> Result<(), Response> {
+    shard
+        .shared
+        .auth
+        .check_api_key(head.header_str("authorization"))
+        .map_err(|e| {
+            shard.stats.auth_failures.inc();
+            Response::error(e.status(), e.code(), &e.message())
+                .with_header("WWW-Authenticate", "Bearer")
+        })
+}
+
+fn websocket(shard: &Rc<Shard>, head: &RequestHead) -> Reply {
+    let accept = match crate::ws::codec::accept_key(head) {
+        Ok(a) => a,
+        Err(e) => {
+            let mut response = Response::error(e.status(), e.code(), &e.message());
+            for (name, value) in e.response_headers() {
+                response = response.with_header(name, *value);
+            }
+            return response.into();
+        }
+    };
+    match principal(shard, head) {
+        Ok(principal) => Reply::WebSocket(crate::ws::WsRequest { accept, principal }),
+        Err(response) => response.into(),
     }
 }
 
@@ -367,15 +436,34 @@ fn draft_from(body: &Bytes, text: &str) -> Result<Draft, String> {
 }
 
 fn draft_checked(body: &Bytes, input: DraftIn) -> Result<Draft, String> {
-    names::validate_channel(&input.channel).map_err(|e| e.to_string())?;
-    names::validate_type(&input.event_type).map_err(|e| e.to_string())?;
-    if let Some(id) = &input.id {
+    make_draft(
+        body,
+        &input.channel,
+        &input.event_type,
+        input.id.as_deref(),
+        input.data.get(),
+        input.source.as_deref(),
+        input.correlation_id.as_deref(),
+    )
+}
+
+/// Validates one event's fields (HTTP and WebSocket publishes alike); `data` is raw JSON
+/// borrowed from `body`, which becomes a zero-copy slice of it.
+pub fn make_draft(
+    body: &Bytes,
+    channel: &str,
+    event_type: &str,
+    id: Option<&str>,
+    data: &str,
+    source: Option<&str>,
+    correlation_id: Option<&str>,
+) -> Result<Draft, String> {
+    names::validate_channel(channel).map_err(|e| e.to_string())?;
+    names::validate_type(event_type).map_err(|e| e.to_string())?;
+    if let Some(id) = id {
         names::validate_event_id(id).map_err(|e| e.to_string())?;
     }
-    for (what, value) in [
-        ("source", &input.source),
-        ("correlation_id", &input.correlation_id),
-    ] {
+    for (what, value) in [("source", source), ("correlation_id", correlation_id)] {
         if let Some(v) = value {
             if v.len() > FREE_TEXT_MAX {
                 return Err(format!("{what} is longer than {FREE_TEXT_MAX} bytes"));
@@ -383,12 +471,12 @@ fn draft_checked(body: &Bytes, input: DraftIn) -> Result<Draft, String> {
         }
     }
     Ok(Draft {
-        channel: Arc::from(&*input.channel),
-        event_type: input.event_type.into(),
-        id: input.id.map(Into::into),
-        data: slice_of(body, input.data.get()),
-        source: input.source.map(Into::into),
-        correlation_id: input.correlation_id.map(Into::into),
+        channel: Arc::from(channel),
+        event_type: event_type.into(),
+        id: id.map(Into::into),
+        data: slice_of(body, data),
+        source: source.map(Into::into),
+        correlation_id: correlation_id.map(Into::into),
     })
 }
 
@@ -546,9 +634,48 @@ async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> R
 // ----- SSE -----
 
 fn stream(shard: &Rc<Shard>, head: &RequestHead) -> Reply {
-    match crate::sse::parse_request(shard.config(), head) {
-        Ok(request) => Reply::Stream(request),
-        Err(message) => bad_request(&message).into(),
+    let principal = match principal(shard, head) {
+        Ok(p) => p,
+        Err(response) => return response.into(),
+    };
+    let request = match crate::sse::parse_request(shard.config(), head) {
+        Ok(request) => request,
+        Err(message) => return bad_request(&message).into(),
+    };
+    if let Some(channel) = request
+        .channels
+        .iter()
+        .find(|c| !principal.may_subscribe(c))
+    {
+        shard.stats.auth_failures.inc();
+        return Response::error(
+            403,
+            "forbidden",
+            &format!("your token does not allow subscribing to {channel}"),
+        )
+        .into();
+    }
+    Reply::Stream(request)
+}
+
+async fn presence(shard: &Rc<Shard>, raw_channel: &str) -> Response {
+    let channel = match percent_decode(raw_channel) {
+        Ok(c) => c,
+        Err(e) => return bad_request(&format!("channel in path: {e}")),
+    };
+    if let Err(e) = names::validate_channel(&channel) {
+        return bad_request(&e.to_string());
+    }
+    match shard.presence(Arc::from(channel.as_str())).await {
+        Ok(Some(members)) => {
+            Response::json(200, crate::ws::protocol::presence_json(&channel, &members))
+        }
+        Ok(None) => Response::error(
+            404,
+            "not_found",
+            &format!("presence is turned off for {channel} by a [[channels]] rule"),
+        ),
+        Err(e) => bus_error(shard, e),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Config {
     pub bus: BusConfig,
     /// Server-sent events.
     pub sse: SseConfig,
+    /// WebSocket connections.
+    pub websocket: WebSocketConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Active health checks of subsystem instances.
@@ -86,6 +88,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             bus: BusConfig::default(),
             sse: SseConfig::default(),
+            websocket: WebSocketConfig::default(),
             shutdown: ShutdownConfig::default(),
             health: HealthConfig::default(),
             circuit: CircuitConfig::default(),
@@ -271,6 +274,23 @@ impl Default for SseConfig {
     }
 }
 
+/// `[websocket]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Milliseconds between server pings on a quiet connection, >= 100; announced to clients in
+    /// `welcome.heartbeat_ms`. Default 25000: under common proxy idle timeouts (30-60 s).
+    pub heartbeat_ms: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            heartbeat_ms: 25_000,
+        }
+    }
+}
+
 /// `[shutdown]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -278,11 +298,17 @@ pub struct ShutdownConfig {
     /// Seconds to drain connections after SIGTERM/SIGINT before exiting anyway, >= 1.
     /// Default 10: inside the usual orchestrator grace period (Kubernetes: 30 s).
     pub deadline_s: u64,
+    /// WebSocket clients get their 1001 close spread over this many milliseconds, so a fleet
+    /// does not reconnect to the next node all at once. Must be below `deadline_s`. Default 2000.
+    pub close_spread_ms: u64,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { deadline_s: 10 }
+        ShutdownConfig {
+            deadline_s: 10,
+            close_spread_ms: 2000,
+        }
     }
 }
 
@@ -705,7 +731,9 @@ const SETTINGS: &[Setting] = &[
     s("bus", "max_batch", USIZE),
     s("sse", "keepalive_s", U64),
     s("sse", "retry_ms", U64),
+    s("websocket", "heartbeat_ms", U64),
     s("shutdown", "deadline_s", U64),
+    s("shutdown", "close_spread_ms", U64),
     s("health", "interval_ms", U64),
     s("health", "timeout_ms", U64),
     s("health", "healthy_threshold", U32),
@@ -1436,7 +1464,13 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     o.at_least("sse.keepalive_s", c.sse.keepalive_s, 1)?;
     o.at_least("sse.retry_ms", c.sse.retry_ms, 1)?;
 
+    o.at_least("websocket.heartbeat_ms", c.websocket.heartbeat_ms, 100)?;
     o.at_least("shutdown.deadline_s", c.shutdown.deadline_s, 1)?;
+    o.check(
+        "shutdown.close_spread_ms",
+        c.shutdown.close_spread_ms < c.shutdown.deadline_s.saturating_mul(1000),
+        "must be below shutdown.deadline_s (in milliseconds)",
+    )?;
 
     let h = &c.health;
     o.at_least("health.interval_ms", h.interval_ms, 1)?;

@@ -9,10 +9,13 @@
 //! - [`http`]: the HTTP/1.1 codec (pure) and the connection loop.
 //! - [`api`]: routing and handlers of the HTTP API.
 //! - [`sse`]: Server-Sent Events streams with cursors and recovery.
+//! - [`ws`]: WebSocket connections: handshake, framing, the JSON protocol, presence.
+//! - [`auth`]: JWT (WebSocket/SSE) and API keys (publish and admin endpoints).
 //! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
 //! - [`names`], [`glob`], [`query`], [`cursor`]: small pure helpers.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod cursor;
@@ -25,3 +28,4 @@ pub mod query;
 pub mod server;
 pub mod shard;
 pub mod sse;
+pub mod ws;

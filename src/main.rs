@@ -47,6 +47,19 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let auth = &running.shared.config.auth;
+    if auth.jwt_secret.is_none() && auth.api_keys.is_none() {
+        tracing::warn!(
+            "AUTH IS OFF: anyone who reaches this port may publish, subscribe and read admin \
+             endpoints; set auth.jwt_secret (clients) and auth.api_keys (publishers, admin)"
+        );
+    } else if auth.api_keys.is_none() {
+        tracing::warn!("auth.api_keys is not set: publish and admin endpoints are open");
+    } else if auth.jwt_secret.is_none() {
+        tracing::warn!(
+            "auth.jwt_secret is not set: WebSocket and SSE clients are not authenticated"
+        );
+    }
     tracing::info!(
         "relay listening on {} ({} shards, {} driver, config: {})",
         running.local_addr,

@@ -373,6 +373,27 @@ pub struct ShardStats {
     pub ring_full: Counter,
     /// Last time (ms since process start) this shard's maintenance tick ran; plain store.
     pub loop_heartbeat_ms: AtomicU64,
+    /// Distinct users with a WebSocket on this shard (a user on two shards counts twice).
+    pub users_connected: Gauge,
+    /// WebSocket closes, indexed like [`WS_CLOSE_CODES`] (last slot: any other code).
+    pub ws_closes: [Counter; WS_CLOSE_CODES.len() + 1],
+    /// WebSocket messages (complete text messages) received from clients.
+    pub ws_messages_received: Counter,
+    /// Requests refused for missing or bad credentials (401) or scope (403).
+    pub auth_failures: Counter,
+    /// Connections refused over `limits.max_connections_per_ip` (429).
+    pub connections_refused_per_ip: Counter,
+}
+
+/// Close codes counted by name in `relay_ws_closes_total{code}`.
+pub const WS_CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013];
+
+/// The slot of `code` in [`ShardStats::ws_closes`].
+pub fn ws_close_slot(code: u16) -> usize {
+    WS_CLOSE_CODES
+        .iter()
+        .position(|&c| c == code)
+        .unwrap_or(WS_CLOSE_CODES.len())
 }
 
 impl ShardStats {
@@ -399,6 +420,11 @@ impl ShardStats {
             ring_messages_sent: Counter::new(),
             ring_full: Counter::new(),
             loop_heartbeat_ms: AtomicU64::new(0),
+            users_connected: Gauge::new(),
+            ws_closes: [const { Counter::new() }; WS_CLOSE_CODES.len() + 1],
+            ws_messages_received: Counter::new(),
+            auth_failures: Counter::new(),
+            connections_refused_per_ip: Counter::new(),
         }
     }
 
@@ -655,6 +681,54 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "relay_connections_refused_total",
         "Connections refused over max_connections or the per-IP limit.",
         |s| &s.connections_refused,
+    );
+
+    summed_counter(
+        out,
+        shards,
+        "relay_connections_refused_per_ip_total",
+        "Connections refused over limits.max_connections_per_ip.",
+        |s| &s.connections_refused_per_ip,
+    );
+    summed_gauge(
+        out,
+        shards,
+        "relay_users_connected",
+        "Distinct users with a WebSocket, summed over shards.",
+        |s| &s.users_connected,
+    );
+    family(
+        out,
+        "relay_ws_closes_total",
+        "counter",
+        "WebSocket connections closed, by close code.",
+    );
+    for (slot, code) in WS_CLOSE_CODES
+        .iter()
+        .map(|c| c.to_string())
+        .chain(std::iter::once("other".to_string()))
+        .enumerate()
+    {
+        sample(
+            out,
+            "relay_ws_closes_total",
+            &format!("{{code=\"{code}\"}}"),
+            sum_counter(shards, |s| &s.ws_closes[slot]),
+        );
+    }
+    summed_counter(
+        out,
+        shards,
+        "relay_ws_messages_received_total",
+        "WebSocket messages received from clients.",
+        |s| &s.ws_messages_received,
+    );
+    summed_counter(
+        out,
+        shards,
+        "relay_auth_failures_total",
+        "Requests refused for missing or bad credentials, or out of scope.",
+        |s| &s.auth_failures,
     );
 
     // --- channels / history / subscriptions ---
@@ -1266,7 +1340,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 24);
+        assert_eq!(families, 29);
     }
 
     #[test]

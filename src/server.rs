@@ -105,6 +105,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         drained: Default::default(),
         connections: Default::default(),
         driver: Default::default(),
+        auth: crate::auth::Auth::new(
+            config.auth.jwt_secret.as_deref(),
+            config.auth.api_keys.as_deref(),
+        ),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<&'static str, StartError>>();
@@ -230,11 +234,11 @@ async fn shard_main(
         monoio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match shard.open_conn(peer) {
-                    Some(ctl) => {
+                    Ok(ctl) => {
                         monoio::spawn(crate::http::conn::serve(shard.clone(), stream, ctl));
                     }
-                    None => {
-                        monoio::spawn(refuse(stream, shard.config().limits.max_connections));
+                    Err(why) => {
+                        monoio::spawn(refuse(stream, why, shard.config().limits.clone()));
                     }
                 },
                 Err(e) => {
@@ -270,13 +274,30 @@ async fn shard_main(
     }
 }
 
-async fn refuse(mut stream: monoio::net::TcpStream, max: usize) {
+async fn refuse(
+    mut stream: monoio::net::TcpStream,
+    why: crate::shard::Refused,
+    limits: crate::config::LimitsConfig,
+) {
     use monoio::io::AsyncWriteRentExt;
-    let response = Response::error(
-        503,
-        "too_many_connections",
-        &format!("the relay holds its maximum of {max} connections (limits.max_connections)"),
-    )
+    let response = match why {
+        crate::shard::Refused::Full => Response::error(
+            503,
+            "too_many_connections",
+            &format!(
+                "the relay holds its maximum of {} connections (limits.max_connections)",
+                limits.max_connections
+            ),
+        ),
+        crate::shard::Refused::PerIp => Response::error(
+            429,
+            "too_many_connections_from_address",
+            &format!(
+                "your address holds its maximum of {} connections (limits.max_connections_per_ip)",
+                limits.max_connections_per_ip
+            ),
+        ),
+    }
     .with_header("Retry-After", "1");
     let mut out = Vec::new();
     crate::http::conn::write(&mut out, &response, false, false, 0);

@@ -19,10 +19,11 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ahash::AHashMap;
+use bytes::Bytes;
 use futures_channel::oneshot;
 
 use crate::bus::event::{Draft, Event};
-use crate::bus::{shard_of, HistoryPage, LocalSubs, Owned, Published, Since, Subscribed};
+use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Since, Subscribed};
 use crate::config::Config;
 use crate::mesh::{Mesh, Outbox};
 use crate::metrics::{ShardStats, Transport};
@@ -39,10 +40,23 @@ pub enum Msg {
         channel: Arc<str>,
         shard: usize,
         since: Option<Since>,
+        /// (user, connection) for presence; `None` for subscribers presence does not list.
+        member: Option<(Arc<str>, Arc<str>)>,
         reply: oneshot::Sender<Subscribed>,
     },
     /// To the owner: one subscriber fewer on `shard`.
-    Unsubscribe { channel: Arc<str>, shard: usize },
+    Unsubscribe {
+        channel: Arc<str>,
+        shard: usize,
+        member_conn: Option<Arc<str>>,
+    },
+    /// From the owner to a shard with subscribers: a presence push (a WebSocket frame).
+    Push { channel: Arc<str>, frame: Bytes },
+    /// To the owner: who is on the channel (`Err` when presence is off for it).
+    Presence {
+        channel: Arc<str>,
+        reply: oneshot::Sender<Result<Vec<Member>, ()>>,
+    },
     /// To the owner: a page of history.
     History {
         channel: Arc<str>,
@@ -81,6 +95,15 @@ impl std::fmt::Display for BusError {
 
 impl std::error::Error for BusError {}
 
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Over `limits.max_connections` (503).
+    Full,
+    /// Over `limits.max_connections_per_ip` (429).
+    PerIp,
+}
+
 /// One shard's part of the channel listing.
 #[derive(Debug, Default)]
 pub struct ShardChannels {
@@ -104,6 +127,8 @@ pub struct Shared {
     /// per event.
     pub connections: AtomicUsize,
     pub driver: std::sync::OnceLock<&'static str>,
+    /// Credentials and scopes, read-only after start.
+    pub auth: crate::auth::Auth,
 }
 
 impl Shared {
@@ -207,6 +232,10 @@ pub struct Shard {
     pub owned: RefCell<Owned>,
     pub local: RefCell<LocalSubs>,
     conns: RefCell<AHashMap<u64, Rc<ConnCtl>>>,
+    /// Connections per client address on this shard (`limits.max_connections_per_ip`).
+    per_ip: RefCell<AHashMap<std::net::IpAddr, u32>>,
+    /// WebSocket connections per user on this shard (`relay_users_connected`).
+    users: RefCell<AHashMap<Arc<str>, u32>>,
     next_id: Cell<u64>,
     draining: Cell<bool>,
     drain_waker: Cell<Option<Waker>>,
@@ -223,9 +252,16 @@ impl Shard {
             bus.ring_capacity * bus.max_batch,
         );
         let policy_config = config.clone();
-        let policy: crate::bus::HistoryPolicy = Box::new(move |channel| {
-            let (size, ttl_s) = policy_config.history_for(channel, crate::glob::glob_match);
-            (size, Duration::from_secs(ttl_s))
+        let policy: crate::bus::ChannelPolicy = Box::new(move |channel| {
+            let (history_size, ttl_s) = policy_config.history_for(channel, crate::glob::glob_match);
+            let (presence, join_leave) =
+                policy_config.presence_for(channel, crate::glob::glob_match);
+            crate::bus::ChannelSettings {
+                history_size,
+                history_ttl: Duration::from_secs(ttl_s),
+                presence,
+                join_leave,
+            }
         });
         let seed = epoch_seed(id);
         Rc::new(Shard {
@@ -236,6 +272,8 @@ impl Shard {
             owned: RefCell::new(Owned::new(policy, seed)),
             local: RefCell::new(LocalSubs::default()),
             conns: RefCell::new(AHashMap::new()),
+            per_ip: RefCell::new(AHashMap::new()),
+            users: RefCell::new(AHashMap::new()),
             next_id: Cell::new(1),
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
@@ -263,19 +301,51 @@ impl Shard {
 
     // ----- connections -----
 
-    /// Registers a connection; `None` when over `limits.max_connections`.
-    pub fn open_conn(self: &Rc<Self>, peer: SocketAddr) -> Option<Rc<ConnCtl>> {
-        let max = self.config().limits.max_connections;
-        if self.shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
+    /// Registers a connection, or says why it is refused.
+    ///
+    /// The per-IP limit is enforced per shard as `ceil(max_connections_per_ip / shards)`: the
+    /// kernel spreads one address's connections evenly over the SO_REUSEPORT listeners (by the
+    /// hash of the source port), so this approximates the global limit without shared state.
+    pub fn open_conn(self: &Rc<Self>, peer: SocketAddr) -> Result<Rc<ConnCtl>, Refused> {
+        let limits = &self.config().limits;
+        let per_shard_ip_limit = limits.max_connections_per_ip.div_ceil(self.shards()) as u32;
+        {
+            let per_ip = self.per_ip.borrow();
+            if per_ip.get(&peer.ip()).copied().unwrap_or(0) >= per_shard_ip_limit {
+                self.stats.connections_refused_per_ip.inc();
+                return Err(Refused::PerIp);
+            }
+        }
+        if self.shared.connections.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.shared.connections.fetch_sub(1, Ordering::AcqRel);
             self.stats.connections_refused.inc();
-            return None;
+            return Err(Refused::Full);
         }
+        *self.per_ip.borrow_mut().entry(peer.ip()).or_insert(0) += 1;
         let ctl = Rc::new(ConnCtl::new(self.next_id(), peer, self.draining.get()));
         self.conns.borrow_mut().insert(ctl.id, ctl.clone());
         self.stats.connections_active[Transport::Http as usize].add(1);
         self.stats.connections_total[Transport::Http as usize].inc();
-        Some(ctl)
+        Ok(ctl)
+    }
+
+    /// A WebSocket user arrived on this shard.
+    pub fn user_joined(&self, user: &Arc<str>) {
+        let mut users = self.users.borrow_mut();
+        *users.entry(user.clone()).or_insert(0) += 1;
+        self.stats.users_connected.set(users.len() as i64);
+    }
+
+    /// A WebSocket user's connection left this shard.
+    pub fn user_left(&self, user: &str) {
+        let mut users = self.users.borrow_mut();
+        if let Some(n) = users.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(user);
+            }
+        }
+        self.stats.users_connected.set(users.len() as i64);
     }
 
     /// Moves a connection to another transport (an HTTP request that became an SSE stream).
@@ -292,6 +362,13 @@ impl Shard {
         if self.conns.borrow_mut().remove(&ctl.id).is_some() {
             self.stats.connections_active[ctl.transport() as usize].add(-1);
             self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            let mut per_ip = self.per_ip.borrow_mut();
+            if let Some(n) = per_ip.get_mut(&ctl.peer.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ctl.peer.ip());
+                }
+            }
         }
     }
 
@@ -356,10 +433,7 @@ impl Shard {
             return Err(BusError::Congested { shard });
         }
         let now = Instant::now();
-        let ts_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let ts_ms = unix_ms();
         let mut owned = self.owned.borrow_mut();
         let local = self.local.borrow();
         let mut out = Vec::with_capacity(drafts.len());
@@ -384,25 +458,33 @@ impl Shard {
     }
 
     /// Adds a local sink and registers it with the owner; returns the owner's answer.
+    /// `member` is (user, connection) for subscribers that presence lists.
     pub async fn subscribe(
         &self,
         channel: &Arc<str>,
         sink_id: u64,
         sink: Rc<dyn crate::bus::Sink>,
         since: Option<Since>,
+        member: Option<(Arc<str>, Arc<str>)>,
     ) -> Result<Subscribed, BusError> {
         // Local first: events the owner sends after registering must find the sink here.
         self.local.borrow_mut().add(channel, sink_id, sink);
         self.stats.subscriptions.add(1);
         let owner = shard_of(channel, self.shards());
         if owner == self.id {
-            let answer = self
-                .owned
-                .borrow_mut()
-                .subscribe(channel, self.id, since.as_ref());
+            let (answer, push) = self.owned.borrow_mut().subscribe_member(
+                channel,
+                self.id,
+                since.as_ref(),
+                member.as_ref().map(|(u, c)| (u, c)),
+                unix_ms(),
+            );
             self.stats
                 .channels_owned
                 .set(self.owned.borrow().channel_count() as i64);
+            if let Some(frame) = push {
+                self.fan_out_push(channel, frame);
+            }
             return Ok(answer);
         }
         let (reply, answer) = oneshot::channel();
@@ -412,30 +494,69 @@ impl Shard {
                 channel: channel.clone(),
                 shard: self.id,
                 since,
+                member,
                 reply,
             },
         );
         answer.await.map_err(|_| BusError::Unavailable)
     }
 
-    /// Removes a local sink and tells the owner.
-    pub fn unsubscribe(&self, channel: &Arc<str>, sink_id: u64) {
+    /// Removes a local sink and tells the owner (`member_conn` for presence-listed ones).
+    pub fn unsubscribe(&self, channel: &Arc<str>, sink_id: u64, member_conn: Option<Arc<str>>) {
         if !self.local.borrow_mut().remove(channel, sink_id) {
             return;
         }
         self.stats.subscriptions.add(-1);
         let owner = shard_of(channel, self.shards());
         if owner == self.id {
-            self.owned.borrow_mut().unsubscribe(channel, self.id);
+            let push = self.owned.borrow_mut().unsubscribe_member(
+                channel,
+                self.id,
+                member_conn.as_deref(),
+            );
+            if let Some(frame) = push {
+                self.fan_out_push(channel, frame);
+            }
         } else {
             self.outbox.send(
                 owner,
                 Msg::Unsubscribe {
                     channel: channel.clone(),
                     shard: self.id,
+                    member_conn,
                 },
             );
         }
+    }
+
+    /// Sends a presence push (owned here) to every shard with subscribers, this one included.
+    fn fan_out_push(&self, channel: &Arc<str>, frame: Bytes) {
+        let shards = self.owned.borrow().interested(channel);
+        for shard in shards {
+            if shard == self.id {
+                self.local.borrow().push(channel, &frame);
+            } else {
+                self.outbox.send(
+                    shard,
+                    Msg::Push {
+                        channel: channel.clone(),
+                        frame: frame.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Who is on `channel`; `Ok(None)` when presence is off for it.
+    pub async fn presence(&self, channel: Arc<str>) -> Result<Option<Vec<Member>>, BusError> {
+        let owner = shard_of(&channel, self.shards());
+        if owner == self.id {
+            return Ok(self.owned.borrow().members(&channel).ok());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.outbox.send(owner, Msg::Presence { channel, reply });
+        let members = answer.await.map_err(|_| BusError::Unavailable)?;
+        Ok(members.ok())
     }
 
     pub async fn history(
@@ -506,16 +627,40 @@ impl Shard {
                 channel,
                 shard,
                 since,
+                member,
                 reply,
             } => {
-                let answer = self
-                    .owned
-                    .borrow_mut()
-                    .subscribe(&channel, shard, since.as_ref());
+                let (answer, push) = self.owned.borrow_mut().subscribe_member(
+                    &channel,
+                    shard,
+                    since.as_ref(),
+                    member.as_ref().map(|(u, c)| (u, c)),
+                    unix_ms(),
+                );
                 let _ = reply.send(answer);
+                if let Some(frame) = push {
+                    self.fan_out_push(&channel, frame);
+                }
             }
-            Msg::Unsubscribe { channel, shard } => {
-                self.owned.borrow_mut().unsubscribe(&channel, shard);
+            Msg::Unsubscribe {
+                channel,
+                shard,
+                member_conn,
+            } => {
+                let push = self.owned.borrow_mut().unsubscribe_member(
+                    &channel,
+                    shard,
+                    member_conn.as_deref(),
+                );
+                if let Some(frame) = push {
+                    self.fan_out_push(&channel, frame);
+                }
+            }
+            Msg::Push { channel, frame } => {
+                self.local.borrow().push(&channel, &frame);
+            }
+            Msg::Presence { channel, reply } => {
+                let _ = reply.send(self.owned.borrow().members(&channel));
             }
             Msg::History {
                 channel,
@@ -611,6 +756,14 @@ impl Shard {
             }
         })
     }
+}
+
+/// Wall-clock Unix milliseconds (event `ts`, presence `since`).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn epoch_seed(shard: usize) -> u64 {

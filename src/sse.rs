@@ -340,7 +340,7 @@ pub async fn serve(
                 seq,
             });
         match shard
-            .subscribe(channel, sink_id, sink.clone(), since.clone())
+            .subscribe(channel, sink_id, sink.clone(), since.clone(), None)
             .await
         {
             Ok(answer) => {
@@ -404,11 +404,11 @@ pub async fn serve(
         write_loop(shard, ctl, &sink, &mut write_half, &mut cursor, buf).await;
     }
     for channel in &subscribed {
-        shard.unsubscribe(channel, sink_id);
+        shard.unsubscribe(channel, sink_id, None);
     }
     // Any channel that failed mid-subscribe registered its local sink already.
     for channel in request.channels.iter().skip(subscribed.len()) {
-        shard.unsubscribe(channel, sink_id);
+        shard.unsubscribe(channel, sink_id, None);
     }
     // Wakes the reader (its read returns) so the socket closes once both halves are gone.
     // SAFETY: `fd` is the live socket owned by `write_half`, still in scope here.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
+use bytes::Bytes;
 use smallvec::SmallVec;
 
 use event::{Draft, Event};
@@ -80,8 +81,34 @@ pub struct OwnedInfo {
     pub subscribers: u64,
 }
 
-/// History bounds for a channel, resolved once when the channel is created.
-pub type HistoryPolicy = Box<dyn Fn(&str) -> (usize, Duration)>;
+/// What the config says about one channel, resolved once when the channel is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelSettings {
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// Track who is subscribed.
+    pub presence: bool,
+    /// Push `presence.join` / `presence.leave` to subscribers.
+    pub join_leave: bool,
+}
+
+pub type ChannelPolicy = Box<dyn Fn(&str) -> ChannelSettings>;
+
+/// A subscriber as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user: Arc<str>,
+    pub conn: Arc<str>,
+    /// When it joined, Unix milliseconds.
+    pub since_ms: u64,
+}
+
+/// Who is on one channel: members by connection, and how many connections each user has.
+#[derive(Debug, Default)]
+struct Presence {
+    by_conn: AHashMap<Arc<str>, Member>,
+    conns_per_user: AHashMap<Arc<str>, u32>,
+}
 
 struct OwnedChannel {
     epoch: Arc<str>,
@@ -89,6 +116,8 @@ struct OwnedChannel {
     history: History,
     /// (shard, subscribers there). Small: a channel is rarely on more shards than a few.
     interest: SmallVec<[(u16, u32); 4]>,
+    settings: ChannelSettings,
+    presence: Presence,
 }
 
 impl OwnedChannel {
@@ -100,7 +129,7 @@ impl OwnedChannel {
 /// The channels one shard owns.
 pub struct Owned {
     channels: AHashMap<Arc<str>, OwnedChannel>,
-    policy: HistoryPolicy,
+    policy: ChannelPolicy,
     epochs: EpochSource,
     history_events: usize,
 }
@@ -113,7 +142,7 @@ pub struct Sweep {
 }
 
 impl Owned {
-    pub fn new(policy: HistoryPolicy, epoch_seed: u64) -> Self {
+    pub fn new(policy: ChannelPolicy, epoch_seed: u64) -> Self {
         Owned {
             channels: AHashMap::new(),
             policy,
@@ -132,12 +161,14 @@ impl Owned {
 
     fn channel(&mut self, name: &Arc<str>) -> &mut OwnedChannel {
         if !self.channels.contains_key(name) {
-            let (size, ttl) = (self.policy)(name);
+            let settings = (self.policy)(name);
             let channel = OwnedChannel {
                 epoch: self.epochs.next(),
                 last_seq: 0,
-                history: History::new(size, ttl),
+                history: History::new(settings.history_size, settings.history_ttl),
                 interest: SmallVec::new(),
+                settings,
+                presence: Presence::default(),
             };
             self.channels.insert(name.clone(), channel);
         }
@@ -199,7 +230,27 @@ impl Owned {
         shard: usize,
         since: Option<&Since>,
     ) -> Subscribed {
+        self.subscribe_member(name, shard, since, None, 0).0
+    }
+
+    /// [`Owned::subscribe`] for a subscriber that presence lists; returns the
+    /// `presence.join` push to fan out when this is the user's first connection here.
+    pub fn subscribe_member(
+        &mut self,
+        name: &Arc<str>,
+        shard: usize,
+        since: Option<&Since>,
+        member: Option<(&Arc<str>, &Arc<str>)>,
+        now_ms: u64,
+    ) -> (Subscribed, Option<Bytes>) {
         let channel = self.channel(name);
+        let mut push = None;
+        if let (Some((user, conn)), true) = (member, channel.settings.presence) {
+            let first = channel.presence.join(user, conn, now_ms);
+            if first && channel.settings.join_leave {
+                push = Some(presence_frame("presence.join", name, user, conn));
+            }
+        }
         match channel
             .interest
             .iter_mut()
@@ -218,19 +269,42 @@ impl Owned {
             }
             Some(_) => (false, Vec::new()),
         };
-        Subscribed {
+        let answer = Subscribed {
             epoch: channel.epoch.clone(),
             seq: channel.last_seq,
             recovered,
             replay,
-        }
+        };
+        (answer, push)
     }
 
     /// Forgets one subscriber on `shard`.
     pub fn unsubscribe(&mut self, name: &str, shard: usize) {
-        let Some(channel) = self.channels.get_mut(name) else {
-            return;
-        };
+        self.unsubscribe_member(name, shard, None);
+    }
+
+    /// [`Owned::unsubscribe`] for a listed subscriber; returns the `presence.leave` push when
+    /// this was the user's last connection here.
+    pub fn unsubscribe_member(
+        &mut self,
+        name: &str,
+        shard: usize,
+        member_conn: Option<&str>,
+    ) -> Option<Bytes> {
+        let channel = self.channels.get_mut(name)?;
+        let mut push = None;
+        if let Some(conn) = member_conn {
+            if let Some((member, last)) = channel.presence.leave(conn) {
+                if last && channel.settings.join_leave {
+                    push = Some(presence_frame(
+                        "presence.leave",
+                        name,
+                        &member.user,
+                        &member.conn,
+                    ));
+                }
+            }
+        }
         if let Some(pos) = channel
             .interest
             .iter()
@@ -239,6 +313,29 @@ impl Owned {
             channel.interest[pos].1 -= 1;
             if channel.interest[pos].1 == 0 {
                 channel.interest.swap_remove(pos);
+            }
+        }
+        push
+    }
+
+    /// Shards with subscribers to `name`.
+    pub fn interested(&self, name: &str) -> SmallVec<[usize; 4]> {
+        self.channels
+            .get(name)
+            .map(|c| c.interest.iter().map(|&(s, _)| usize::from(s)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Members of `name`: `Err(())` when presence is off for it, `Ok(empty)` when unknown.
+    #[allow(clippy::result_unit_err)]
+    pub fn members(&self, name: &str) -> Result<Vec<Member>, ()> {
+        match self.channels.get(name) {
+            None => Ok(Vec::new()),
+            Some(c) if !c.settings.presence => Err(()),
+            Some(c) => {
+                let mut members: Vec<Member> = c.presence.by_conn.values().cloned().collect();
+                members.sort_by(|a, b| (a.since_ms, &a.conn).cmp(&(b.since_ms, &b.conn)));
+                Ok(members)
             }
         }
     }
@@ -282,6 +379,60 @@ impl Owned {
     }
 }
 
+impl Presence {
+    /// Returns whether this is the user's first connection on the channel.
+    fn join(&mut self, user: &Arc<str>, conn: &Arc<str>, now_ms: u64) -> bool {
+        if self.by_conn.contains_key(conn) {
+            return false;
+        }
+        self.by_conn.insert(
+            conn.clone(),
+            Member {
+                user: user.clone(),
+                conn: conn.clone(),
+                since_ms: now_ms,
+            },
+        );
+        let count = self.conns_per_user.entry(user.clone()).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Returns the member and whether it was the user's last connection.
+    fn leave(&mut self, conn: &str) -> Option<(Member, bool)> {
+        let member = self.by_conn.remove(conn)?;
+        let last = match self.conns_per_user.get_mut(&member.user) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            _ => {
+                self.conns_per_user.remove(&member.user);
+                true
+            }
+        };
+        Some((member, last))
+    }
+}
+
+/// `{"op":"presence.join"|"presence.leave","channel","user","conn"}` as a WebSocket text frame.
+fn presence_frame(op: &str, channel: &str, user: &str, conn: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(64 + channel.len() + user.len() + conn.len());
+    payload.extend_from_slice(b"{\"op\":\"");
+    payload.extend_from_slice(op.as_bytes());
+    payload.extend_from_slice(b"\",\"channel\":\"");
+    payload.extend_from_slice(channel.as_bytes());
+    payload.extend_from_slice(b"\",\"user\":\"");
+    crate::http::codec::json_escape_into(&mut payload, user);
+    payload.extend_from_slice(b"\",\"conn\":\"");
+    crate::http::codec::json_escape_into(&mut payload, conn);
+    payload.extend_from_slice(b"\"}");
+    let mut frame = Vec::with_capacity(payload.len() + 4);
+    event::push_ws_header(&mut frame, 0x1, payload.len());
+    frame.extend_from_slice(&payload);
+    Bytes::from(frame)
+}
+
 /// Makes epochs: 8 characters of `[0-9A-Za-z]`, unique per channel life and per process start.
 struct EpochSource {
     state: u64,
@@ -313,6 +464,9 @@ impl EpochSource {
 /// Something on this shard that receives a channel's live events (an SSE stream, a WebSocket).
 pub trait Sink {
     fn offer(&self, event: &Arc<Event>);
+    /// A presence push (a complete WebSocket frame): not an event, no seq, not in history.
+    /// Transports without pushes (SSE) ignore it.
+    fn push(&self, _channel: &Arc<str>, _frame: &Bytes) {}
 }
 
 /// The sinks of one channel on this shard, with the ids they unsubscribe by.
@@ -363,6 +517,15 @@ impl LocalSubs {
         }
     }
 
+    /// Hands a presence push to every local sink of `channel`.
+    pub fn push(&self, channel: &Arc<str>, frame: &Bytes) {
+        if let Some(sinks) = self.channels.get(channel) {
+            for (_, sink) in sinks {
+                sink.push(channel, frame);
+            }
+        }
+    }
+
     pub fn total(&self) -> usize {
         self.total
     }
@@ -378,8 +541,17 @@ mod tests {
     use bytes::Bytes;
     use std::cell::RefCell;
 
+    fn settings(size: usize, ttl_s: u64, join_leave: bool) -> ChannelSettings {
+        ChannelSettings {
+            history_size: size,
+            history_ttl: Duration::from_secs(ttl_s),
+            presence: true,
+            join_leave,
+        }
+    }
+
     fn owned() -> Owned {
-        Owned::new(Box::new(|_| (3, Duration::from_secs(60))), 42)
+        Owned::new(Box::new(|_| settings(3, 60, true)), 42)
     }
 
     fn draft(channel: &str, id: Option<&str>) -> Draft {
@@ -481,7 +653,7 @@ mod tests {
 
     #[test]
     fn idle_empty_channels_are_reclaimed_with_a_new_epoch_after() {
-        let mut bus = Owned::new(Box::new(|_| (3, Duration::from_secs(1))), 7);
+        let mut bus = Owned::new(Box::new(|_| settings(3, 1, false)), 7);
         let start = Instant::now();
         bus.publish(&draft("c", None), 0, start, |_, _| {});
         let epoch = bus.history("c", 0, 10).unwrap().epoch;
@@ -503,7 +675,7 @@ mod tests {
 
     #[test]
     fn channels_with_subscribers_survive_a_sweep() {
-        let mut bus = Owned::new(Box::new(|_| (3, Duration::from_secs(1))), 7);
+        let mut bus = Owned::new(Box::new(|_| settings(3, 1, false)), 7);
         bus.subscribe(&Arc::from("c"), 0, None);
         assert_eq!(
             bus.sweep(Instant::now() + Duration::from_secs(5)).reclaimed,
@@ -536,6 +708,59 @@ mod tests {
         assert!(local.remove("c", 1));
         assert!(!local.remove("c", 1));
         assert_eq!(local.total(), 1);
+    }
+
+    #[test]
+    fn presence_counts_users_and_pushes_on_first_join_and_last_leave() {
+        let mut bus = owned();
+        let name: Arc<str> = Arc::from("room");
+        let alice: Arc<str> = Arc::from("alice");
+        let (c1, c2): (Arc<str>, Arc<str>) = (Arc::from("c1"), Arc::from("c2"));
+        let (_, push) = bus.subscribe_member(&name, 0, None, Some((&alice, &c1)), 5);
+        let push = push.expect("first connection of alice joins");
+        let text = std::str::from_utf8(&push[2..]).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"presence.join","channel":"room","user":"alice","conn":"c1"}"#
+        );
+        let (_, push) = bus.subscribe_member(&name, 1, None, Some((&alice, &c2)), 6);
+        assert!(
+            push.is_none(),
+            "a second connection of the same user is no new join"
+        );
+        let members = bus.members("room").unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!((&*members[0].conn, members[0].since_ms), ("c1", 5));
+        assert!(bus.unsubscribe_member("room", 0, Some("c1")).is_none());
+        let leave = bus
+            .unsubscribe_member("room", 1, Some("c2"))
+            .expect("last connection leaves");
+        assert!(std::str::from_utf8(&leave[2..])
+            .unwrap()
+            .contains("presence.leave"));
+        assert!(bus.members("room").unwrap().is_empty());
+        assert!(bus.interested("room").is_empty());
+    }
+
+    #[test]
+    fn presence_can_be_off_and_pushes_off() {
+        let mut quiet = Owned::new(Box::new(|_| settings(3, 60, false)), 1);
+        let name: Arc<str> = Arc::from("c");
+        let (u, c): (Arc<str>, Arc<str>) = (Arc::from("u"), Arc::from("x"));
+        let (_, push) = quiet.subscribe_member(&name, 0, None, Some((&u, &c)), 0);
+        assert!(push.is_none(), "join_leave is off");
+        assert_eq!(quiet.members("c").unwrap().len(), 1);
+        let mut off = Owned::new(
+            Box::new(|_| ChannelSettings {
+                presence: false,
+                ..settings(3, 60, true)
+            }),
+            1,
+        );
+        let (_, push) = off.subscribe_member(&name, 0, None, Some((&u, &c)), 0);
+        assert!(push.is_none());
+        assert!(off.members("c").is_err());
+        assert_eq!(off.members("unknown").unwrap(), Vec::new());
     }
 
     #[test]

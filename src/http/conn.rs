@@ -232,6 +232,15 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 shard.close_conn(&ctl);
                 return;
             }
+            Reply::WebSocket(request) => {
+                if !flush(&mut stream, &mut output).await {
+                    break 'conn;
+                }
+                let early = std::mem::take(&mut input);
+                crate::ws::serve(&shard, &ctl, stream, request, early).await;
+                shard.close_conn(&ctl);
+                return;
+            }
         }
     }
     shard.close_conn(&ctl);

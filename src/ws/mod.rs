@@ -1,0 +1,681 @@
+//! WebSocket connections (API.md section 3): after the upgrade, the JSON protocol over RFC 6455.
+//!
+//! Owns one connection's life: a reader (frames in, ops handled in order) and a writer (one
+//! vectored write per batch of pending frames, pings on a quiet line, the close handshake), its
+//! subscriptions with their recovery state, and its bounded outbound queue. Event frames are the
+//! shared `Bytes` the owner shard encoded once; a connection adds nothing per event but a
+//! pointer in its queue.
+//!
+//! Bounds: `limits.outbound_queue_messages` / `limits.outbound_queue_bytes` count live events
+//! and replies (replays are bounded by history); past them `limits.slow_consumer` closes with
+//! 1013 or drops the oldest events and sends `{"op":"gap",...}`. `limits.max_frame_bytes`
+//! bounds frames and messages (1009), `limits.max_subscriptions_per_connection` subscriptions.
+//! Must never: write the same event twice or out of order within a channel, grow memory for a
+//! client that does not read, or panic on a client's bytes.
+
+pub mod codec;
+pub mod protocol;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use monoio::buf::{IoBufMut, IoVecBuf};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+
+use crate::auth::Principal;
+use crate::bus::event::Event;
+use crate::bus::{Since, Sink, Subscribed};
+use crate::config::{Config, SlowConsumerPolicy};
+use crate::metrics::{ws_close_slot, ShardStats, Transport};
+use crate::shard::{ConnCtl, Shard};
+use codec::{FrameReader, Message};
+
+/// A validated upgrade, ready for the 101.
+#[derive(Debug)]
+pub struct WsRequest {
+    pub accept: String,
+    pub principal: Principal,
+}
+
+/// Close codes relay sends.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// One write carries at most this many frames (under the kernel's IOV_MAX of 1024) or about
+/// this many bytes.
+const WRITE_BATCH_FRAMES: usize = 512;
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// How long a closing connection waits for its close frame to leave and the client to answer.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+const READ_CHUNK: usize = 4096;
+
+enum Item {
+    /// An event frame; `live` false for replays (no latency sample, not counted in the bound).
+    Event(Arc<Event>, bool),
+    /// A reply, an error, a presence push, a pong.
+    Frame(Bytes),
+}
+
+enum Held {
+    Event(Arc<Event>),
+    Push(Bytes),
+}
+
+enum Phase {
+    /// The owner's answer is on its way; what arrives meanwhile waits here, in order.
+    Recovering(Vec<Held>),
+    Live,
+}
+
+struct Subscription {
+    phase: Phase,
+    last_seq: u64,
+}
+
+#[derive(Default)]
+struct Outbound {
+    queue: VecDeque<Item>,
+    /// Live events and frames queued: what the slow-consumer bound counts.
+    counted: usize,
+    counted_bytes: usize,
+    subscriptions: AHashMap<Arc<str>, Subscription>,
+    /// (channel, first dropped seq, last dropped seq) to announce with `{"op":"gap"}`.
+    gaps: Vec<(Arc<str>, u64, u64)>,
+    /// The close this connection ends with, once decided.
+    close: Option<(u16, &'static str)>,
+}
+
+/// One WebSocket connection as the bus and its two tasks see it.
+pub struct WsConn {
+    /// The id this connection's sink has in the shard's local subscriptions.
+    pub sink_id: u64,
+    pub conn_id: Arc<str>,
+    pub user: Arc<str>,
+    ctl: Rc<ConnCtl>,
+    stats: Arc<ShardStats>,
+    max_messages: usize,
+    max_bytes: usize,
+    policy: SlowConsumerPolicy,
+    out: RefCell<Outbound>,
+    reader_done: Cell<bool>,
+}
+
+impl WsConn {
+    pub fn new(
+        ctl: Rc<ConnCtl>,
+        stats: Arc<ShardStats>,
+        user: Option<&str>,
+        config: &Config,
+    ) -> WsConn {
+        let conn_id: Arc<str> = Arc::from(format!("{:x}", ctl.id));
+        let user = user.map(Arc::from).unwrap_or_else(|| conn_id.clone());
+        WsConn {
+            sink_id: ctl.id,
+            conn_id,
+            user,
+            ctl,
+            stats,
+            max_messages: config.limits.outbound_queue_messages.max(1),
+            max_bytes: config.limits.outbound_queue_bytes.max(1),
+            policy: config.limits.slow_consumer,
+            out: RefCell::new(Outbound::default()),
+            reader_done: Cell::new(false),
+        }
+    }
+
+    /// Asks the writer to send this close frame and end the connection (first request wins).
+    pub fn close_with(&self, code: u16, reason: &'static str) {
+        let mut out = self.out.borrow_mut();
+        if out.close.is_none() {
+            out.close = Some((code, reason));
+        }
+        drop(out);
+        self.ctl.notify();
+    }
+
+    fn closing(&self) -> bool {
+        self.out.borrow().close.is_some()
+    }
+
+    /// Queues a reply or push frame. Frames count toward the bound like live events.
+    pub fn send_frame(&self, frame: Bytes) {
+        let mut out = self.out.borrow_mut();
+        if out.close.is_some() {
+            return;
+        }
+        if self.make_room(&mut out, frame.len()) {
+            out.counted += 1;
+            out.counted_bytes += frame.len();
+            out.queue.push_back(Item::Frame(frame));
+            self.ctl.notify();
+        }
+    }
+
+    fn enqueue_event(&self, out: &mut Outbound, event: &Arc<Event>, live: bool) {
+        if out.close.is_some() {
+            return;
+        }
+        if live {
+            if !self.make_room(out, event.ws_frame.len()) {
+                return;
+            }
+            out.counted += 1;
+            out.counted_bytes += event.ws_frame.len();
+        }
+        out.queue.push_back(Item::Event(event.clone(), live));
+        self.ctl.notify();
+    }
+
+    /// Applies the slow-consumer policy until `len` more bytes fit; false when the
+    /// connection is being closed instead.
+    fn make_room(&self, out: &mut Outbound, len: usize) -> bool {
+        while out.counted > 0
+            && (out.counted >= self.max_messages || out.counted_bytes + len > self.max_bytes)
+        {
+            self.stats.slow_consumer_drops.inc();
+            if self.policy == SlowConsumerPolicy::Close || !self.drop_oldest_event(out) {
+                out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
+                self.ctl.notify();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Drops the oldest queued event and records the gap; false when no event is queued.
+    fn drop_oldest_event(&self, out: &mut Outbound) -> bool {
+        let Some(pos) = out.queue.iter().position(|i| matches!(i, Item::Event(..))) else {
+            return false;
+        };
+        let Some(Item::Event(event, live)) = out.queue.remove(pos) else {
+            return false;
+        };
+        if live {
+            out.counted -= 1;
+            out.counted_bytes -= event.ws_frame.len();
+        }
+        match out.gaps.iter_mut().find(|(c, _, _)| *c == event.channel) {
+            Some(gap) => {
+                gap.1 = gap.1.min(event.seq);
+                gap.2 = gap.2.max(event.seq);
+            }
+            None => out.gaps.push((event.channel.clone(), event.seq, event.seq)),
+        }
+        true
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.out.borrow().subscriptions.len()
+    }
+
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.out.borrow().subscriptions.contains_key(channel)
+    }
+
+    /// Starts holding live events for `channel` until [`WsConn::recovered`].
+    pub fn begin_subscription(&self, channel: &Arc<str>) {
+        self.out.borrow_mut().subscriptions.insert(
+            channel.clone(),
+            Subscription {
+                phase: Phase::Recovering(Vec::new()),
+                last_seq: 0,
+            },
+        );
+    }
+
+    pub fn end_subscription(&self, channel: &str) -> bool {
+        self.out
+            .borrow_mut()
+            .subscriptions
+            .remove(channel)
+            .is_some()
+    }
+
+    /// Queues the `subscribed` reply, then the replay, then what arrived meanwhile.
+    pub fn recovered(
+        &self,
+        channel: &Arc<str>,
+        reply: Bytes,
+        answer: &Subscribed,
+        since: Option<&Since>,
+    ) {
+        self.send_frame(reply);
+        let mut out = self.out.borrow_mut();
+        let out = &mut *out;
+        let held = match out.subscriptions.get_mut(channel) {
+            Some(sub) => match std::mem::replace(&mut sub.phase, Phase::Live) {
+                Phase::Recovering(held) => held,
+                Phase::Live => Vec::new(),
+            },
+            None => return,
+        };
+        let mut last = match since {
+            Some(s) if answer.recovered => s.seq,
+            _ => answer.seq,
+        };
+        for event in &answer.replay {
+            if event.seq > last {
+                last = event.seq;
+                self.enqueue_event(out, event, false);
+            }
+        }
+        last = last.max(answer.seq);
+        for item in held {
+            match item {
+                Held::Event(event) if event.seq > last => {
+                    last = event.seq;
+                    self.enqueue_event(out, &event, true);
+                }
+                Held::Event(_) => {}
+                Held::Push(frame) => {
+                    if self.make_room(out, frame.len()) {
+                        out.counted += 1;
+                        out.counted_bytes += frame.len();
+                        out.queue.push_back(Item::Frame(frame));
+                    }
+                }
+            }
+        }
+        if let Some(sub) = out.subscriptions.get_mut(channel) {
+            sub.last_seq = last;
+        }
+    }
+
+    /// Takes the next slice of frames to write; gap announcements go first.
+    fn take_batch(&self, batch: &mut FrameBatch, live: &mut Vec<Arc<Event>>) {
+        let mut out = self.out.borrow_mut();
+        let out = &mut *out;
+        for (channel, from, to) in out.gaps.drain(..) {
+            batch.push(protocol::gap_frame(&channel, from, to));
+        }
+        while batch.len() < WRITE_BATCH_FRAMES && batch.bytes < WRITE_BATCH_BYTES {
+            let Some(item) = out.queue.pop_front() else {
+                break;
+            };
+            match item {
+                Item::Event(event, is_live) => {
+                    if is_live {
+                        out.counted -= 1;
+                        out.counted_bytes -= event.ws_frame.len();
+                        live.push(event.clone());
+                    }
+                    batch.push(event.ws_frame.clone());
+                }
+                Item::Frame(frame) => {
+                    out.counted -= 1;
+                    out.counted_bytes -= frame.len();
+                    batch.push(frame);
+                }
+            }
+        }
+    }
+}
+
+impl Sink for WsConn {
+    fn offer(&self, event: &Arc<Event>) {
+        let mut out = self.out.borrow_mut();
+        let out = &mut *out;
+        let Some(sub) = out.subscriptions.get_mut(&event.channel) else {
+            return;
+        };
+        match &mut sub.phase {
+            Phase::Recovering(held) => {
+                if held.len() < self.max_messages {
+                    held.push(Held::Event(event.clone()));
+                } else {
+                    self.stats.slow_consumer_drops.inc();
+                    out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
+                    self.ctl.notify();
+                }
+            }
+            Phase::Live => {
+                if event.seq <= sub.last_seq {
+                    return;
+                }
+                sub.last_seq = event.seq;
+                self.enqueue_event(out, event, true);
+            }
+        }
+    }
+
+    fn push(&self, channel: &Arc<str>, frame: &Bytes) {
+        let mut out = self.out.borrow_mut();
+        match out.subscriptions.get_mut(channel).map(|s| &mut s.phase) {
+            Some(Phase::Recovering(held)) => held.push(Held::Push(frame.clone())),
+            Some(Phase::Live) => {
+                drop(out);
+                self.send_frame(frame.clone());
+            }
+            None => {}
+        }
+    }
+}
+
+/// Frames for one vectored write; owns the bytes the iovecs point at.
+struct FrameBatch {
+    frames: Vec<Bytes>,
+    iovecs: Vec<libc::iovec>,
+    bytes: usize,
+}
+
+impl FrameBatch {
+    fn new() -> Self {
+        FrameBatch {
+            frames: Vec::new(),
+            iovecs: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push(frame);
+    }
+
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Points the iovecs at the frames; call after the last push, before the write.
+    fn seal(&mut self) {
+        self.iovecs.clear();
+        self.iovecs.extend(self.frames.iter().map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
+        }));
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.iovecs.clear();
+        self.bytes = 0;
+    }
+}
+
+// SAFETY: the iovecs point into `frames`, which the batch owns and does not touch while the
+// runtime holds it (the write takes the batch by value and gives it back when done).
+unsafe impl IoVecBuf for FrameBatch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iovecs.as_ptr()
+    }
+
+    fn read_iovec_len(&self) -> usize {
+        self.iovecs.len()
+    }
+}
+
+/// Serves an upgraded connection until it closes.
+/// `early` holds bytes the client sent behind the upgrade request (its first frames).
+pub async fn serve(
+    shard: &Rc<Shard>,
+    ctl: &Rc<ConnCtl>,
+    mut stream: TcpStream,
+    request: WsRequest,
+    early: Vec<u8>,
+) {
+    let config = shard.config();
+    let mut head = Vec::with_capacity(256);
+    codec::write_101(
+        &mut head,
+        &request.accept,
+        &[("X-Relay-Shard", &shard.id.to_string())],
+    );
+    let conn = Rc::new(WsConn::new(
+        ctl.clone(),
+        shard.stats.clone(),
+        request.principal.user.as_deref(),
+        config,
+    ));
+    protocol::write_welcome(&mut head, &conn.conn_id, config.websocket.heartbeat_ms);
+    let (result, _) = stream.write_all(head).await;
+    if result.is_err() {
+        return;
+    }
+    shard.set_transport(ctl, Transport::Ws);
+    shard.user_joined(&conn.user);
+
+    let fd = stream.as_raw_fd();
+    let (read_half, write_half) = stream.into_split();
+    let writer = monoio::spawn(write_loop(
+        shard.clone(),
+        conn.clone(),
+        write_half,
+        fd,
+        request.principal.expires_at_s,
+    ));
+    let mut session = protocol::Session::new(shard.clone(), conn.clone(), request.principal);
+    read_loop(shard, &conn, &mut session, read_half, early).await;
+    conn.reader_done.set(true);
+    writer.await;
+
+    session.unsubscribe_all();
+    shard.user_left(&conn.user);
+    let code = conn.out.borrow().close.map(|(c, _)| c).unwrap_or(1006);
+    shard.stats.ws_closes[ws_close_slot(code)].inc();
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    conn: &Rc<WsConn>,
+    session: &mut protocol::Session,
+    mut read_half: monoio::net::tcp::TcpOwnedReadHalf,
+    early: Vec<u8>,
+) {
+    let config = shard.config();
+    let max = config.limits.max_frame_bytes;
+    let mut reader = FrameReader::new(codec::Limits {
+        max_frame_bytes: max,
+        max_message_bytes: max,
+    });
+    let idle = Duration::from_secs(config.limits.idle_timeout_s);
+    let mut input: Vec<u8> = early;
+    let mut last_heard = Instant::now();
+    loop {
+        // Everything complete in the buffer first.
+        loop {
+            match reader.read(&input) {
+                Ok((used, decoded)) => {
+                    input.drain(..used);
+                    match decoded {
+                        codec::Decoded::Partial => break,
+                        codec::Decoded::Message(message) => {
+                            last_heard = Instant::now();
+                            if !handle_message(shard, conn, session, message).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    conn.close_with(e.close_code(), e.reason());
+                    return;
+                }
+            }
+        }
+        if conn.closing() {
+            return;
+        }
+        if input.capacity() - input.len() < READ_CHUNK / 4 {
+            input.reserve(READ_CHUNK);
+        }
+        let len = input.len();
+        let wait = (last_heard + idle).saturating_duration_since(Instant::now());
+        let buf = std::mem::take(&mut input);
+        monoio::select! {
+            (result, slice) = read_half.read(buf.slice_mut(len..)) => {
+                input = slice.into_inner();
+                match result {
+                    Ok(0) | Err(_) => {
+                        // Gone without a close frame: 1006, and the writer must stop too.
+                        conn.close_with(1006, "");
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+            }
+            _ = monoio::time::sleep(wait) => {
+                conn.close_with(close::NORMAL, "idle timeout");
+                return;
+            }
+        }
+        // Idle connections give their read buffer back.
+        if input.is_empty() && input.capacity() > READ_CHUNK * 4 {
+            input = Vec::new();
+        }
+    }
+}
+
+/// Handles one complete message; false when the connection must end.
+async fn handle_message(
+    shard: &Rc<Shard>,
+    conn: &Rc<WsConn>,
+    session: &mut protocol::Session,
+    message: Message,
+) -> bool {
+    match message {
+        Message::Text(text) => {
+            shard.stats.ws_messages_received.inc();
+            session.handle(text).await;
+            true
+        }
+        Message::Binary(_) => {
+            conn.close_with(close::UNSUPPORTED, "binary frames are not supported");
+            false
+        }
+        Message::Ping(payload) => {
+            let mut frame = Vec::with_capacity(payload.len() + 2);
+            codec::write_pong(&mut frame, &payload);
+            conn.send_frame(Bytes::from(frame));
+            true
+        }
+        Message::Pong(_) => true,
+        Message::Close(received) => {
+            // Echo the client's code (RFC 6455 5.5.1); no code means a normal close.
+            let code = received.map(|(code, _)| code).unwrap_or(close::NORMAL);
+            let code = if matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                code
+            } else {
+                close::NORMAL
+            };
+            conn.close_with(code, "");
+            false
+        }
+    }
+}
+
+async fn write_loop(
+    shard: Rc<Shard>,
+    conn: Rc<WsConn>,
+    mut write_half: monoio::net::tcp::TcpOwnedWriteHalf,
+    fd: RawFd,
+    expires_at_s: Option<u64>,
+) {
+    let config = shard.config();
+    let heartbeat = Duration::from_millis(config.websocket.heartbeat_ms);
+    let spread_ms = config.shutdown.close_spread_ms;
+    let mut batch = FrameBatch::new();
+    let mut live = Vec::new();
+    let mut last_write = Instant::now();
+    loop {
+        conn.take_batch(&mut batch, &mut live);
+        if !batch.is_empty() {
+            batch.seal();
+            let (result, returned) = write_half.write_vectored_all(batch).await;
+            batch = returned;
+            batch.clear();
+            if result.is_err() {
+                conn.close_with(1006, "");
+                break;
+            }
+            last_write = Instant::now();
+            if !live.is_empty() {
+                let stats = &shard.stats;
+                stats.events_delivered.add(live.len() as u64);
+                for event in live.drain(..) {
+                    let ns = last_write
+                        .saturating_duration_since(event.accepted_at)
+                        .as_nanos();
+                    stats
+                        .route_duration
+                        .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
+                }
+            }
+            continue;
+        }
+        let close = conn.out.borrow().close;
+        if let Some((code, reason)) = close {
+            send_close(&mut write_half, code, reason).await;
+            break;
+        }
+        if conn.ctl.is_closing() {
+            // Draining: spread the going-away closes so clients do not all reconnect at once.
+            // A multiplicative hash of the connection id spreads closes evenly over the window.
+            let delay = match spread_ms {
+                0 => 0,
+                spread => conn.ctl.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) % spread,
+            };
+            monoio::time::sleep(Duration::from_millis(delay)).await;
+            conn.close_with(close::GOING_AWAY, "server shutting down");
+            continue;
+        }
+        if expires_at_s.is_some_and(|exp| crate::shard::unix_ms() / 1000 >= exp) {
+            conn.close_with(close::POLICY, "token expired");
+            continue;
+        }
+        let mut wait = heartbeat.saturating_sub(last_write.elapsed());
+        if let Some(exp) = expires_at_s {
+            let left_ms = (exp * 1000).saturating_sub(crate::shard::unix_ms());
+            wait = wait.min(Duration::from_millis(left_ms));
+        }
+        monoio::select! {
+            _ = conn.ctl.wait() => {}
+            _ = monoio::time::sleep(wait) => {
+                if last_write.elapsed() >= heartbeat {
+                    let mut ping = Vec::with_capacity(2);
+                    codec::write_ping(&mut ping, b"");
+                    conn.send_frame(Bytes::from(ping));
+                }
+            }
+        }
+    }
+    // Let the client answer the close (or hang up) briefly, then end both directions.
+    // SAFETY: `fd` is the socket both halves own; it stays open until they are dropped.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+    let deadline = Instant::now() + CLOSE_LINGER;
+    while !conn.reader_done.get() && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+    let _ = write_half.shutdown().await;
+}
+
+async fn send_close(write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf, code: u16, reason: &str) {
+    if code == 1006 {
+        return;
+    }
+    let mut frame = Vec::with_capacity(4 + reason.len());
+    codec::write_close(&mut frame, code, reason);
+    // A client that stopped reading cannot take even this frame; do not wait for it forever.
+    let _ = monoio::time::timeout(CLOSE_LINGER, write_half.write_all(frame)).await;
+}

@@ -1,0 +1,499 @@
+//! The JSON protocol of a WebSocket connection: client ops in, replies out (API.md section 3).
+//!
+//! Owns parsing and validating one client message, checking it against the connection's
+//! principal and limits, calling the bus through the shard, and building the reply frames
+//! (`ref` echoed exactly as sent). Must never: answer without the `ref` the client gave (when
+//! the message parsed far enough to have one), or hold a `RefCell` borrow across an `.await`.
+
+use std::borrow::Cow;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{codec, WsConn};
+use crate::auth::Principal;
+use crate::bus::event::push_u64;
+use crate::bus::{Member, Since};
+use crate::http::codec::json_escape_into;
+use crate::metrics::ErrorKind;
+use crate::names;
+use crate::shard::{BusError, Shard};
+
+/// Error codes of API.md section 3.
+pub mod code {
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const UNKNOWN_OP: &str = "unknown_op";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
+    pub const INTERNAL: &str = "internal";
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinceIn {
+    epoch: String,
+    seq: u64,
+}
+
+/// Every field any op takes; each op checks the ones it needs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(rename = "ref", default, borrow)]
+    reference: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(default)]
+    since: Option<SinceIn>,
+    #[serde(rename = "type", default, borrow)]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    source: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    correlation_id: Option<Cow<'a, str>>,
+}
+
+/// Just the `ref`, from a message that failed to parse as a request.
+#[derive(Deserialize)]
+struct RefOnly<'a> {
+    #[serde(rename = "ref", default, borrow)]
+    reference: Option<&'a RawValue>,
+}
+
+/// One connection's protocol state.
+pub struct Session {
+    shard: Rc<Shard>,
+    conn: Rc<WsConn>,
+    principal: Principal,
+    subscribed: Vec<Arc<str>>,
+}
+
+/// A reply error: code and message.
+struct Refusal(&'static str, String);
+
+fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal(code, message.into())
+}
+
+impl Session {
+    pub fn new(shard: Rc<Shard>, conn: Rc<WsConn>, principal: Principal) -> Session {
+        Session {
+            shard,
+            conn,
+            principal,
+            subscribed: Vec::new(),
+        }
+    }
+
+    /// Handles one text message (valid UTF-8, at most `limits.max_frame_bytes`).
+    pub async fn handle(&mut self, text: Bytes) {
+        let Ok(source) = std::str::from_utf8(&text) else {
+            return self.error(None, code::BAD_REQUEST, "message is not UTF-8");
+        };
+        let request: Request = match serde_json::from_str(source) {
+            Ok(r) => r,
+            Err(e) => {
+                // A message that is JSON but not a request still gets its ref back.
+                let reference = serde_json::from_str::<RefOnly>(source)
+                    .ok()
+                    .and_then(|r| r.reference)
+                    .filter(|r| ref_is_valid(r));
+                let message = if e.is_syntax() || e.is_eof() {
+                    format!("message is not valid JSON: {e}")
+                } else {
+                    format!("invalid request: {e}")
+                };
+                return self.error(reference, code::BAD_REQUEST, &message);
+            }
+        };
+        let reference = request.reference;
+        if let Some(r) = reference {
+            if !ref_is_valid(r) {
+                return self.error(None, code::BAD_REQUEST, "ref must be a string or a number");
+            }
+        }
+        let outcome = match &*request.op {
+            "subscribe" => self.subscribe(&request).await,
+            "unsubscribe" => self.unsubscribe(&request),
+            "publish" => self.publish(&request, &text).await,
+            "presence" => self.presence(&request).await,
+            "ping" => {
+                let mut reply = Reply::new("pong", reference);
+                Ok(reply.finish())
+            }
+            other => Err(refuse(
+                code::UNKNOWN_OP,
+                format!(
+                    "unknown op {other:?} (expected subscribe, unsubscribe, publish, presence, ping)"
+                ),
+            )),
+        };
+        match outcome {
+            Ok(Some(frame)) => self.conn.send_frame(frame),
+            Ok(None) => {}
+            Err(Refusal(code, message)) => self.error(reference, code, &message),
+        }
+    }
+
+    fn error(&self, reference: Option<&RawValue>, code: &str, message: &str) {
+        if code == code::FORBIDDEN {
+            self.shard.stats.auth_failures.inc();
+        } else if code == code::BAD_REQUEST {
+            self.shard.stats.error(ErrorKind::BadRequest);
+        }
+        let mut reply = Reply::new("error", reference);
+        reply.str_field("code", code);
+        reply.str_field("message", message);
+        if let Some(frame) = reply.finish() {
+            self.conn.send_frame(frame);
+        }
+    }
+
+    fn channel<'r>(&self, request: &'r Request) -> Result<&'r str, Refusal> {
+        let channel = request
+            .channel
+            .as_deref()
+            .ok_or_else(|| refuse(code::BAD_REQUEST, "channel is required"))?;
+        names::validate_channel(channel).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+        Ok(channel)
+    }
+
+    async fn subscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
+        let channel = self.channel(request)?;
+        if !self.principal.may_subscribe(channel) {
+            return Err(refuse(
+                code::FORBIDDEN,
+                format!("your token does not allow subscribing to {channel}"),
+            ));
+        }
+        if self.conn.is_subscribed(channel) {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                format!("already subscribed to {channel}"),
+            ));
+        }
+        let max = self.shard.config().limits.max_subscriptions_per_connection;
+        if self.conn.subscription_count() >= max {
+            return Err(refuse(
+                code::LIMIT_EXCEEDED,
+                format!("a connection may hold {max} subscriptions (limits.max_subscriptions_per_connection)"),
+            ));
+        }
+        let since = request.since.as_ref().map(|s| Since {
+            epoch: s.epoch.clone(),
+            seq: s.seq,
+        });
+        let channel: Arc<str> = Arc::from(channel);
+        self.conn.begin_subscription(&channel);
+        let member = Some((self.conn.user.clone(), self.conn.conn_id.clone()));
+        let sink: Rc<dyn crate::bus::Sink> = self.conn.clone();
+        let answer = match self
+            .shard
+            .subscribe(&channel, self.conn_sink_id(), sink, since.clone(), member)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.conn.end_subscription(&channel);
+                self.shard.unsubscribe(
+                    &channel,
+                    self.conn_sink_id(),
+                    Some(self.conn.conn_id.clone()),
+                );
+                return Err(bus_refusal(e));
+            }
+        };
+        self.subscribed.push(channel.clone());
+        let mut reply = Reply::new("subscribed", request.reference);
+        reply.str_field("channel", &channel);
+        reply.str_field("epoch", &answer.epoch);
+        reply.num_field("seq", answer.seq);
+        reply.raw_field("recovered", if answer.recovered { "true" } else { "false" });
+        if let Some(frame) = reply.finish() {
+            self.conn
+                .recovered(&channel, frame, &answer, since.as_ref());
+        }
+        Ok(None)
+    }
+
+    fn conn_sink_id(&self) -> u64 {
+        self.conn.sink_id
+    }
+
+    fn unsubscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
+        let channel = self.channel(request)?;
+        let Some(pos) = self.subscribed.iter().position(|c| &**c == channel) else {
+            return Err(refuse(
+                code::BAD_REQUEST,
+                format!("not subscribed to {channel}"),
+            ));
+        };
+        let channel = self.subscribed.swap_remove(pos);
+        self.conn.end_subscription(&channel);
+        self.shard.unsubscribe(
+            &channel,
+            self.conn_sink_id(),
+            Some(self.conn.conn_id.clone()),
+        );
+        let mut reply = Reply::new("unsubscribed", request.reference);
+        reply.str_field("channel", &channel);
+        Ok(reply.finish())
+    }
+
+    async fn publish(
+        &mut self,
+        request: &Request<'_>,
+        text: &Bytes,
+    ) -> Result<Option<Bytes>, Refusal> {
+        let channel = self.channel(request)?;
+        if !self.principal.may_publish(channel) {
+            return Err(refuse(
+                code::FORBIDDEN,
+                format!("your token does not allow publishing to {channel}"),
+            ));
+        }
+        let event_type = request
+            .event_type
+            .as_deref()
+            .ok_or_else(|| refuse(code::BAD_REQUEST, "type is required"))?;
+        let data = request
+            .data
+            .ok_or_else(|| refuse(code::BAD_REQUEST, "data is required"))?;
+        let draft = crate::api::make_draft(
+            text,
+            channel,
+            event_type,
+            request.id.as_deref(),
+            data.get(),
+            request.source.as_deref(),
+            request.correlation_id.as_deref(),
+        )
+        .map_err(|e| refuse(code::BAD_REQUEST, e))?;
+        let published = self.shard.publish(vec![draft]).await.map_err(bus_refusal)?;
+        let Some(p) = published.first() else {
+            return Err(refuse(code::INTERNAL, "the bus gave no answer"));
+        };
+        let mut reply = Reply::new("published", request.reference);
+        reply.str_field("channel", &p.channel);
+        reply.num_field("seq", p.seq);
+        reply.str_field("id", &p.id);
+        reply.raw_field("duplicate", if p.duplicate { "true" } else { "false" });
+        Ok(reply.finish())
+    }
+
+    async fn presence(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
+        let channel = self.channel(request)?;
+        if !self.principal.may_subscribe(channel) {
+            return Err(refuse(
+                code::FORBIDDEN,
+                format!("your token does not allow subscribing to {channel}"),
+            ));
+        }
+        let members = self
+            .shard
+            .presence(Arc::from(channel))
+            .await
+            .map_err(bus_refusal)?
+            .ok_or_else(|| {
+                refuse(
+                    code::BAD_REQUEST,
+                    format!("presence is turned off for {channel} by a [[channels]] rule"),
+                )
+            })?;
+        let mut reply = Reply::new("presence", request.reference);
+        reply.str_field("channel", channel);
+        reply.members(&members);
+        Ok(reply.finish())
+    }
+
+    /// Unsubscribes everything (the connection is ending).
+    pub fn unsubscribe_all(&mut self) {
+        for channel in std::mem::take(&mut self.subscribed) {
+            self.conn.end_subscription(&channel);
+            self.shard.unsubscribe(
+                &channel,
+                self.conn_sink_id(),
+                Some(self.conn.conn_id.clone()),
+            );
+        }
+    }
+}
+
+fn bus_refusal(e: BusError) -> Refusal {
+    match e {
+        BusError::Congested { .. } => refuse(code::RATE_LIMITED, e.to_string()),
+        BusError::Unavailable => refuse(code::INTERNAL, e.to_string()),
+    }
+}
+
+/// A `ref` is echoed verbatim, so it must be a JSON string or number.
+fn ref_is_valid(raw: &RawValue) -> bool {
+    matches!(
+        raw.get().as_bytes().first(),
+        Some(b'"' | b'-' | b'0'..=b'9')
+    )
+}
+
+/// Builds `{"op":...,"ref":...,...}` as one text frame.
+pub struct Reply {
+    json: Vec<u8>,
+}
+
+impl Reply {
+    pub fn new(op: &str, reference: Option<&RawValue>) -> Reply {
+        let mut json = Vec::with_capacity(128);
+        json.extend_from_slice(b"{\"op\":\"");
+        json.extend_from_slice(op.as_bytes());
+        json.push(b'"');
+        if let Some(r) = reference {
+            json.extend_from_slice(b",\"ref\":");
+            json.extend_from_slice(r.get().as_bytes());
+        }
+        Reply { json }
+    }
+
+    fn key(&mut self, key: &str) {
+        self.json.extend_from_slice(b",\"");
+        self.json.extend_from_slice(key.as_bytes());
+        self.json.extend_from_slice(b"\":");
+    }
+
+    pub fn str_field(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.json.push(b'"');
+        json_escape_into(&mut self.json, value);
+        self.json.push(b'"');
+    }
+
+    pub fn num_field(&mut self, key: &str, value: u64) {
+        self.key(key);
+        push_u64(&mut self.json, value);
+    }
+
+    pub fn raw_field(&mut self, key: &str, raw: &str) {
+        self.key(key);
+        self.json.extend_from_slice(raw.as_bytes());
+    }
+
+    fn members(&mut self, members: &[Member]) {
+        self.key("members");
+        self.json.push(b'[');
+        for (i, m) in members.iter().enumerate() {
+            if i > 0 {
+                self.json.push(b',');
+            }
+            self.json.extend_from_slice(b"{\"user\":\"");
+            json_escape_into(&mut self.json, &m.user);
+            self.json.extend_from_slice(b"\",\"conn\":\"");
+            json_escape_into(&mut self.json, &m.conn);
+            self.json.extend_from_slice(b"\",\"since\":");
+            push_u64(&mut self.json, m.since_ms);
+            self.json.push(b'}');
+        }
+        self.json.push(b']');
+    }
+
+    /// The finished frame (`Option` so call sites read as "maybe a reply").
+    pub fn finish(&mut self) -> Option<Bytes> {
+        self.json.push(b'}');
+        Some(codec::text_frame(&self.json))
+    }
+}
+
+/// `{"op":"gap","channel","from_seq","to_seq"}`: events the slow-consumer policy dropped.
+pub fn gap_frame(channel: &str, from_seq: u64, to_seq: u64) -> Bytes {
+    let mut reply = Reply::new("gap", None);
+    reply.str_field("channel", channel);
+    reply.num_field("from_seq", from_seq);
+    reply.num_field("to_seq", to_seq);
+    reply.finish().unwrap_or_default()
+}
+
+/// Appends the `welcome` frame.
+pub fn write_welcome(out: &mut Vec<u8>, conn_id: &str, heartbeat_ms: u64) {
+    let mut reply = Reply::new("welcome", None);
+    reply.str_field("conn", conn_id);
+    reply.num_field("heartbeat_ms", heartbeat_ms);
+    reply.json.push(b'}');
+    codec::write_text(out, &reply.json);
+}
+
+/// The members list as the HTTP presence endpoint returns it.
+pub fn presence_json(channel: &str, members: &[Member]) -> Vec<u8> {
+    let mut reply = Reply {
+        json: Vec::with_capacity(64 + members.len() * 64),
+    };
+    reply.json.push(b'{');
+    reply.json.extend_from_slice(b"\"channel\":\"");
+    json_escape_into(&mut reply.json, channel);
+    reply.json.push(b'"');
+    reply.members(members);
+    reply.json.push(b'}');
+    reply.json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        let len = (frame[1] & 0x7f) as usize;
+        assert!(len < 126, "test replies are short");
+        serde_json::from_slice(&frame[2..2 + len]).unwrap()
+    }
+
+    #[test]
+    fn replies_echo_ref_exactly() {
+        for raw in [r#""abc""#, "42", "-1.5e3"] {
+            let r: &RawValue = serde_json::from_str(raw).unwrap();
+            assert!(ref_is_valid(r));
+            let mut reply = Reply::new("pong", Some(r));
+            let frame = reply.finish().unwrap();
+            let text = std::str::from_utf8(&frame[2..]).unwrap();
+            assert_eq!(text, format!(r#"{{"op":"pong","ref":{raw}}}"#));
+        }
+        for raw in ["{}", "[1]", "true", "null"] {
+            let r: &RawValue = serde_json::from_str(raw).unwrap();
+            assert!(!ref_is_valid(r), "{raw}");
+        }
+    }
+
+    #[test]
+    fn gap_and_welcome_frames() {
+        let v = payload(&gap_frame("doc.1", 3, 9));
+        assert_eq!(v["op"], "gap");
+        assert_eq!(
+            (v["from_seq"].as_u64(), v["to_seq"].as_u64()),
+            (Some(3), Some(9))
+        );
+        let mut out = Vec::new();
+        write_welcome(&mut out, "1a", 25000);
+        let v = payload(&Bytes::from(out));
+        assert_eq!(v["conn"], "1a");
+        assert_eq!(v["heartbeat_ms"], 25000);
+    }
+
+    #[test]
+    fn presence_json_lists_members() {
+        let members = vec![Member {
+            user: Arc::from("al\"ice"),
+            conn: Arc::from("c1"),
+            since_ms: 7,
+        }];
+        let v: serde_json::Value =
+            serde_json::from_slice(&presence_json("room", &members)).unwrap();
+        assert_eq!(v["channel"], "room");
+        assert_eq!(v["members"][0]["user"], "al\"ice");
+        assert_eq!(v["members"][0]["since"], 7);
+    }
+}
