@@ -367,12 +367,25 @@ fn connections(shard: &Shard) -> Response {
             .join(",")
     };
     let opened_i: Vec<i64> = opened.iter().map(|&v| v as i64).collect();
+    let sum = |f: &dyn Fn(&ShardStats) -> u64| shared.stats.iter().map(|s| f(s)).sum::<u64>();
+    let users: i64 = shared.stats.iter().map(|s| s.users_connected.get()).sum();
+    let closes = crate::metrics::WS_CLOSE_CODES
+        .iter()
+        .map(|c| c.to_string())
+        .chain(std::iter::once("other".to_string()))
+        .enumerate()
+        .map(|(slot, code)| format!(r#""{code}":{}"#, sum(&|s| s.ws_closes[slot].get())))
+        .collect::<Vec<_>>()
+        .join(",");
     let body = format!(
-        r#"{{"active":{},"by_transport":{{{}}},"opened_total":{{{}}},"refused_total":{refused},"max_connections":{},"shards":{per_shard}}}"#,
+        r#"{{"active":{},"by_transport":{{{}}},"opened_total":{{{}}},"refused_total":{refused},"refused_per_ip_total":{},"users_connected":{users},"slow_consumer_drops_total":{},"ws_closes_total":{{{closes}}},"max_connections":{},"max_connections_per_ip":{},"shards":{per_shard}}}"#,
         totals.iter().sum::<i64>(),
         by_transport(&totals),
         by_transport(&opened_i),
+        sum(&|s| s.connections_refused_per_ip.get()),
+        sum(&|s| s.slow_consumer_drops.get()),
         shard.config().limits.max_connections,
+        shard.config().limits.max_connections_per_ip,
     );
     Response::json(200, body.into_bytes())
 }

@@ -679,3 +679,233 @@ async fn send_close(write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf, code: 
     // A client that stopped reading cannot take even this frame; do not wait for it forever.
     let _ = monoio::time::timeout(CLOSE_LINGER, write_half.write_all(frame)).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::event::Draft;
+
+    fn event(channel: &str, seq: u64) -> Arc<Event> {
+        let draft = Draft {
+            channel: Arc::from(channel),
+            event_type: "t".into(),
+            id: None,
+            data: Bytes::from_static(b"1"),
+            source: None,
+            correlation_id: None,
+        };
+        let epoch: Arc<str> = Arc::from("e");
+        Arc::new(Event::encode(
+            &draft,
+            &epoch,
+            seq,
+            format!("{seq}").into(),
+            0,
+            Instant::now(),
+        ))
+    }
+
+    fn conn(config: &Config) -> WsConn {
+        let ctl = Rc::new(ConnCtl::new(0x2a, "127.0.0.1:1".parse().unwrap(), false));
+        WsConn::new(ctl, Arc::new(ShardStats::new(0)), None, config)
+    }
+
+    /// What the writer would send, as (kind, channel or op, seq).
+    fn drain(conn: &WsConn) -> Vec<String> {
+        let mut batch = FrameBatch::new();
+        let mut live = Vec::new();
+        conn.take_batch(&mut batch, &mut live);
+        batch
+            .frames
+            .iter()
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap_or_default();
+                match v["op"].as_str() {
+                    Some("event") => {
+                        format!("event {} {}", v["channel"].as_str().unwrap_or(""), v["seq"])
+                    }
+                    Some("gap") => format!(
+                        "gap {} {}-{}",
+                        v["channel"].as_str().unwrap_or(""),
+                        v["from_seq"],
+                        v["to_seq"]
+                    ),
+                    Some(op) => op.to_string(),
+                    None => "?".into(),
+                }
+            })
+            .collect()
+    }
+
+    fn answer(seq: u64, recovered: bool, replay: Vec<Arc<Event>>) -> Subscribed {
+        Subscribed {
+            epoch: Arc::from("e"),
+            seq,
+            recovered,
+            replay,
+        }
+    }
+
+    fn reply(op: &str) -> Bytes {
+        protocol::Reply::new(op, None).finish().unwrap_or_default()
+    }
+
+    #[test]
+    fn the_reply_comes_first_then_replay_then_what_arrived_meanwhile() {
+        let c = conn(&Config::default());
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        c.offer(&event("a", 3));
+        c.push(&a, &reply("presence.join"));
+        c.offer(&event("a", 4));
+        let since = Since {
+            epoch: "e".into(),
+            seq: 1,
+        };
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(3, true, vec![event("a", 2), event("a", 3)]),
+            Some(&since),
+        );
+        c.offer(&event("a", 4));
+        c.offer(&event("a", 5));
+        assert_eq!(
+            drain(&c),
+            [
+                "subscribed",
+                "event a 2",
+                "event a 3",
+                "presence.join",
+                "event a 4",
+                "event a 5"
+            ]
+        );
+        assert_eq!(
+            c.out.borrow().counted,
+            0,
+            "the bound's count returns to zero"
+        );
+    }
+
+    #[test]
+    fn events_of_other_channels_and_after_unsubscribe_are_ignored() {
+        let c = conn(&Config::default());
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        c.offer(&event("b", 1));
+        c.offer(&event("a", 1));
+        assert!(c.end_subscription("a"));
+        c.offer(&event("a", 2));
+        assert_eq!(drain(&c), ["subscribed", "event a 1"]);
+    }
+
+    #[test]
+    fn drop_oldest_drops_events_not_replies_and_reports_the_range() {
+        let mut config = Config::default();
+        config.limits.outbound_queue_messages = 4;
+        config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
+        let c = conn(&config);
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        for seq in 1..=8 {
+            c.offer(&event("a", seq));
+        }
+        assert_eq!(
+            drain(&c),
+            [
+                "gap a 1-5",
+                "subscribed",
+                "event a 6",
+                "event a 7",
+                "event a 8"
+            ]
+        );
+        assert_eq!(c.stats.slow_consumer_drops.get(), 5);
+        assert!(c.out.borrow().close.is_none());
+    }
+
+    #[test]
+    fn close_policy_closes_with_1013_and_stops_queueing() {
+        let mut config = Config::default();
+        config.limits.outbound_queue_messages = 3;
+        let c = conn(&config);
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        for seq in 1..=10 {
+            c.offer(&event("a", seq));
+        }
+        assert_eq!(
+            c.out.borrow().close,
+            Some((close::TRY_AGAIN_LATER, "slow consumer"))
+        );
+        assert_eq!(c.out.borrow().queue.len(), 3);
+        c.send_frame(reply("pong"));
+        assert_eq!(
+            c.out.borrow().queue.len(),
+            3,
+            "nothing more is queued once closing"
+        );
+    }
+
+    #[test]
+    fn a_long_replay_is_not_a_slow_consumer() {
+        let mut config = Config::default();
+        config.limits.outbound_queue_messages = 4;
+        let c = conn(&config);
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        let replay: Vec<Arc<Event>> = (1..=50).map(|s| event("a", s)).collect();
+        let since = Since {
+            epoch: "e".into(),
+            seq: 0,
+        };
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(50, true, replay),
+            Some(&since),
+        );
+        assert!(c.out.borrow().close.is_none());
+        assert_eq!(c.out.borrow().queue.len(), 51);
+    }
+
+    #[test]
+    fn the_byte_bound_holds() {
+        let mut config = Config::default();
+        config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
+        let one = event("a", 1).ws_frame.len();
+        config.limits.outbound_queue_bytes = one * 3;
+        let c = conn(&config);
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        c.recovered(&a, Bytes::new(), &answer(0, false, Vec::new()), None);
+        for seq in 1..=20 {
+            c.offer(&event("a", seq));
+        }
+        assert!(c.out.borrow().counted_bytes <= one * 3);
+    }
+
+    #[test]
+    fn writes_go_out_in_bounded_batches() {
+        let c = conn(&Config::default());
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        let replay: Vec<Arc<Event>> = (1..=1500).map(|s| event("a", s)).collect();
+        let since = Since {
+            epoch: "e".into(),
+            seq: 0,
+        };
+        c.recovered(&a, Bytes::new(), &answer(1500, true, replay), Some(&since));
+        let mut batch = FrameBatch::new();
+        let mut live = Vec::new();
+        c.take_batch(&mut batch, &mut live);
+        assert_eq!(batch.len(), WRITE_BATCH_FRAMES);
+        batch.seal();
+        assert_eq!(batch.read_iovec_len(), WRITE_BATCH_FRAMES);
+        assert!(live.is_empty(), "replays are not latency samples");
+    }
+}
