@@ -651,7 +651,7 @@ fn stream(shard: &Rc<Shard>, head: &RequestHead) -> Reply {
         Ok(p) => p,
         Err(response) => return response.into(),
     };
-    let request = match crate::sse::parse_request(shard.config(), head) {
+    let mut request = match crate::sse::parse_request(shard.config(), head) {
         Ok(request) => request,
         Err(message) => return bad_request(&message).into(),
     };
@@ -668,6 +668,7 @@ fn stream(shard: &Rc<Shard>, head: &RequestHead) -> Reply {
         )
         .into();
     }
+    request.expires_at_s = principal.expires_at_s;
     Reply::Stream(request)
 }
 

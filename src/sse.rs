@@ -45,6 +45,9 @@ pub struct StreamRequest {
     pub channels: Vec<Arc<str>>,
     pub types: Option<GlobSet>,
     pub cursor: Option<Cursor>,
+    /// The JWT's `exp` (Unix seconds): the stream ends then, and the client must reconnect
+    /// with a fresh token.
+    pub expires_at_s: Option<u64>,
 }
 
 /// Parses `?channel=A&channel=B&types=glob` and `Last-Event-ID` / `last_event_id`.
@@ -107,6 +110,7 @@ pub fn parse_request(config: &Config, head: &RequestHead) -> Result<StreamReques
         channels,
         types: crate::api::parse_types(&types),
         cursor,
+        expires_at_s: None,
     })
 }
 
@@ -401,7 +405,17 @@ pub async fn serve(
     });
 
     if !failed {
-        write_loop(shard, ctl, &sink, &mut write_half, &mut cursor, buf).await;
+        let expires_at_s = request.expires_at_s;
+        write_loop(
+            shard,
+            ctl,
+            &sink,
+            &mut write_half,
+            &mut cursor,
+            buf,
+            expires_at_s,
+        )
+        .await;
     }
     for channel in &subscribed {
         shard.unsubscribe(channel, sink_id, None);
@@ -424,6 +438,7 @@ async fn write_loop(
     write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf,
     cursor: &mut Cursor,
     mut buf: Vec<u8>,
+    expires_at_s: Option<u64>,
 ) {
     let keepalive = Duration::from_secs(shard.config().sse.keepalive_s.max(1));
     let mut last_write = Instant::now();
@@ -485,7 +500,16 @@ async fn write_loop(
         if ctl.is_closing() {
             return;
         }
-        let wait = keepalive.saturating_sub(last_write.elapsed());
+        let mut wait = keepalive.saturating_sub(last_write.elapsed());
+        if let Some(exp) = expires_at_s {
+            let left_ms = exp
+                .saturating_mul(1000)
+                .saturating_sub(crate::shard::unix_ms());
+            if left_ms == 0 {
+                return;
+            }
+            wait = wait.min(Duration::from_millis(left_ms));
+        }
         monoio::select! {
             _ = ctl.wait() => {}
             _ = monoio::time::sleep(wait) => {}
