@@ -1121,3 +1121,24 @@ pub fn percent_encode(s: &str) -> String {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket client (tests/common/ws.rs) and metric polling
+// ---------------------------------------------------------------------------------------------
+
+pub mod ws;
+
+/// Polls `/metrics` (at most `bound`) until `name` (may include `{labels}`) sums to at least
+/// `min`; returns the last value seen (which is below `min` on timeout; 0 when absent).
+pub fn wait_metric_at_least(server: &Server, name: &str, min: f64, bound: Duration) -> f64 {
+    let deadline = Instant::now() + bound;
+    loop {
+        let resp = server.get("/metrics");
+        assert_eq!(resp.status, 200, "/metrics should answer 200: {resp}");
+        let v = metric_sum(&resp.text(), name).unwrap_or(0.0);
+        if v >= min || Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
