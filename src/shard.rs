@@ -210,6 +210,21 @@ impl ConnCtl {
         })
     }
 
+    /// Resolves when `condition` holds, checked whenever the connection is woken.
+    pub fn wait_until<'a>(
+        &'a self,
+        condition: impl Fn() -> bool + 'a,
+    ) -> impl Future<Output = ()> + 'a {
+        poll_fn(move |cx| {
+            if condition() {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+
     /// Resolves only when closing.
     pub fn closed(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(move |cx| {

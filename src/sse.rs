@@ -477,10 +477,17 @@ async fn write_loop(
             buf.extend_from_slice(b": keepalive\n\n");
         }
         if !buf.is_empty() {
-            let (result, returned) = write_half.write_all(buf).await;
-            buf = returned;
-            if result.is_err() {
-                return;
+            // A client that stopped reading must not hold the stream open once the
+            // slow-consumer policy closes it: the write races that decision. (A drain lets
+            // the write finish; the drain deadline bounds it.)
+            monoio::select! {
+                (result, returned) = write_half.write_all(buf) => {
+                    buf = returned;
+                    if result.is_err() {
+                        return;
+                    }
+                }
+                _ = ctl.wait_until(|| sink.out.borrow().overflowed) => return,
             }
             last_write = Instant::now();
             if !batch.is_empty() {

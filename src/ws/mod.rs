@@ -27,6 +27,8 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use monoio::buf::{IoBufMut, IoVecBuf};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+// `writev` comes from AsyncWriteRent; `write_vectored_all` is deliberately not used (see
+// `FrameBatch::consume`).
 use monoio::net::TcpStream;
 
 use crate::auth::Principal;
@@ -110,6 +112,9 @@ pub struct WsConn {
     policy: SlowConsumerPolicy,
     out: RefCell<Outbound>,
     reader_done: Cell<bool>,
+    /// The writer, while it waits on a write: woken when a close is decided, so a write to a
+    /// client that stopped reading does not hold the connection open.
+    close_waker: Cell<Option<std::task::Waker>>,
 }
 
 impl WsConn {
@@ -132,6 +137,7 @@ impl WsConn {
             policy: config.limits.slow_consumer,
             out: RefCell::new(Outbound::default()),
             reader_done: Cell::new(false),
+            close_waker: Cell::new(None),
         }
     }
 
@@ -142,7 +148,26 @@ impl WsConn {
             out.close = Some((code, reason));
         }
         drop(out);
+        self.wake_for_close();
+    }
+
+    fn wake_for_close(&self) {
         self.ctl.notify();
+        if let Some(waker) = self.close_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once a close is decided.
+    fn close_decided(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.out.borrow().close.is_some() {
+                std::task::Poll::Ready(())
+            } else {
+                self.close_waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
     }
 
     fn closing(&self) -> bool {
@@ -187,7 +212,7 @@ impl WsConn {
             self.stats.slow_consumer_drops.inc();
             if self.policy == SlowConsumerPolicy::Close || !self.drop_oldest_event(out) {
                 out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
-                self.ctl.notify();
+                self.wake_for_close();
                 return false;
             }
         }
@@ -337,7 +362,7 @@ impl Sink for WsConn {
                 } else {
                     self.stats.slow_consumer_drops.inc();
                     out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
-                    self.ctl.notify();
+                    self.wake_for_close();
                 }
             }
             Phase::Live => {
@@ -367,6 +392,8 @@ impl Sink for WsConn {
 struct FrameBatch {
     frames: Vec<Bytes>,
     iovecs: Vec<libc::iovec>,
+    /// The first iovec not yet completely written.
+    start: usize,
     bytes: usize,
 }
 
@@ -375,6 +402,7 @@ impl FrameBatch {
         FrameBatch {
             frames: Vec::new(),
             iovecs: Vec::new(),
+            start: 0,
             bytes: 0,
         }
     }
@@ -404,7 +432,32 @@ impl FrameBatch {
     fn clear(&mut self) {
         self.frames.clear();
         self.iovecs.clear();
+        self.start = 0;
         self.bytes = 0;
+    }
+
+    /// Whether every byte has been written.
+    fn done(&self) -> bool {
+        self.start >= self.iovecs.len()
+    }
+
+    /// Advances past `written` bytes after a (possibly short) write. monoio 0.2.4's own
+    /// `write_vectored_all` gets this wrong (it never moves `iov_base`), so relay drives
+    /// `writev` itself.
+    fn consume(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(iov) = self.iovecs.get_mut(self.start) else {
+                return;
+            };
+            if written >= iov.iov_len {
+                written -= iov.iov_len;
+                self.start += 1;
+            } else {
+                iov.iov_base = (iov.iov_base as *mut u8).wrapping_add(written) as *mut libc::c_void;
+                iov.iov_len -= written;
+                written = 0;
+            }
+        }
     }
 }
 
@@ -412,11 +465,11 @@ impl FrameBatch {
 // runtime holds it (the write takes the batch by value and gives it back when done).
 unsafe impl IoVecBuf for FrameBatch {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iovecs.as_ptr()
+        self.iovecs[self.start.min(self.iovecs.len())..].as_ptr()
     }
 
     fn read_iovec_len(&self) -> usize {
-        self.iovecs.len()
+        self.iovecs.len().saturating_sub(self.start)
     }
 }
 
@@ -592,16 +645,33 @@ async fn write_loop(
     let mut batch = FrameBatch::new();
     let mut live = Vec::new();
     let mut last_write = Instant::now();
+    let mut framing_intact = true;
     loop {
+        if conn.closing() {
+            let close = conn.out.borrow().close;
+            if let (Some((code, reason)), true) = (close, framing_intact) {
+                send_close(&mut write_half, code, reason).await;
+            }
+            break;
+        }
         conn.take_batch(&mut batch, &mut live);
         if !batch.is_empty() {
             batch.seal();
-            let (result, returned) = write_half.write_vectored_all(batch).await;
-            batch = returned;
+            let outcome;
+            (outcome, batch) = write_all(&mut write_half, batch, &conn).await;
             batch.clear();
-            if result.is_err() {
-                conn.close_with(1006, "");
-                break;
+            match outcome {
+                Written::All => {}
+                Written::Failed => {
+                    conn.close_with(1006, "");
+                    break;
+                }
+                Written::Abandoned => {
+                    // Part of a frame may be on the wire: nothing more can be framed after it.
+                    framing_intact = false;
+                    live.clear();
+                    continue;
+                }
             }
             last_write = Instant::now();
             if !live.is_empty() {
@@ -617,11 +687,6 @@ async fn write_loop(
                 }
             }
             continue;
-        }
-        let close = conn.out.borrow().close;
-        if let Some((code, reason)) = close {
-            send_close(&mut write_half, code, reason).await;
-            break;
         }
         if conn.ctl.is_closing() {
             // Draining: spread the going-away closes so clients do not all reconnect at once.
@@ -668,6 +733,38 @@ async fn write_loop(
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
     let _ = write_half.shutdown().await;
+}
+
+enum Written {
+    All,
+    Failed,
+    /// A close was decided while the client was not taking the bytes.
+    Abandoned,
+}
+
+/// Writes the whole batch with `writev`, resuming after short writes, unless a close is
+/// decided meanwhile (then the write is cancelled; the runtime keeps the batch alive until the
+/// kernel lets go of it).
+async fn write_all(
+    write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf,
+    mut batch: FrameBatch,
+    conn: &WsConn,
+) -> (Written, FrameBatch) {
+    while !batch.done() {
+        monoio::select! {
+            (result, returned) = write_half.writev(batch) => {
+                batch = returned;
+                match result {
+                    Ok(0) => return (Written::Failed, batch),
+                    Ok(n) => batch.consume(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return (Written::Failed, batch),
+                }
+            }
+            _ = conn.close_decided() => return (Written::Abandoned, FrameBatch::new()),
+        }
+    }
+    (Written::All, batch)
 }
 
 async fn send_close(write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf, code: u16, reason: &str) {
@@ -887,6 +984,33 @@ mod tests {
             c.offer(&event("a", seq));
         }
         assert!(c.out.borrow().counted_bytes <= one * 3);
+    }
+
+    #[test]
+    fn short_writes_resume_exactly_where_they_stopped() {
+        let mut batch = FrameBatch::new();
+        for part in [&b"abc"[..], b"defgh", b"ij"] {
+            batch.push(Bytes::copy_from_slice(part));
+        }
+        batch.seal();
+        let remaining = |b: &FrameBatch| -> Vec<u8> {
+            let iovs =
+                unsafe { std::slice::from_raw_parts(b.read_iovec_ptr(), b.read_iovec_len()) };
+            iovs.iter()
+                .flat_map(|v| unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                })
+                .copied()
+                .collect()
+        };
+        batch.consume(2);
+        assert_eq!(remaining(&batch), b"cdefghij");
+        batch.consume(3);
+        assert_eq!(remaining(&batch), b"fghij");
+        assert_eq!(batch.read_iovec_len(), 2);
+        batch.consume(5);
+        assert!(batch.done());
+        assert_eq!(batch.read_iovec_len(), 0);
     }
 
     #[test]
