@@ -11,6 +11,8 @@
 //! - [`sse`]: Server-Sent Events streams with cursors and recovery.
 //! - [`ws`]: WebSocket connections: handshake, framing, the JSON protocol, presence.
 //! - [`auth`]: JWT (WebSocket/SSE) and API keys (publish and admin endpoints).
+//! - [`registry`]: subsystems and instances, lifecycle, health, circuits, balancing, routing table.
+//! - [`ratelimit`]: per-client token buckets.
 //! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
 //! - [`names`], [`glob`], [`query`], [`cursor`]: small pure helpers.
 
@@ -25,6 +27,8 @@ pub mod mesh;
 pub mod metrics;
 pub mod names;
 pub mod query;
+pub mod ratelimit;
+pub mod registry;
 pub mod server;
 pub mod shard;
 pub mod sse;

@@ -1,0 +1,696 @@
+//! The subsystem registry (API.md sections 5 and 6): instances, their lifecycle, and the
+//! routing table shards read.
+//!
+//! Owns the control-plane state: every subsystem, its instances (from the config file or
+//! `POST /api/v1/relay/subsystems`), their health as the checks report it, heartbeats and TTL
+//! expiry, draining on deregistration. It publishes immutable [`Table`] snapshots: a shard
+//! routes a request by reading its current snapshot, without a lock and without asking
+//! anyone. Must never: be mutated from a shard's hot path, or hand out a table that a later
+//! change mutates in place (a change builds a new table).
+//!
+//! Time is passed in, never read here, so every rule is testable.
+
+pub mod balance;
+pub mod circuit;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{LbPolicy, SubscriptionConfig, SubsystemConfig};
+
+/// A registration refused, naming the field (API.md: 400 with the field named).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Shortest TTL a registration may ask for: heartbeats more often than this are noise.
+pub const TTL_MIN_MS: u64 = 1_000;
+
+/// An instance's address, resolved once at registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `Host` header value.
+    pub host: String,
+}
+
+/// Parses `http://host:port[/]`; https and paths are refused (relay speaks plain HTTP to
+/// backends on the node's network, and the upstream sees the full original path).
+pub fn parse_url(url: &str) -> Result<Endpoint, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("{url:?} must start with http:// (relay does not speak TLS to subsystems)")
+    })?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!(
+            "{url:?} must be http://host:port with no path (the upstream sees the original path)"
+        ));
+    }
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        || authority.ends_with(']')
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("{url:?}: cannot resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url:?}: resolves to no address"))?;
+    Ok(Endpoint {
+        addr,
+        host: authority.to_string(),
+    })
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Validates a registration (from the API or the config file) and resolves its address.
+pub fn validate(spec: &SubsystemConfig) -> Result<Endpoint, FieldError> {
+    if !valid_name(&spec.name) {
+        return Err(field_error(
+            "name",
+            "required: 1..=64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    if !valid_name(&spec.instance) {
+        return Err(field_error(
+            "instance",
+            "required: 1..=64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    if spec.url.is_empty() {
+        return Err(field_error("url", "required, e.g. http://127.0.0.1:9001"));
+    }
+    let endpoint = parse_url(&spec.url).map_err(|m| field_error("url", m))?;
+    if !spec.health_path.starts_with('/') {
+        return Err(field_error("health_path", "must start with '/'"));
+    }
+    if spec.weight == 0 {
+        return Err(field_error("weight", "must be at least 1"));
+    }
+    for (i, route) in spec.routes.iter().enumerate() {
+        if !route.starts_with('/') || route.contains(['?', '#', ' ']) {
+            return Err(field_error(
+                format!("routes[{i}]"),
+                "must be a path prefix starting with '/' (no query, fragment or spaces)",
+            ));
+        }
+        if route.starts_with("/api/v1/relay") {
+            return Err(field_error(
+                format!("routes[{i}]"),
+                "must not shadow relay's own /api/v1/relay endpoints",
+            ));
+        }
+    }
+    if let Some(ttl) = spec.ttl_ms {
+        if ttl < TTL_MIN_MS {
+            return Err(field_error(
+                "ttl_ms",
+                format!("must be at least {TTL_MIN_MS}"),
+            ));
+        }
+    }
+    for (i, sub) in spec.subscriptions.iter().enumerate() {
+        validate_subscription(sub)
+            .map_err(|(f, m)| field_error(format!("subscriptions[{i}].{f}"), m))?;
+    }
+    Ok(endpoint)
+}
+
+fn validate_subscription(sub: &SubscriptionConfig) -> Result<(), (&'static str, String)> {
+    if !sub.path.starts_with('/') {
+        return Err(("path", "required, must start with '/'".into()));
+    }
+    if sub.types.is_empty() && sub.channels.is_empty() {
+        return Err((
+            "types",
+            "give at least one type glob or channel glob".into(),
+        ));
+    }
+    for t in &sub.types {
+        if t.is_empty()
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-*".contains(&b))
+        {
+            return Err((
+                "types",
+                format!("{t:?} is not a type glob ([A-Za-z0-9._-] and *)"),
+            ));
+        }
+    }
+    for c in &sub.channels {
+        if c.is_empty()
+            || !c
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:@/-*".contains(&b))
+        {
+            return Err((
+                "channels",
+                format!("{c:?} is not a channel glob ([A-Za-z0-9._:@/-] and *)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Routable (a new instance is routable before its first check).
+    Ready,
+    /// Health checks fail: not routable until they pass again.
+    Unhealthy,
+    /// Deregistered: no new requests; removed once its in-flight requests finish.
+    Draining,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Ready => "ready",
+            Lifecycle::Unhealthy => "unhealthy",
+            Lifecycle::Draining => "draining",
+        }
+    }
+}
+
+/// One instance as the control plane keeps it.
+#[derive(Debug, Clone)]
+pub struct InstanceState {
+    pub spec: SubsystemConfig,
+    pub endpoint: Endpoint,
+    pub lifecycle: Lifecycle,
+    /// From the config file: never expires, survives deregistration attempts as a restart.
+    pub from_config: bool,
+    pub registered_at: Instant,
+    pub last_heartbeat: Instant,
+    successes_in_a_row: u32,
+    failures_in_a_row: u32,
+}
+
+/// Health-check thresholds (`[health]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    pub healthy: u32,
+    pub unhealthy: u32,
+}
+
+/// What a change did, so the caller can announce it (events on `relay.system`, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Registered {
+        name: String,
+        instance: String,
+        replaced: bool,
+    },
+    Health {
+        name: String,
+        instance: String,
+        healthy: bool,
+    },
+    Draining {
+        name: String,
+        instance: String,
+    },
+    Removed {
+        name: String,
+        instance: String,
+        reason: &'static str,
+    },
+}
+
+/// The registry: subsystems by name, instances by id. Owned by the control plane.
+#[derive(Debug, Default)]
+pub struct Registry {
+    subsystems: BTreeMap<String, BTreeMap<String, InstanceState>>,
+    lb: BTreeMap<String, LbPolicy>,
+    version: u64,
+}
+
+/// Why a registry call was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    NotFound { name: String, instance: String },
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::NotFound { name, instance } => {
+                write!(
+                    f,
+                    "no instance {instance} of subsystem {name} is registered"
+                )
+            }
+        }
+    }
+}
+
+impl Registry {
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Adds or replaces an instance (a re-registration refreshes it and ends any draining).
+    pub fn register(
+        &mut self,
+        spec: SubsystemConfig,
+        endpoint: Endpoint,
+        from_config: bool,
+        now: Instant,
+    ) -> Change {
+        let name = spec.name.clone();
+        let instance = spec.instance.clone();
+        // The last registration's policy wins for the whole subsystem.
+        self.lb.insert(name.clone(), spec.lb);
+        let instances = self.subsystems.entry(name.clone()).or_default();
+        let replaced = instances
+            .insert(
+                instance.clone(),
+                InstanceState {
+                    spec,
+                    endpoint,
+                    lifecycle: Lifecycle::Ready,
+                    from_config,
+                    registered_at: now,
+                    last_heartbeat: now,
+                    successes_in_a_row: 0,
+                    failures_in_a_row: 0,
+                },
+            )
+            .is_some();
+        self.version += 1;
+        Change::Registered {
+            name,
+            instance,
+            replaced,
+        }
+    }
+
+    fn get_mut(&mut self, name: &str, instance: &str) -> Result<&mut InstanceState, RegistryError> {
+        self.subsystems
+            .get_mut(name)
+            .and_then(|i| i.get_mut(instance))
+            .ok_or_else(|| RegistryError::NotFound {
+                name: name.into(),
+                instance: instance.into(),
+            })
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        name: &str,
+        instance: &str,
+        now: Instant,
+    ) -> Result<(), RegistryError> {
+        self.get_mut(name, instance)?.last_heartbeat = now;
+        Ok(())
+    }
+
+    /// Starts draining: no new requests go to the instance; [`Registry::remove`] follows
+    /// once its in-flight count is zero.
+    pub fn deregister(&mut self, name: &str, instance: &str) -> Result<Change, RegistryError> {
+        let state = self.get_mut(name, instance)?;
+        state.lifecycle = Lifecycle::Draining;
+        self.version += 1;
+        Ok(Change::Draining {
+            name: name.into(),
+            instance: instance.into(),
+        })
+    }
+
+    pub fn remove(&mut self, name: &str, instance: &str, reason: &'static str) -> Option<Change> {
+        let instances = self.subsystems.get_mut(name)?;
+        instances.remove(instance)?;
+        if instances.is_empty() {
+            self.subsystems.remove(name);
+            self.lb.remove(name);
+        }
+        self.version += 1;
+        Some(Change::Removed {
+            name: name.into(),
+            instance: instance.into(),
+            reason,
+        })
+    }
+
+    /// Removes instances whose TTL passed without a heartbeat.
+    pub fn expire(&mut self, now: Instant) -> Vec<Change> {
+        let expired: Vec<(String, String)> = self
+            .subsystems
+            .iter()
+            .flat_map(|(name, instances)| {
+                instances.iter().filter_map(move |(id, state)| {
+                    let ttl = Duration::from_millis(state.spec.ttl_ms?);
+                    (now.saturating_duration_since(state.last_heartbeat) >= ttl)
+                        .then(|| (name.clone(), id.clone()))
+                })
+            })
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|(name, id)| self.remove(&name, &id, "ttl expired"))
+            .collect()
+    }
+
+    /// Records one health-check result; returns a change when the instance flips.
+    pub fn health_result(
+        &mut self,
+        name: &str,
+        instance: &str,
+        ok: bool,
+        thresholds: Thresholds,
+    ) -> Option<Change> {
+        let state = self.get_mut(name, instance).ok()?;
+        if ok {
+            state.successes_in_a_row += 1;
+            state.failures_in_a_row = 0;
+        } else {
+            state.failures_in_a_row += 1;
+            state.successes_in_a_row = 0;
+        }
+        let flip = match state.lifecycle {
+            Lifecycle::Ready if state.failures_in_a_row >= thresholds.unhealthy.max(1) => {
+                Some(Lifecycle::Unhealthy)
+            }
+            Lifecycle::Unhealthy if state.successes_in_a_row >= thresholds.healthy.max(1) => {
+                Some(Lifecycle::Ready)
+            }
+            _ => None,
+        }?;
+        state.lifecycle = flip;
+        self.version += 1;
+        Some(Change::Health {
+            name: name.into(),
+            instance: instance.into(),
+            healthy: flip == Lifecycle::Ready,
+        })
+    }
+
+    pub fn instances(&self) -> impl Iterator<Item = &InstanceState> {
+        self.subsystems.values().flat_map(|i| i.values())
+    }
+
+    /// An immutable routing table of the current state.
+    pub fn snapshot(&self) -> Arc<Table> {
+        let mut subsystems = Vec::with_capacity(self.subsystems.len());
+        let mut routes = Vec::new();
+        for (index, (name, instances)) in self.subsystems.iter().enumerate() {
+            let mut entries = Vec::with_capacity(instances.len());
+            for state in instances.values() {
+                for route in &state.spec.routes {
+                    if !routes.iter().any(|(r, _): &(String, usize)| r == route) {
+                        routes.push((route.clone(), index));
+                    }
+                }
+                entries.push(Arc::new(RoutableInstance {
+                    subsystem: name.clone(),
+                    instance: state.spec.instance.clone(),
+                    endpoint: state.endpoint.clone(),
+                    weight: state.spec.weight.max(1),
+                    lifecycle: state.lifecycle,
+                }));
+            }
+            subsystems.push(SubsystemEntry {
+                name: name.clone(),
+                lb: self.lb.get(name).copied().unwrap_or_default(),
+                instances: entries,
+            });
+        }
+        // Longest prefix first, so the first match is the longest.
+        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Arc::new(Table {
+            version: self.version,
+            subsystems,
+            routes,
+        })
+    }
+}
+
+/// One instance as a shard routes to it.
+#[derive(Debug)]
+pub struct RoutableInstance {
+    pub subsystem: String,
+    pub instance: String,
+    pub endpoint: Endpoint,
+    pub weight: u32,
+    pub lifecycle: Lifecycle,
+}
+
+#[derive(Debug)]
+pub struct SubsystemEntry {
+    pub name: String,
+    pub lb: LbPolicy,
+    pub instances: Vec<Arc<RoutableInstance>>,
+}
+
+/// The routing table: immutable, shared by every shard.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub version: u64,
+    pub subsystems: Vec<SubsystemEntry>,
+    /// (prefix, index into `subsystems`), longest prefix first.
+    routes: Vec<(String, usize)>,
+}
+
+impl Table {
+    /// The subsystem whose route is the longest whole-segment prefix of `path`:
+    /// `/api/v1/sift` matches `/api/v1/sift` and `/api/v1/sift/x`, not `/api/v1/siftx`.
+    pub fn route(&self, path: &str) -> Option<&SubsystemEntry> {
+        self.routes
+            .iter()
+            .find(|(prefix, _)| prefix_matches(prefix, path))
+            .and_then(|(_, index)| self.subsystems.get(*index))
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, instance: &str, routes: &[&str]) -> SubsystemConfig {
+        SubsystemConfig {
+            name: name.into(),
+            instance: instance.into(),
+            url: "http://127.0.0.1:9001".into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            ..SubsystemConfig::default()
+        }
+    }
+
+    #[test]
+    fn urls_parse_or_say_why_not() {
+        let e = parse_url("http://127.0.0.1:9001").unwrap();
+        assert_eq!(e.addr, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(e.host, "127.0.0.1:9001");
+        assert_eq!(
+            parse_url("http://127.0.0.1:9001/").unwrap().addr.port(),
+            9001
+        );
+        assert_eq!(parse_url("http://localhost:80").unwrap().addr.port(), 80);
+        assert!(parse_url("https://x:1").unwrap_err().contains("http://"));
+        assert!(parse_url("http://127.0.0.1:9001/prefix")
+            .unwrap_err()
+            .contains("no path"));
+        assert!(parse_url("http://").is_err());
+    }
+
+    #[test]
+    fn registrations_name_the_bad_field() {
+        assert!(validate(&spec("sift", "sift-1", &["/api/v1/sift"])).is_ok());
+        let cases: Vec<(SubsystemConfig, &str)> = vec![
+            (spec("", "i", &[]), "name"),
+            (spec("si ft", "i", &[]), "name"),
+            (spec("s", "", &[]), "instance"),
+            (
+                SubsystemConfig {
+                    url: "ftp://x".into(),
+                    ..spec("s", "i", &[])
+                },
+                "url",
+            ),
+            (
+                SubsystemConfig {
+                    url: String::new(),
+                    ..spec("s", "i", &[])
+                },
+                "url",
+            ),
+            (
+                SubsystemConfig {
+                    health_path: "health".into(),
+                    ..spec("s", "i", &[])
+                },
+                "health_path",
+            ),
+            (
+                SubsystemConfig {
+                    weight: 0,
+                    ..spec("s", "i", &[])
+                },
+                "weight",
+            ),
+            (spec("s", "i", &["/ok", "nope"]), "routes[1]"),
+            (spec("s", "i", &["/api/v1/relay/x"]), "routes[0]"),
+            (
+                SubsystemConfig {
+                    ttl_ms: Some(5),
+                    ..spec("s", "i", &[])
+                },
+                "ttl_ms",
+            ),
+            (
+                SubsystemConfig {
+                    subscriptions: vec![SubscriptionConfig {
+                        types: vec!["a".into()],
+                        channels: vec![],
+                        path: "x".into(),
+                    }],
+                    ..spec("s", "i", &[])
+                },
+                "subscriptions[0].path",
+            ),
+            (
+                SubsystemConfig {
+                    subscriptions: vec![SubscriptionConfig {
+                        types: vec![],
+                        channels: vec![],
+                        path: "/e".into(),
+                    }],
+                    ..spec("s", "i", &[])
+                },
+                "subscriptions[0].types",
+            ),
+        ];
+        for (s, field) in cases {
+            let e = validate(&s).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn routes_match_whole_segments_longest_first() {
+        let mut r = Registry::default();
+        let now = Instant::now();
+        for (name, routes) in [
+            ("sift", vec!["/api/v1/sift"]),
+            ("deep", vec!["/api/v1/sift/deep"]),
+            ("root", vec!["/"]),
+        ] {
+            let s = spec(name, "1", &routes);
+            let e = validate(&s).unwrap();
+            r.register(s, e, false, now);
+        }
+        let t = r.snapshot();
+        let name = |p: &str| t.route(p).map(|s| s.name.clone());
+        assert_eq!(name("/api/v1/sift").as_deref(), Some("sift"));
+        assert_eq!(name("/api/v1/sift/x").as_deref(), Some("sift"));
+        assert_eq!(name("/api/v1/sift/deep/1").as_deref(), Some("deep"));
+        assert_eq!(name("/api/v1/siftx").as_deref(), Some("root"));
+        assert_eq!(name("/anything").as_deref(), Some("root"));
+        let mut only = Registry::default();
+        let s = spec("sift", "1", &["/api/v1/sift"]);
+        let e = validate(&s).unwrap();
+        only.register(s, e, false, now);
+        assert!(only.snapshot().route("/api/v1/siftx").is_none());
+    }
+
+    #[test]
+    fn ttl_expiry_heartbeats_and_draining() {
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        let s = SubsystemConfig {
+            ttl_ms: Some(1_000),
+            ..spec("cast", "c1", &[])
+        };
+        let e = validate(&s).unwrap();
+        r.register(s, e.clone(), false, t0);
+        r.register(spec("cast", "static", &[]), e, true, t0);
+        assert!(r.expire(t0 + Duration::from_millis(900)).is_empty());
+        r.heartbeat("cast", "c1", t0 + Duration::from_millis(900))
+            .unwrap();
+        assert!(r.expire(t0 + Duration::from_millis(1_500)).is_empty());
+        let gone = r.expire(t0 + Duration::from_millis(1_900));
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert!(r.heartbeat("cast", "c1", t0).is_err());
+        assert_eq!(r.instances().count(), 1, "the instance without ttl stays");
+        let v = r.version();
+        assert!(matches!(
+            r.deregister("cast", "static"),
+            Ok(Change::Draining { .. })
+        ));
+        assert!(r.version() > v);
+        assert_eq!(
+            r.snapshot().subsystems[0].instances[0].lifecycle,
+            Lifecycle::Draining
+        );
+        assert!(r.remove("cast", "static", "drained").is_some());
+        assert!(r.snapshot().subsystems.is_empty());
+        assert!(r.deregister("cast", "static").is_err());
+    }
+
+    #[test]
+    fn health_flips_after_thresholds_only() {
+        let mut r = Registry::default();
+        let s = spec("spawn", "s1", &[]);
+        let e = validate(&s).unwrap();
+        r.register(s, e, false, Instant::now());
+        let th = Thresholds {
+            healthy: 2,
+            unhealthy: 3,
+        };
+        assert!(r.health_result("spawn", "s1", false, th).is_none());
+        assert!(r.health_result("spawn", "s1", false, th).is_none());
+        assert!(matches!(
+            r.health_result("spawn", "s1", false, th),
+            Some(Change::Health { healthy: false, .. })
+        ));
+        assert!(r.health_result("spawn", "s1", true, th).is_none());
+        assert!(
+            r.health_result("spawn", "s1", false, th).is_none(),
+            "a failure resets the streak"
+        );
+        assert!(r.health_result("spawn", "s1", true, th).is_none());
+        assert!(matches!(
+            r.health_result("spawn", "s1", true, th),
+            Some(Change::Health { healthy: true, .. })
+        ));
+        assert!(r.health_result("nope", "x", true, th).is_none());
+    }
+}
