@@ -47,11 +47,11 @@ const PREFIX: &str = "/api/v1/relay";
 /// Routes one request.
 pub async fn dispatch(
     shard: &Rc<Shard>,
-    _ctl: &Rc<ConnCtl>,
+    ctl: &Rc<ConnCtl>,
     head: &RequestHead,
     body: Bytes,
 ) -> Reply {
-    let reply = route(shard, head, body).await;
+    let reply = route(shard, ctl, head, body).await;
     if let Reply::Response(response) = &reply {
         match response.status {
             400 => shard.stats.error(ErrorKind::BadRequest),
@@ -65,7 +65,7 @@ pub async fn dispatch(
     reply
 }
 
-async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
+async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Reply {
     let path = head.path.as_str();
     let read = matches!(head.method, Method::Get | Method::Head);
     let allow = |methods: &str| -> Reply {
@@ -105,9 +105,16 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
         _ => {}
     }
     let Some(rest) = path.strip_prefix(PREFIX) else {
-        return not_found(path).into();
+        // Not relay's own: a registered route prefix, or nothing.
+        return match crate::proxy::forward(shard, ctl.peer, head, &body).await {
+            Some(response) => response.into(),
+            None => not_found(path).into(),
+        };
     };
-    let admin = rest == "/events" || rest == "/connections" || rest.starts_with("/channels");
+    let admin = rest == "/events"
+        || rest == "/connections"
+        || rest.starts_with("/channels")
+        || rest.starts_with("/subsystems");
     if admin {
         if let Err(response) = api_key(shard, head) {
             return response.into();
@@ -115,6 +122,16 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
     }
     match rest {
         "/ws" => websocket(shard, head),
+        "/subsystems" => match head.method {
+            Method::Get | Method::Head => crate::registry::api::list(shard, None).into(),
+            Method::Post => crate::registry::api::register(shard, &body).await.into(),
+            _ => allow("GET, HEAD, POST"),
+        },
+        _ if rest.starts_with("/subsystems/") => {
+            crate::registry::api::route(shard, head, &rest["/subsystems/".len()..])
+                .await
+                .into()
+        }
         "/health" => {
             if read {
                 health(shard).into()
@@ -130,7 +147,7 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
             }
         }
         "/events" => match head.method {
-            Method::Post => publish(shard, body).await.into(),
+            Method::Post => publish(shard, ctl, head, body).await.into(),
             _ => allow("POST"),
         },
         "/events/stream" => match head.method {
@@ -141,7 +158,7 @@ async fn route(shard: &Rc<Shard>, head: &RequestHead, body: Bytes) -> Reply {
                     status: 200,
                     content_type: "text/event-stream",
                     body: Vec::new(),
-                    headers: vec![("Cache-Control", "no-cache".into())],
+                    headers: vec![("Cache-Control".into(), "no-cache".into())],
                 }
                 .into(),
                 Err(message) => bad_request(&message).into(),
@@ -505,7 +522,12 @@ fn slice_of(body: &Bytes, part: &str) -> Bytes {
     }
 }
 
-async fn publish(shard: &Rc<Shard>, body: Bytes) -> Response {
+async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Response {
+    let key = crate::proxy::client_key(head, ctl.peer.ip());
+    if let Err(response) = shard.proxy.check_publish(&key) {
+        shard.stats.rate_limited.inc();
+        return response;
+    }
     let drafts = match parse_drafts(&body) {
         Ok(d) => d,
         Err(message) => return bad_request(&message),

@@ -12,6 +12,7 @@
 //! - [`ws`]: WebSocket connections: handshake, framing, the JSON protocol, presence.
 //! - [`auth`]: JWT (WebSocket/SSE) and API keys (publish and admin endpoints).
 //! - [`registry`]: subsystems and instances, lifecycle, health, circuits, balancing, routing table.
+//! - [`proxy`]: routing HTTP requests to subsystem instances (balancing, circuits, retries).
 //! - [`ratelimit`]: per-client token buckets.
 //! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
 //! - [`names`], [`glob`], [`query`], [`cursor`]: small pure helpers.
@@ -26,6 +27,7 @@ pub mod http;
 pub mod mesh;
 pub mod metrics;
 pub mod names;
+pub mod proxy;
 pub mod query;
 pub mod ratelimit;
 pub mod registry;

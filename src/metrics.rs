@@ -383,6 +383,8 @@ pub struct ShardStats {
     pub auth_failures: Counter,
     /// Connections refused over `limits.max_connections_per_ip` (429).
     pub connections_refused_per_ip: Counter,
+    /// Publishes and proxied requests refused by a rate limit (429).
+    pub rate_limited: Counter,
 }
 
 /// Close codes counted by name in `relay_ws_closes_total{code}`.
@@ -425,6 +427,7 @@ impl ShardStats {
             ws_messages_received: Counter::new(),
             auth_failures: Counter::new(),
             connections_refused_per_ip: Counter::new(),
+            rate_limited: Counter::new(),
         }
     }
 
@@ -722,6 +725,13 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "relay_ws_messages_received_total",
         "WebSocket messages received from clients.",
         |s| &s.ws_messages_received,
+    );
+    summed_counter(
+        out,
+        shards,
+        "relay_rate_limited_total",
+        "Publishes and proxied requests refused by a rate limit (429).",
+        |s| &s.rate_limited,
     );
     summed_counter(
         out,
@@ -1340,7 +1350,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 29);
+        assert_eq!(families, 30);
     }
 
     #[test]

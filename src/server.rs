@@ -34,6 +34,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     Thread(std::io::Error),
+    /// A `[[subsystems]]` entry is invalid (the field is named).
+    Registry(crate::registry::FieldError),
 }
 
 impl std::fmt::Display for StartError {
@@ -49,6 +51,7 @@ impl std::fmt::Display for StartError {
                 "shard {shard}: cannot start the {driver} driver: {source}"
             ),
             StartError::Thread(e) => write!(f, "cannot start a shard thread: {e}"),
+            StartError::Registry(e) => write!(f, "config: {e}"),
         }
     }
 }
@@ -79,10 +82,25 @@ fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
     Ok(socket.into())
 }
 
+/// SO_REUSEPORT would let a second relay (or a stale one) silently share the port and split
+/// its traffic. A probe bind without SO_REUSEPORT fails when anyone listens there already.
+fn ensure_port_free(addr: SocketAddr) -> Result<(), StartError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let bind_err = |source| StartError::Bind { addr, source };
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(bind_err)?;
+    probe.set_reuse_address(true).map_err(bind_err)?;
+    probe.bind(&addr.into()).map_err(bind_err)?;
+    Ok(())
+}
+
 /// Binds every shard's listener, starts the shard threads, and returns once all serve.
 pub fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let shards = config.shard_count();
+    ensure_port_free(config.listen)?;
     let mut listeners = Vec::with_capacity(shards);
     let first = listener(config.listen)?;
     // With port 0 the kernel picks a port; the other shards must join that same port.
@@ -94,6 +112,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     for _ in 1..shards {
         listeners.push(listener(local_addr)?);
     }
+    let registry = crate::registry::control::initial_registry(&config, shards)
+        .map_err(StartError::Registry)?;
     let shared = Arc::new(Shared {
         config: config.clone(),
         shards,
@@ -105,6 +125,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         drained: Default::default(),
         connections: Default::default(),
         driver: Default::default(),
+        table: Arc::new(arc_swap::ArcSwap::from(registry.snapshot())),
+        initial_registry: std::sync::Mutex::new(Some(registry)),
         auth: crate::auth::Auth::new(
             config.auth.jwt_secret.as_deref(),
             config.auth.api_keys.as_deref(),
@@ -226,6 +248,9 @@ async fn shard_main(
     monoio::spawn(shard.clone().pump());
     monoio::spawn(shard.clone().flusher());
     monoio::spawn(shard.clone().maintenance());
+    if let Some(control) = shard.control.clone() {
+        monoio::spawn(control.run(shard.clone()));
+    }
     shared.serving.fetch_add(1, Ordering::AcqRel);
     let _ = ready.send(Ok(driver));
     drop(ready);

@@ -52,6 +52,8 @@ pub enum Msg {
     },
     /// From the owner to a shard with subscribers: a presence push (a WebSocket frame).
     Push { channel: Arc<str>, frame: Bytes },
+    /// To shard 0: a registry change.
+    Control(crate::registry::control::Command),
     /// To the owner: who is on the channel (`Err` when presence is off for it).
     Presence {
         channel: Arc<str>,
@@ -129,6 +131,10 @@ pub struct Shared {
     pub driver: std::sync::OnceLock<&'static str>,
     /// Credentials and scopes, read-only after start.
     pub auth: crate::auth::Auth,
+    /// The routing table: swapped by the control task, loaded per request without a lock.
+    pub table: Arc<arc_swap::ArcSwap<crate::registry::Table>>,
+    /// The registry as the config file describes it; shard 0's control task takes it.
+    pub initial_registry: std::sync::Mutex<Option<crate::registry::Registry>>,
 }
 
 impl Shared {
@@ -251,6 +257,10 @@ pub struct Shard {
     per_ip: RefCell<AHashMap<std::net::IpAddr, u32>>,
     /// WebSocket connections per user on this shard (`relay_users_connected`).
     users: RefCell<AHashMap<Arc<str>, u32>>,
+    /// Upstream client, circuits, balancers and rate limits of this shard.
+    pub proxy: crate::proxy::ProxyState,
+    /// The registry's control task (shard 0 only).
+    pub control: Option<Rc<crate::registry::control::Control>>,
     next_id: Cell<u64>,
     draining: Cell<bool>,
     drain_waker: Cell<Option<Waker>>,
@@ -279,6 +289,24 @@ impl Shard {
             }
         });
         let seed = epoch_seed(id);
+        let proxy = crate::proxy::ProxyState::new(&config, shared.shards);
+        // The start-up registry is taken exactly once, by shard 0.
+        let control = (id == 0)
+            .then(|| {
+                shared
+                    .initial_registry
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.take())
+            })
+            .flatten()
+            .map(|registry| {
+                Rc::new(crate::registry::control::Control::new(
+                    &config,
+                    registry,
+                    shared.table.clone(),
+                ))
+            });
         Rc::new(Shard {
             id,
             stats: shared.stats[id].clone(),
@@ -289,6 +317,8 @@ impl Shard {
             conns: RefCell::new(AHashMap::new()),
             per_ip: RefCell::new(AHashMap::new()),
             users: RefCell::new(AHashMap::new()),
+            proxy,
+            control,
             next_id: Cell::new(1),
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
@@ -562,6 +592,14 @@ impl Shard {
         }
     }
 
+    /// Hands a registry command to the control task on shard 0.
+    pub fn control(&self, command: crate::registry::control::Command) {
+        match &self.control {
+            Some(control) => control.execute(command),
+            None => self.outbox.send(0, Msg::Control(command)),
+        }
+    }
+
     /// Who is on `channel`; `Ok(None)` when presence is off for it.
     pub async fn presence(&self, channel: Arc<str>) -> Result<Option<Vec<Member>>, BusError> {
         let owner = shard_of(&channel, self.shards());
@@ -671,6 +709,13 @@ impl Shard {
                     self.fan_out_push(&channel, frame);
                 }
             }
+            Msg::Control(command) => match &self.control {
+                Some(control) => control.execute(command),
+                None => tracing::error!(
+                    shard = self.id,
+                    "a registry command reached a shard without the control task"
+                ),
+            },
             Msg::Push { channel, frame } => {
                 self.local.borrow().push(&channel, &frame);
             }

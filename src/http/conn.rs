@@ -111,7 +111,8 @@ pub fn write(
     }
     let head = ResponseHead {
         status: response.status,
-        content_type: Some(response.content_type),
+        // Proxied responses carry the upstream's Content-Type among their headers.
+        content_type: (!response.content_type.is_empty()).then_some(response.content_type),
         keep_alive,
         extra_headers: &extra,
     };

@@ -3,6 +3,7 @@
 //! The codec never does I/O; the loop never parses by hand. Routing and handlers live in
 //! `api`, which the loop calls with a complete request.
 
+pub mod client;
 pub mod codec;
 pub mod conn;
 
@@ -12,8 +13,11 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
-    pub headers: Vec<(&'static str, String)>,
+    /// Names are static for relay's own responses and owned for an upstream's.
+    pub headers: Vec<(Cow<'static, str>, String)>,
 }
+
+use std::borrow::Cow;
 
 pub const JSON: &str = "application/json";
 
@@ -35,7 +39,7 @@ impl Response {
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
-        self.headers.push((name, value.into()));
+        self.headers.push((Cow::Borrowed(name), value.into()));
         self
     }
 }

@@ -10,11 +10,14 @@
 //!
 //! Time is passed in, never read here, so every rule is testable.
 
+pub mod api;
 pub mod balance;
 pub mod circuit;
+pub mod control;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -203,6 +206,75 @@ impl Lifecycle {
     }
 }
 
+/// Counters of one instance, shared by every shard and kept across table snapshots.
+///
+/// The one place shards share counters: each proxied request touches its instance's
+/// `in_flight` and totals (a few atomic adds per request, never per event). Circuit states
+/// and latency histograms are per shard (single writer each).
+#[derive(Debug)]
+pub struct InstanceStats {
+    pub in_flight: AtomicI64,
+    /// Responses by class: 2xx, 3xx, 4xx, 5xx, then transport errors: timeout, connect/io.
+    pub responses: [AtomicU64; 6],
+    pub latency_ns_total: AtomicU64,
+    /// Bumped by `POST .../circuit/reset`; each shard resets its circuit when it sees a change.
+    pub reset_epoch: AtomicU64,
+    /// Each shard's circuit state (0 closed, 1 half-open, 2 open), written by that shard only.
+    pub circuit: Box<[AtomicU8]>,
+    /// Per-shard upstream latency histograms (single writer each).
+    pub latency: Box<[crate::metrics::Histogram]>,
+    pub webhooks_delivered: AtomicU64,
+    pub webhooks_failed: AtomicU64,
+    pub health_checks_failed: AtomicU64,
+    pub health_checks_ok: AtomicU64,
+}
+
+/// Labels of [`InstanceStats::responses`].
+pub const RESPONSE_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "5xx", "timeout", "error"];
+
+impl InstanceStats {
+    pub fn new(shards: usize) -> InstanceStats {
+        InstanceStats {
+            in_flight: AtomicI64::new(0),
+            responses: Default::default(),
+            latency_ns_total: AtomicU64::new(0),
+            reset_epoch: AtomicU64::new(0),
+            circuit: (0..shards).map(|_| AtomicU8::new(0)).collect(),
+            latency: (0..shards)
+                .map(|_| crate::metrics::Histogram::new())
+                .collect(),
+            webhooks_delivered: AtomicU64::new(0),
+            webhooks_failed: AtomicU64::new(0),
+            health_checks_failed: AtomicU64::new(0),
+            health_checks_ok: AtomicU64::new(0),
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.responses
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The worst circuit state over all shards.
+    pub fn circuit_state(&self) -> u8 {
+        self.circuit
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn latency_avg_ms(&self) -> f64 {
+        let n = self.requests();
+        if n == 0 {
+            return 0.0;
+        }
+        self.latency_ns_total.load(Ordering::Relaxed) as f64 / n as f64 / 1e6
+    }
+}
+
 /// One instance as the control plane keeps it.
 #[derive(Debug, Clone)]
 pub struct InstanceState {
@@ -213,6 +285,7 @@ pub struct InstanceState {
     pub from_config: bool,
     pub registered_at: Instant,
     pub last_heartbeat: Instant,
+    pub stats: Arc<InstanceStats>,
     successes_in_a_row: u32,
     failures_in_a_row: u32,
 }
@@ -254,6 +327,7 @@ pub struct Registry {
     subsystems: BTreeMap<String, BTreeMap<String, InstanceState>>,
     lb: BTreeMap<String, LbPolicy>,
     version: u64,
+    shards: usize,
 }
 
 /// Why a registry call was refused.
@@ -276,6 +350,13 @@ impl std::fmt::Display for RegistryError {
 }
 
 impl Registry {
+    pub fn new(shards: usize) -> Registry {
+        Registry {
+            shards: shards.max(1),
+            ..Registry::default()
+        }
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -293,6 +374,11 @@ impl Registry {
         // The last registration's policy wins for the whole subsystem.
         self.lb.insert(name.clone(), spec.lb);
         let instances = self.subsystems.entry(name.clone()).or_default();
+        // A re-registration keeps its counters (in-flight requests are still counted there).
+        let stats = instances
+            .get(&instance)
+            .map(|old| old.stats.clone())
+            .unwrap_or_else(|| Arc::new(InstanceStats::new(self.shards)));
         let replaced = instances
             .insert(
                 instance.clone(),
@@ -303,6 +389,7 @@ impl Registry {
                     from_config,
                     registered_at: now,
                     last_heartbeat: now,
+                    stats,
                     successes_in_a_row: 0,
                     failures_in_a_row: 0,
                 },
@@ -438,6 +525,11 @@ impl Registry {
                     endpoint: state.endpoint.clone(),
                     weight: state.spec.weight.max(1),
                     lifecycle: state.lifecycle,
+                    spec: state.spec.clone(),
+                    from_config: state.from_config,
+                    registered_at: state.registered_at,
+                    last_heartbeat: state.last_heartbeat,
+                    stats: state.stats.clone(),
                 }));
             }
             subsystems.push(SubsystemEntry {
@@ -464,6 +556,18 @@ pub struct RoutableInstance {
     pub endpoint: Endpoint,
     pub weight: u32,
     pub lifecycle: Lifecycle,
+    pub spec: SubsystemConfig,
+    pub from_config: bool,
+    pub registered_at: Instant,
+    pub last_heartbeat: Instant,
+    pub stats: Arc<InstanceStats>,
+}
+
+impl RoutableInstance {
+    /// A stable key for per-shard state (circuits): the stats block outlives snapshots.
+    pub fn key(&self) -> usize {
+        Arc::as_ptr(&self.stats) as usize
+    }
 }
 
 #[derive(Debug)]
@@ -483,6 +587,17 @@ pub struct Table {
 }
 
 impl Table {
+    pub fn subsystem(&self, name: &str) -> Option<&SubsystemEntry> {
+        self.subsystems.iter().find(|s| s.name == name)
+    }
+
+    pub fn instance(&self, name: &str, instance: &str) -> Option<&Arc<RoutableInstance>> {
+        self.subsystem(name)?
+            .instances
+            .iter()
+            .find(|i| i.instance == instance)
+    }
+
     /// The subsystem whose route is the longest whole-segment prefix of `path`:
     /// `/api/v1/sift` matches `/api/v1/sift` and `/api/v1/sift/x`, not `/api/v1/siftx`.
     pub fn route(&self, path: &str) -> Option<&SubsystemEntry> {
@@ -606,7 +721,7 @@ mod tests {
 
     #[test]
     fn routes_match_whole_segments_longest_first() {
-        let mut r = Registry::default();
+        let mut r = Registry::new(2);
         let now = Instant::now();
         for (name, routes) in [
             ("sift", vec!["/api/v1/sift"]),
@@ -624,7 +739,7 @@ mod tests {
         assert_eq!(name("/api/v1/sift/deep/1").as_deref(), Some("deep"));
         assert_eq!(name("/api/v1/siftx").as_deref(), Some("root"));
         assert_eq!(name("/anything").as_deref(), Some("root"));
-        let mut only = Registry::default();
+        let mut only = Registry::new(2);
         let s = spec("sift", "1", &["/api/v1/sift"]);
         let e = validate(&s).unwrap();
         only.register(s, e, false, now);
@@ -633,7 +748,7 @@ mod tests {
 
     #[test]
     fn ttl_expiry_heartbeats_and_draining() {
-        let mut r = Registry::default();
+        let mut r = Registry::new(2);
         let t0 = Instant::now();
         let s = SubsystemConfig {
             ttl_ms: Some(1_000),
@@ -667,7 +782,7 @@ mod tests {
 
     #[test]
     fn health_flips_after_thresholds_only() {
-        let mut r = Registry::default();
+        let mut r = Registry::new(2);
         let s = spec("spawn", "s1", &[]);
         let e = validate(&s).unwrap();
         r.register(s, e, false, Instant::now());

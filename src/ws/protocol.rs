@@ -262,6 +262,14 @@ impl Session {
                 format!("your token does not allow publishing to {channel}"),
             ));
         }
+        let key = format!("user:{}", self.conn.user);
+        if self.shard.proxy.check_publish(&key).is_err() {
+            self.shard.stats.rate_limited.inc();
+            return Err(refuse(
+                code::RATE_LIMITED,
+                "publish rate limit reached (rate_limit.publish_per_s); slow down",
+            ));
+        }
         let event_type = request
             .event_type
             .as_deref()
