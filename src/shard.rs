@@ -781,6 +781,7 @@ impl Shard {
                 self.stats.history_events.set(owned.history_events() as i64);
                 self.stats.channels_owned.set(owned.channel_count() as i64);
             }
+            self.proxy.client().prune(now);
             self.stats
                 .loop_heartbeat_ms
                 .store(self.shared.now_ms(), Ordering::Relaxed);
