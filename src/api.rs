@@ -313,15 +313,37 @@ fn health(shard: &Shard) -> Response {
     }
     shards_json.push(']');
     let serving = shared.serving.load(Ordering::Acquire);
+    // A subsystem is "ok" with every instance ready, "degraded" with some, "unhealthy" with none.
+    let table = shared.table.load_full();
+    let mut subsystems = String::from("{");
+    let mut subsystem_down = false;
+    for (i, sub) in table.subsystems.iter().enumerate() {
+        let ready = sub
+            .instances
+            .iter()
+            .filter(|x| x.lifecycle == crate::registry::Lifecycle::Ready)
+            .count();
+        let state = match ready {
+            0 => "unhealthy",
+            n if n < sub.instances.len() => "degraded",
+            _ => "ok",
+        };
+        subsystem_down |= ready == 0;
+        if i > 0 {
+            subsystems.push(',');
+        }
+        let _ = write!(subsystems, r#""{}":"{state}""#, sub.name);
+    }
+    subsystems.push('}');
     let (status, code) = if serving < shared.shards || worst_age > STALL_UNHEALTHY_MS {
         ("unhealthy", 503)
-    } else if shared.is_draining() || worst_age > STALL_DEGRADED_MS {
+    } else if shared.is_draining() || worst_age > STALL_DEGRADED_MS || subsystem_down {
         ("degraded", 200)
     } else {
         ("ok", 200)
     };
     let body = format!(
-        r#"{{"status":"{status}","uptime_s":{},"shards":{},"connections":{},"draining":{},"driver":"{}","shard_status":{shards_json},"subsystems":{{}}}}"#,
+        r#"{{"status":"{status}","uptime_s":{},"shards":{},"connections":{},"draining":{},"driver":"{}","shard_status":{shards_json},"subsystems":{subsystems}}}"#,
         shared.uptime().as_secs(),
         shared.shards,
         shared.connections.load(Ordering::Relaxed),
@@ -342,6 +364,7 @@ fn metrics(shard: &Shard) -> Response {
     };
     let mut text = String::with_capacity(8192);
     metrics::render_prometheus(&mut text, &stats, &info);
+    crate::registry::render_metrics(&mut text, &shared.table.load());
     Response {
         status: 200,
         content_type: metrics::CONTENT_TYPE,
@@ -791,6 +814,7 @@ mod tests {
             seq: 3,
             id: "i".into(),
             duplicate: true,
+            event: None,
         }];
         let v: serde_json::Value = serde_json::from_slice(&publish_results(&results)).unwrap();
         assert_eq!(v["results"][0]["seq"], 3);

@@ -60,6 +60,8 @@ pub struct Config {
     pub sse: SseConfig,
     /// WebSocket connections.
     pub websocket: WebSocketConfig,
+    /// Event delivery to subsystems' `subscriptions`.
+    pub webhooks: WebhooksConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Active health checks of subsystem instances.
@@ -89,6 +91,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             sse: SseConfig::default(),
             websocket: WebSocketConfig::default(),
+            webhooks: WebhooksConfig::default(),
             shutdown: ShutdownConfig::default(),
             health: HealthConfig::default(),
             circuit: CircuitConfig::default(),
@@ -287,6 +290,38 @@ impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
             heartbeat_ms: 25_000,
+        }
+    }
+}
+
+/// `[webhooks]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Events waiting per subscription on each shard, >= 1; past it new events are dropped and
+    /// counted. Default 10000: minutes of a busy subscription during an outage.
+    pub queue_size: usize,
+    /// Events per POST, >= 1. Default 100.
+    pub batch_max: usize,
+    /// Delivery attempts per batch before it is dropped (counted, logged), >= 1. Default 10.
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles per attempt with jitter, >= 1. Default 200.
+    pub backoff_initial_ms: u64,
+    /// Retry delay cap in milliseconds. Default 30000.
+    pub backoff_max_ms: u64,
+    /// Per-POST timeout in milliseconds, >= 1. Default 5000.
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            queue_size: 10_000,
+            batch_max: 100,
+            max_attempts: 10,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 30_000,
+            timeout_ms: 5_000,
         }
     }
 }
@@ -732,6 +767,12 @@ const SETTINGS: &[Setting] = &[
     s("sse", "keepalive_s", U64),
     s("sse", "retry_ms", U64),
     s("websocket", "heartbeat_ms", U64),
+    s("webhooks", "queue_size", USIZE),
+    s("webhooks", "batch_max", USIZE),
+    s("webhooks", "max_attempts", U32),
+    s("webhooks", "backoff_initial_ms", U64),
+    s("webhooks", "backoff_max_ms", U64),
+    s("webhooks", "timeout_ms", U64),
     s("shutdown", "deadline_s", U64),
     s("shutdown", "close_spread_ms", U64),
     s("health", "interval_ms", U64),
@@ -1465,6 +1506,17 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     o.at_least("sse.retry_ms", c.sse.retry_ms, 1)?;
 
     o.at_least("websocket.heartbeat_ms", c.websocket.heartbeat_ms, 100)?;
+    let w = &c.webhooks;
+    o.at_least("webhooks.queue_size", n(w.queue_size), 1)?;
+    o.at_least("webhooks.batch_max", n(w.batch_max), 1)?;
+    o.at_least("webhooks.max_attempts", u64::from(w.max_attempts), 1)?;
+    o.at_least("webhooks.backoff_initial_ms", w.backoff_initial_ms, 1)?;
+    o.at_least("webhooks.timeout_ms", w.timeout_ms, 1)?;
+    o.check(
+        "webhooks.backoff_max_ms",
+        w.backoff_max_ms >= w.backoff_initial_ms,
+        "must be at least webhooks.backoff_initial_ms",
+    )?;
     o.at_least("shutdown.deadline_s", c.shutdown.deadline_s, 1)?;
     o.check(
         "shutdown.close_spread_ms",

@@ -13,6 +13,7 @@
 //! - [`auth`]: JWT (WebSocket/SSE) and API keys (publish and admin endpoints).
 //! - [`registry`]: subsystems and instances, lifecycle, health, circuits, balancing, routing table.
 //! - [`proxy`]: routing HTTP requests to subsystem instances (balancing, circuits, retries).
+//! - [`webhook`]: at-least-once event delivery to subsystems' subscriptions.
 //! - [`ratelimit`]: per-client token buckets.
 //! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
 //! - [`names`], [`glob`], [`query`], [`cursor`]: small pure helpers.
@@ -34,4 +35,5 @@ pub mod registry;
 pub mod server;
 pub mod shard;
 pub mod sse;
+pub mod webhook;
 pub mod ws;

@@ -385,6 +385,14 @@ pub struct ShardStats {
     pub connections_refused_per_ip: Counter,
     /// Publishes and proxied requests refused by a rate limit (429).
     pub rate_limited: Counter,
+    /// Webhook events delivered (2xx), dropped after their last attempt, dropped at a full queue.
+    pub webhook_events_delivered: Counter,
+    pub webhook_events_dropped_attempts: Counter,
+    pub webhook_events_dropped_full: Counter,
+    /// Webhook POSTs that failed (each is retried until `webhooks.max_attempts`).
+    pub webhook_attempts_failed: Counter,
+    /// Webhook events queued on this shard.
+    pub webhook_queue_events: Gauge,
 }
 
 /// Close codes counted by name in `relay_ws_closes_total{code}`.
@@ -428,6 +436,11 @@ impl ShardStats {
             auth_failures: Counter::new(),
             connections_refused_per_ip: Counter::new(),
             rate_limited: Counter::new(),
+            webhook_events_delivered: Counter::new(),
+            webhook_events_dropped_attempts: Counter::new(),
+            webhook_events_dropped_full: Counter::new(),
+            webhook_attempts_failed: Counter::new(),
+            webhook_queue_events: Gauge::new(),
         }
     }
 
@@ -725,6 +738,45 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "relay_ws_messages_received_total",
         "WebSocket messages received from clients.",
         |s| &s.ws_messages_received,
+    );
+    family(
+        out,
+        "relay_webhook_events_total",
+        "counter",
+        "Webhook events by outcome.",
+    );
+    for (result, get) in [
+        (
+            "delivered",
+            (|s: &ShardStats| &s.webhook_events_delivered) as fn(&ShardStats) -> &Counter,
+        ),
+        ("dropped_attempts", |s: &ShardStats| {
+            &s.webhook_events_dropped_attempts
+        }),
+        ("dropped_queue_full", |s: &ShardStats| {
+            &s.webhook_events_dropped_full
+        }),
+    ] {
+        sample(
+            out,
+            "relay_webhook_events_total",
+            &format!("{{result=\"{result}\"}}"),
+            sum_counter(shards, get),
+        );
+    }
+    summed_counter(
+        out,
+        shards,
+        "relay_webhook_attempts_failed_total",
+        "Webhook POSTs that failed and were retried or dropped.",
+        |s| &s.webhook_attempts_failed,
+    );
+    summed_gauge(
+        out,
+        shards,
+        "relay_webhook_queue_events",
+        "Webhook events waiting for delivery.",
+        |s| &s.webhook_queue_events,
     );
     summed_counter(
         out,
@@ -1350,7 +1402,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 30);
+        assert_eq!(families, 33);
     }
 
     #[test]

@@ -47,6 +47,7 @@ const RATE_LIMIT_KEYS: usize = 65_536;
 
 /// One shard's proxy state.
 pub struct ProxyState {
+    shard: usize,
     client: Client,
     timeout: Duration,
     circuit_config: CircuitConfig,
@@ -59,11 +60,12 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
-    pub fn new(config: &Config, shards: usize) -> ProxyState {
+    pub fn new(config: &Config, shard: usize, shards: usize) -> ProxyState {
         let c = &config.circuit;
         let r = &config.rate_limit;
         let timeout = Duration::from_millis(config.proxy.timeout_ms);
         ProxyState {
+            shard,
             client: Client::new(ClientConfig {
                 connect_timeout: Duration::from_millis(config.health.timeout_ms).min(timeout),
                 request_timeout: timeout,
@@ -118,6 +120,27 @@ impl ProxyState {
             .borrow_mut()
             .check(key, now)
             .map_err(rate_limited)
+    }
+
+    /// Takes a circuit permit for `instance` (webhooks use the proxy's circuits).
+    pub fn acquire(&self, instance: &RoutableInstance, now: Instant) -> Result<Permit, Duration> {
+        self.with_circuit(instance, |c| c.try_acquire(now))
+    }
+
+    /// Reports how a request under `permit` went.
+    pub fn record(&self, instance: &RoutableInstance, permit: Permit, failed: bool) {
+        let now = Instant::now();
+        let shard = self.shard;
+        self.with_circuit(instance, |circuit| {
+            if failed {
+                circuit.on_failure(permit, now);
+            } else {
+                circuit.on_success(permit, now);
+            }
+            if let Some(gauge) = instance.stats.circuit.get(shard) {
+                gauge.store(circuit.state(now).as_gauge(), Ordering::Relaxed);
+            }
+        });
     }
 
     /// Runs `f` on the shard's circuit for `instance`, resetting it first if
@@ -332,16 +355,8 @@ async fn forward_to(
             Outcome::Failed(_) => 5,
         };
         stats.responses[class].fetch_add(1, Ordering::Relaxed);
-        proxy.with_circuit(instance, |circuit| {
-            if failed {
-                circuit.on_failure(permit, now);
-            } else {
-                circuit.on_success(permit, now);
-            }
-            if let Some(gauge) = stats.circuit.get(shard.id) {
-                gauge.store(circuit.state(now).as_gauge(), Ordering::Relaxed);
-            }
-        });
+        let _ = now;
+        proxy.record(instance, permit, failed);
         let safe_to_retry = match &outcome {
             Outcome::Failed(e) => may_retry || e.is_connect(),
             Outcome::Answer(_) => may_retry,

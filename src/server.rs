@@ -248,6 +248,7 @@ async fn shard_main(
     monoio::spawn(shard.clone().pump());
     monoio::spawn(shard.clone().flusher());
     monoio::spawn(shard.clone().maintenance());
+    monoio::spawn(shard.webhooks.clone().run(shard.clone()));
     if let Some(control) = shard.control.clone() {
         monoio::spawn(control.run(shard.clone()));
     }
@@ -290,6 +291,17 @@ async fn shard_main(
             shard = id,
             connections = cut,
             "drain deadline passed; cutting connections"
+        );
+    }
+    // Queued webhooks get the rest of the deadline.
+    while shard.webhooks.pending() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if shard.webhooks.pending() > 0 {
+        tracing::warn!(
+            shard = id,
+            events = shard.webhooks.pending(),
+            "drain deadline passed with webhook events undelivered"
         );
     }
     shared.drained.fetch_add(1, Ordering::AcqRel);

@@ -259,6 +259,8 @@ pub struct Shard {
     users: RefCell<AHashMap<Arc<str>, u32>>,
     /// Upstream client, circuits, balancers and rate limits of this shard.
     pub proxy: crate::proxy::ProxyState,
+    /// Webhook queues of the events this shard sequences.
+    pub webhooks: Rc<crate::webhook::Webhooks>,
     /// The registry's control task (shard 0 only).
     pub control: Option<Rc<crate::registry::control::Control>>,
     next_id: Cell<u64>,
@@ -289,7 +291,7 @@ impl Shard {
             }
         });
         let seed = epoch_seed(id);
-        let proxy = crate::proxy::ProxyState::new(&config, shared.shards);
+        let proxy = crate::proxy::ProxyState::new(&config, id, shared.shards);
         // The start-up registry is taken exactly once, by shard 0.
         let control = (id == 0)
             .then(|| {
@@ -318,6 +320,7 @@ impl Shard {
             per_ip: RefCell::new(AHashMap::new()),
             users: RefCell::new(AHashMap::new()),
             proxy,
+            webhooks: Rc::new(crate::webhook::Webhooks::new(config.webhooks.clone())),
             control,
             next_id: Cell::new(1),
             draining: Cell::new(false),
@@ -481,6 +484,7 @@ impl Shard {
         let ts_ms = unix_ms();
         let mut owned = self.owned.borrow_mut();
         let local = self.local.borrow();
+        let table = self.shared.table.load();
         let mut out = Vec::with_capacity(drafts.len());
         for draft in &drafts {
             let published = owned.publish(draft, ts_ms, now, |shard, event| {
@@ -494,6 +498,10 @@ impl Shard {
                 self.stats.events_duplicate.inc();
             } else {
                 self.stats.events_published.inc();
+            }
+            if let (Some(event), false) = (&published.event, table.webhooks.is_empty()) {
+                let full = self.webhooks.offer(&table, event);
+                self.stats.webhook_events_dropped_full.add(full as u64);
             }
             out.push(published);
         }

@@ -44,12 +44,14 @@ pub struct Since {
 }
 
 /// The owner's answer to a publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Published {
     pub channel: Arc<str>,
     pub seq: u64,
     pub id: Box<str>,
     pub duplicate: bool,
+    /// The sequenced event (not for duplicates): what the owner queues for webhooks.
+    pub event: Option<Arc<Event>>,
 }
 
 /// The owner's answer to a subscribe.
@@ -193,6 +195,7 @@ impl Owned {
                     seq,
                     id: id.clone(),
                     duplicate: true,
+                    event: None,
                 };
             }
         }
@@ -220,6 +223,7 @@ impl Owned {
             seq,
             id,
             duplicate: false,
+            event: Some(event),
         }
     }
 

@@ -511,9 +511,27 @@ impl Registry {
     pub fn snapshot(&self) -> Arc<Table> {
         let mut subsystems = Vec::with_capacity(self.subsystems.len());
         let mut routes = Vec::new();
+        let mut webhooks: Vec<WebhookRoute> = Vec::new();
+        let mut seen_subscriptions: Vec<(usize, &SubscriptionConfig)> = Vec::new();
         for (index, (name, instances)) in self.subsystems.iter().enumerate() {
             let mut entries = Vec::with_capacity(instances.len());
             for state in instances.values() {
+                // Instances of one subsystem usually repeat the same subscriptions: once each.
+                for sub in &state.spec.subscriptions {
+                    if seen_subscriptions
+                        .iter()
+                        .any(|(i, s)| *i == index && *s == sub)
+                    {
+                        continue;
+                    }
+                    seen_subscriptions.push((index, sub));
+                    webhooks.push(WebhookRoute {
+                        subsystem: index,
+                        path: sub.path.clone(),
+                        types: crate::glob::GlobSet::new(sub.types.iter().cloned()),
+                        channels: crate::glob::GlobSet::new(sub.channels.iter().cloned()),
+                    });
+                }
                 for route in &state.spec.routes {
                     if !routes.iter().any(|(r, _): &(String, usize)| r == route) {
                         routes.push((route.clone(), index));
@@ -543,6 +561,7 @@ impl Registry {
         Arc::new(Table {
             version: self.version,
             subsystems,
+            webhooks,
             routes,
         })
     }
@@ -577,11 +596,31 @@ pub struct SubsystemEntry {
     pub instances: Vec<Arc<RoutableInstance>>,
 }
 
+/// One webhook subscription: events whose type and channel match go to `path` of the
+/// subsystem's instances.
+#[derive(Debug)]
+pub struct WebhookRoute {
+    /// Index into [`Table::subsystems`].
+    pub subsystem: usize,
+    pub path: String,
+    types: crate::glob::GlobSet,
+    channels: crate::glob::GlobSet,
+}
+
+impl WebhookRoute {
+    /// An empty list of globs matches everything (validation requires at least one list).
+    pub fn matches(&self, event: &crate::bus::event::Event) -> bool {
+        (self.types.is_empty() || self.types.matches(&event.event_type))
+            && (self.channels.is_empty() || self.channels.matches(&event.channel))
+    }
+}
+
 /// The routing table: immutable, shared by every shard.
 #[derive(Debug, Default)]
 pub struct Table {
     pub version: u64,
     pub subsystems: Vec<SubsystemEntry>,
+    pub webhooks: Vec<WebhookRoute>,
     /// (prefix, index into `subsystems`), longest prefix first.
     routes: Vec<(String, usize)>,
 }
@@ -605,6 +644,117 @@ impl Table {
             .iter()
             .find(|(prefix, _)| prefix_matches(prefix, path))
             .and_then(|(_, index)| self.subsystems.get(*index))
+    }
+}
+
+/// A metric family rendered per instance: name, help, and how to read the value.
+type Family<T> = (&'static str, &'static str, fn(&InstanceStats) -> T);
+
+/// Appends the per-instance families: `relay_upstream_requests_total{subsystem,instance,code}`,
+/// `relay_upstream_duration_seconds{subsystem}` (histogram), `relay_circuit_state`,
+/// `relay_upstream_in_flight`, health-check and webhook counts.
+pub fn render_metrics(out: &mut String, table: &Table) {
+    use std::fmt::Write as _;
+    let instances: Vec<&Arc<RoutableInstance>> = table
+        .subsystems
+        .iter()
+        .flat_map(|s| s.instances.iter())
+        .collect();
+    let labels =
+        |i: &RoutableInstance| format!("subsystem=\"{}\",instance=\"{}\"", i.subsystem, i.instance);
+    let _ = writeln!(out, "# HELP relay_upstream_requests_total Proxied requests by response class (timeout and error: no response).");
+    let _ = writeln!(out, "# TYPE relay_upstream_requests_total counter");
+    for i in &instances {
+        for (class, n) in RESPONSE_CLASSES.iter().zip(i.stats.responses.iter()) {
+            let _ = writeln!(
+                out,
+                "relay_upstream_requests_total{{{},code=\"{class}\"}} {}",
+                labels(i),
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_upstream_duration_seconds Time to an upstream's complete response."
+    );
+    let _ = writeln!(out, "# TYPE relay_upstream_duration_seconds histogram");
+    for sub in &table.subsystems {
+        let mut merged = crate::metrics::HistogramSnapshot::default();
+        for i in &sub.instances {
+            for h in i.stats.latency.iter() {
+                merged.merge(&h.snapshot());
+            }
+        }
+        let mut cumulative = 0u64;
+        for (le, n) in crate::metrics::BUCKET_LE.iter().zip(merged.buckets.iter()) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "relay_upstream_duration_seconds_bucket{{subsystem=\"{}\",le=\"{le}\"}} {cumulative}",
+                sub.name
+            );
+        }
+        let _ = writeln!(
+            out,
+            "relay_upstream_duration_seconds_sum{{subsystem=\"{}\"}} {:.9}",
+            sub.name,
+            merged.sum_ns as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "relay_upstream_duration_seconds_count{{subsystem=\"{}\"}} {}",
+            sub.name,
+            cumulative.max(merged.count)
+        );
+    }
+    let gauges: [Family<i64>; 2] = [
+        (
+            "relay_circuit_state",
+            "Circuit state, worst over shards: 0 closed, 1 half-open, 2 open.",
+            |s| i64::from(s.circuit_state()),
+        ),
+        (
+            "relay_upstream_in_flight",
+            "Proxied requests and webhook POSTs in flight.",
+            |s| s.in_flight.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for i in &instances {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(i), get(&i.stats));
+        }
+    }
+    let counters: [Family<u64>; 4] = [
+        (
+            "relay_health_checks_ok_total",
+            "Health checks that passed.",
+            |s| s.health_checks_ok.load(Ordering::Relaxed),
+        ),
+        (
+            "relay_health_checks_failed_total",
+            "Health checks that failed.",
+            |s| s.health_checks_failed.load(Ordering::Relaxed),
+        ),
+        (
+            "relay_webhook_instance_events_total",
+            "Webhook events delivered to the instance.",
+            |s| s.webhooks_delivered.load(Ordering::Relaxed),
+        ),
+        (
+            "relay_webhook_instance_failures_total",
+            "Webhook POSTs to the instance that failed.",
+            |s| s.webhooks_failed.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for i in &instances {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(i), get(&i.stats));
+        }
     }
 }
 

@@ -1126,6 +1126,7 @@ pub fn percent_encode(s: &str) -> String {
 // WebSocket client (tests/common/ws.rs) and metric polling
 // ---------------------------------------------------------------------------------------------
 
+pub mod upstream;
 pub mod ws;
 
 /// Polls `/metrics` (at most `bound`) until `name` (may include `{labels}`) sums to at least
