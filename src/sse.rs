@@ -530,27 +530,9 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::event::Draft;
-    use bytes::Bytes;
 
     fn event(channel: &str, seq: u64, event_type: &str) -> Arc<Event> {
-        let draft = Draft {
-            channel: Arc::from(channel),
-            event_type: event_type.into(),
-            id: None,
-            data: Bytes::from_static(b"1"),
-            source: None,
-            correlation_id: None,
-        };
-        let epoch: Arc<str> = Arc::from("e");
-        Arc::new(Event::encode(
-            &draft,
-            &epoch,
-            seq,
-            format!("{channel}-{seq}").into(),
-            0,
-            Instant::now(),
-        ))
+        crate::bus::event::testing::event(channel, seq, event_type)
     }
 
     fn sink(channels: &[&str], config: &Config, types: Option<GlobSet>) -> SseSink {

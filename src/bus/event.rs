@@ -188,6 +188,34 @@ pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// Builds events for unit tests across the crate (one place, so they cannot drift apart).
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// An event of `channel` with `seq`, type `event_type`, id `{channel}-{seq}`, data `1`.
+    pub fn event(channel: &str, seq: u64, event_type: &str) -> Arc<Event> {
+        let draft = Draft {
+            channel: Arc::from(channel),
+            event_type: event_type.into(),
+            id: None,
+            data: Bytes::from_static(b"1"),
+            source: None,
+            correlation_id: None,
+        };
+        let epoch: Arc<str> = Arc::from("e");
+        let id = format!("{channel}-{seq}");
+        Arc::new(Event::encode(
+            &draft,
+            &epoch,
+            seq,
+            id.into(),
+            0,
+            Instant::now(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -780,26 +780,9 @@ async fn send_close(write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf, code: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::event::Draft;
 
     fn event(channel: &str, seq: u64) -> Arc<Event> {
-        let draft = Draft {
-            channel: Arc::from(channel),
-            event_type: "t".into(),
-            id: None,
-            data: Bytes::from_static(b"1"),
-            source: None,
-            correlation_id: None,
-        };
-        let epoch: Arc<str> = Arc::from("e");
-        Arc::new(Event::encode(
-            &draft,
-            &epoch,
-            seq,
-            format!("{seq}").into(),
-            0,
-            Instant::now(),
-        ))
+        crate::bus::event::testing::event(channel, seq, "t")
     }
 
     fn conn(config: &Config) -> WsConn {
