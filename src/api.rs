@@ -104,7 +104,11 @@ async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes
         }
         _ => {}
     }
-    let Some(rest) = path.strip_prefix(PREFIX) else {
+    // Relay's namespace is matched on whole segments, like routes: `/api/v1/relayx` is not it.
+    let own = path
+        .strip_prefix(PREFIX)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+    let Some(rest) = own else {
         // Not relay's own: a registered route prefix, or nothing.
         return match crate::proxy::forward(shard, ctl.peer, head, &body).await {
             Some(response) => response.into(),

@@ -126,7 +126,7 @@ pub fn validate(spec: &SubsystemConfig) -> Result<Endpoint, FieldError> {
                 "must be a path prefix starting with '/' (no query, fragment or spaces)",
             ));
         }
-        if route.starts_with("/api/v1/relay") {
+        if route == "/api/v1/relay" || route.starts_with("/api/v1/relay/") {
             return Err(field_error(
                 format!("routes[{i}]"),
                 "must not shadow relay's own /api/v1/relay endpoints",

@@ -148,7 +148,8 @@ impl Upstream {
         self.state.requests.lock().unwrap().len()
     }
 
-    /// How many non-health requests were answered (the response fully written).
+    /// How many non-health requests were answered (counted just before the response is
+    /// written, so a client that got the answer always sees it counted).
     pub fn answered(&self) -> usize {
         self.state.answered.load(Ordering::SeqCst)
     }
@@ -257,8 +258,11 @@ fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &State) -> io::Result<
                 buf.extend_from_slice(&chunk[..n]);
                 return Ok(true);
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -485,8 +489,9 @@ fn serve(mut stream: TcpStream, state: &State) -> io::Result<()> {
                     normal(state, &rec, current)
                 }
             };
-            write_response(&mut stream, status, &headers, &body)?;
+            // Counted before the bytes go out, so whoever sees the answer also sees the count.
             state.answered.fetch_add(1, Ordering::SeqCst);
+            write_response(&mut stream, status, &headers, &body)?;
         }
         if close {
             return Ok(());
