@@ -331,26 +331,9 @@ fn idempotency_key(batch: &[Arc<Event>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::event::Draft;
-    use bytes::Bytes;
 
     fn event(seq: u64, id: &str) -> Arc<Event> {
-        let draft = Draft {
-            channel: Arc::from("doc.1"),
-            event_type: "document.edit".into(),
-            id: None,
-            data: Bytes::from_static(b"1"),
-            source: None,
-            correlation_id: None,
-        };
-        Arc::new(Event::encode(
-            &draft,
-            &Arc::from("e"),
-            seq,
-            id.into(),
-            0,
-            Instant::now(),
-        ))
+        crate::bus::event::testing::event_with("doc.1", seq, "document.edit", id, Instant::now())
     }
 
     #[test]

@@ -195,6 +195,18 @@ pub mod testing {
 
     /// An event of `channel` with `seq`, type `event_type`, id `{channel}-{seq}`, data `1`.
     pub fn event(channel: &str, seq: u64, event_type: &str) -> Arc<Event> {
+        let id = format!("{channel}-{seq}");
+        event_with(channel, seq, event_type, &id, Instant::now())
+    }
+
+    /// The same with a chosen id and acceptance time (history TTL, idempotency tests).
+    pub fn event_with(
+        channel: &str,
+        seq: u64,
+        event_type: &str,
+        id: &str,
+        accepted_at: Instant,
+    ) -> Arc<Event> {
         let draft = Draft {
             channel: Arc::from(channel),
             event_type: event_type.into(),
@@ -204,14 +216,13 @@ pub mod testing {
             correlation_id: None,
         };
         let epoch: Arc<str> = Arc::from("e");
-        let id = format!("{channel}-{seq}");
         Arc::new(Event::encode(
             &draft,
             &epoch,
             seq,
             id.into(),
             0,
-            Instant::now(),
+            accepted_at,
         ))
     }
 }

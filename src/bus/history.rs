@@ -120,26 +120,9 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::event::Draft;
-    use bytes::Bytes;
 
     fn ev(seq: u64, id: &str, at: Instant) -> Arc<Event> {
-        let draft = Draft {
-            channel: Arc::from("c"),
-            event_type: "t".into(),
-            id: None,
-            data: Bytes::from_static(b"1"),
-            source: None,
-            correlation_id: None,
-        };
-        Arc::new(Event::encode(
-            &draft,
-            &Arc::from("e"),
-            seq,
-            id.into(),
-            0,
-            at,
-        ))
+        crate::bus::event::testing::event_with("c", seq, "t", id, at)
     }
 
     #[test]

@@ -804,7 +804,7 @@ pub fn write_response(out: &mut Vec<u8>, head: &ResponseHead<'_>, body: &[u8], h
 
 /// Writes `name: value\r\n`. CR, LF and NUL are replaced by spaces: header values sometimes
 /// echo request data, and a stray line break would let it inject headers or split the response.
-fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
     let clean = |b: u8| {
         if matches!(b, b'\r' | b'\n' | 0) {
             b' '

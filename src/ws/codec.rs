@@ -182,27 +182,12 @@ pub fn write_101(out: &mut Vec<u8>, accept: &str, extra_headers: &[(&str, &str)]
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
     );
-    push_http_header(out, "Sec-WebSocket-Accept", accept);
+    crate::http::codec::push_header(out, "Sec-WebSocket-Accept", accept);
     for &(name, value) in extra_headers {
         if !OWNED.iter().any(|owned| name.eq_ignore_ascii_case(owned)) {
-            push_http_header(out, name, value);
+            crate::http::codec::push_header(out, name, value);
         }
     }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes `name: value\r\n` with CR, LF and NUL replaced by spaces.
-fn push_http_header(out: &mut Vec<u8>, name: &str, value: &str) {
-    let clean = |b: u8| {
-        if matches!(b, b'\r' | b'\n' | 0) {
-            b' '
-        } else {
-            b
-        }
-    };
-    out.extend(name.bytes().map(clean));
-    out.extend_from_slice(b": ");
-    out.extend(value.bytes().map(clean));
     out.extend_from_slice(b"\r\n");
 }
 
