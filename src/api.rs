@@ -550,7 +550,9 @@ fn slice_of(body: &Bytes, part: &str) -> Bytes {
 }
 
 async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Response {
-    let key = crate::proxy::client_key(head, ctl.peer.ip());
+    let key = shard
+        .proxy
+        .client_key(&shard.shared.auth, head, ctl.peer.ip());
     if let Err(response) = shard.proxy.check_publish(&key) {
         shard.stats.rate_limited.inc();
         return response;

@@ -376,12 +376,24 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitConfig {
-    /// Consecutive proxy failures that open the circuit, >= 1. Default 5.
+    /// Consecutive proxy failures that open the circuit. Default 5. 0 turns this rule off
+    /// (allowed only with `failure_rate_percent` on).
     pub consecutive_failures: u32,
     /// Milliseconds the circuit stays open before probing, >= 1. Default 10000.
     pub cooldown_ms: u64,
     /// Trial requests let through while half-open, >= 1. Default 1.
     pub half_open_probes: u32,
+    /// Upper bound of the cooldown as it doubles on repeated trips, >= `cooldown_ms`.
+    /// Default 300000 (five minutes).
+    pub cooldown_max_ms: u64,
+    /// Failure share, in percent (0..=100), within `rate_window_ms` that opens the circuit.
+    /// Default 0 = off (only `consecutive_failures` trips it).
+    pub failure_rate_percent: u32,
+    /// Length of the sliding failure-rate window, >= 1000 (one-second buckets). Default 10000.
+    pub rate_window_ms: u64,
+    /// Completed requests the window must hold before the rate may trip, >= 1, so that one
+    /// failure out of two does not open a barely used instance. Default 20.
+    pub rate_min_requests: u32,
 }
 
 impl Default for CircuitConfig {
@@ -390,6 +402,10 @@ impl Default for CircuitConfig {
             consecutive_failures: 5,
             cooldown_ms: 10_000,
             half_open_probes: 1,
+            cooldown_max_ms: 300_000,
+            failure_rate_percent: 0,
+            rate_window_ms: 10_000,
+            rate_min_requests: 20,
         }
     }
 }
@@ -421,6 +437,29 @@ pub struct RateLimitConfig {
     pub proxy_per_s: u64,
     /// Proxy bucket size. Default 0 = same as `proxy_per_s`.
     pub proxy_burst: u64,
+    /// Peers (addresses or CIDR blocks, e.g. the gateway) whose `X-Forwarded-For` names the
+    /// client: the rate-limit key is then the rightmost address in it that is not itself
+    /// trusted. Default none: the key is always the peer address.
+    pub trusted_proxies: Vec<String>,
+    /// Limits for proxied requests under one route or subsystem, replacing `proxy_per_s` there
+    /// (`[[rate_limit.routes]]`). Default none.
+    pub routes: Vec<RouteLimitConfig>,
+}
+
+/// One `[[rate_limit.routes]]` entry: exactly one of `prefix` and `subsystem`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteLimitConfig {
+    /// Path prefix, matched on whole segments; the longest matching entry wins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Subsystem name: every route of that subsystem (a matching `prefix` entry wins).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subsystem: Option<String>,
+    /// Requests per second per client key, >= 1.
+    pub per_s: u64,
+    /// Bucket size. Default 0 = same as `per_s`.
+    pub burst: u64,
 }
 
 /// One `[[subsystems]]` entry: one instance of a backend subsystem.
@@ -782,11 +821,16 @@ const SETTINGS: &[Setting] = &[
     s("circuit", "consecutive_failures", U32),
     s("circuit", "cooldown_ms", U64),
     s("circuit", "half_open_probes", U32),
+    s("circuit", "cooldown_max_ms", U64),
+    s("circuit", "failure_rate_percent", U32),
+    s("circuit", "rate_window_ms", U64),
+    s("circuit", "rate_min_requests", U32),
     s("proxy", "timeout_ms", U64),
     s("rate_limit", "publish_per_s", U64),
     s("rate_limit", "publish_burst", U64),
     s("rate_limit", "proxy_per_s", U64),
     s("rate_limit", "proxy_burst", U64),
+    s("rate_limit", "trusted_proxies", Kind::StrList),
 ];
 
 /// The variable that names the config file.
@@ -1542,10 +1586,10 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
         1,
     )?;
 
-    o.at_least(
+    o.check(
         "circuit.consecutive_failures",
-        c.circuit.consecutive_failures.into(),
-        1,
+        c.circuit.consecutive_failures > 0 || c.circuit.failure_rate_percent > 0,
+        "0 turns the consecutive rule off, which needs circuit.failure_rate_percent above 0",
     )?;
     o.at_least("circuit.cooldown_ms", c.circuit.cooldown_ms, 1)?;
     o.at_least(
@@ -1553,8 +1597,58 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
         c.circuit.half_open_probes.into(),
         1,
     )?;
+    o.at_least(
+        "circuit.cooldown_max_ms",
+        c.circuit.cooldown_max_ms,
+        c.circuit.cooldown_ms,
+    )?;
+    o.between(
+        "circuit.failure_rate_percent",
+        c.circuit.failure_rate_percent.into(),
+        0,
+        100,
+    )?;
+    // The window is kept in one-second buckets, at most an hour of them.
+    o.between(
+        "circuit.rate_window_ms",
+        c.circuit.rate_window_ms,
+        1000,
+        3_600_000,
+    )?;
+    o.at_least(
+        "circuit.rate_min_requests",
+        c.circuit.rate_min_requests.into(),
+        1,
+    )?;
 
     o.at_least("proxy.timeout_ms", c.proxy.timeout_ms, 1)?;
+
+    let r = &c.rate_limit;
+    for (i, entry) in r.trusted_proxies.iter().enumerate() {
+        if let Err(message) = crate::ratelimit::IpNet::parse(entry) {
+            return Err(o.error(&format!("rate_limit.trusted_proxies[{i}]"), message));
+        }
+    }
+    for (i, route) in r.routes.iter().enumerate() {
+        let key = |field: &str| format!("rate_limit.routes[{i}].{field}");
+        match (&route.prefix, &route.subsystem) {
+            (Some(prefix), None) => o.check(
+                &key("prefix"),
+                prefix.starts_with('/'),
+                format!("prefix {prefix:?} must start with '/'"),
+            )?,
+            (None, Some(name)) => {
+                o.check(&key("subsystem"), !name.is_empty(), "must name a subsystem")?
+            }
+            _ => {
+                return Err(o.error(
+                    &format!("rate_limit.routes[{i}]"),
+                    "needs exactly one of `prefix` and `subsystem`",
+                ))
+            }
+        }
+        o.at_least(&key("per_s"), route.per_s, 1)?;
+    }
 
     for (i, sub) in c.subsystems.iter().enumerate() {
         let key = |field: &str| format!("subsystems[{i}].{field}");
@@ -2093,6 +2187,26 @@ mod tests {
             shown.starts_with("relay.toml:3: key `health.timeout_ms`: must not exceed"),
             "{shown}"
         );
+        let (_, shown) = file_error("[circuit]\nconsecutive_failures = 0\n");
+        assert!(
+            shown.starts_with("relay.toml:2: key `circuit.consecutive_failures`: 0 turns"),
+            "{shown}"
+        );
+        let (_, shown) = file_error("[circuit]\nfailure_rate_percent = 101\n");
+        assert_eq!(
+            shown,
+            "relay.toml:2: key `circuit.failure_rate_percent`: must be between 0 and 100"
+        );
+        let (_, shown) = file_error("[circuit]\nrate_window_ms = 999\n");
+        assert_eq!(
+            shown,
+            "relay.toml:2: key `circuit.rate_window_ms`: must be between 1000 and 3600000"
+        );
+        let (_, shown) = file_error("[circuit]\ncooldown_ms = 5000\ncooldown_max_ms = 4000\n");
+        assert_eq!(
+            shown,
+            "relay.toml:3: key `circuit.cooldown_max_ms`: must be at least 5000"
+        );
         let (_, shown) = file_error("[auth]\napi_keys = [\"a\", \"\"]\n");
         assert_eq!(
             shown,
@@ -2429,6 +2543,10 @@ history_ttl_s = 30
             match value {
                 toml::Value::Table(section) => {
                     for (inner, value) in section {
+                        // An array of tables, not a scalar setting.
+                        if key == "rate_limit" && inner == "routes" {
+                            continue;
+                        }
                         seen.push((key.clone(), inner.clone(), value.clone()));
                     }
                 }

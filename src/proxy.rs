@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -19,14 +20,15 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use bytes::Bytes;
 
+use crate::auth::{Auth, Principal};
 use crate::config::{Config, LbPolicy};
 use crate::http::client::{Client, ClientConfig, ClientError, Request};
 use crate::http::codec::{Method, RequestHead};
 use crate::http::Response;
-use crate::ratelimit::{retry_after_secs, Division, Limit, RateLimiter};
+use crate::ratelimit::{retry_after_secs, Division, Limit, RateLimiter, TrustedProxies};
 use crate::registry::balance::{Balancer, Candidate, Policy};
 use crate::registry::circuit::{Circuit, CircuitConfig, Permit};
-use crate::registry::{Lifecycle, RoutableInstance, SubsystemEntry};
+use crate::registry::{prefix_matches, Lifecycle, RoutableInstance, SubsystemEntry};
 use crate::shard::Shard;
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1), plus those relay sets.
@@ -54,9 +56,19 @@ pub struct ProxyState {
     /// By instance key: the circuit and the reset epoch it last saw.
     circuits: RefCell<AHashMap<usize, (Circuit, u64)>>,
     balancers: RefCell<AHashMap<String, Balancer>>,
-    pub publish_limit: RefCell<RateLimiter>,
+    publish_limit: RefCell<RateLimiter>,
     proxy_limit: RefCell<RateLimiter>,
+    /// `[[rate_limit.routes]]`, each with its own buckets.
+    route_limits: Vec<RouteLimit>,
+    trusted: TrustedProxies,
     started: Instant,
+}
+
+/// A per-route or per-subsystem limit for proxied requests.
+struct RouteLimit {
+    prefix: Option<String>,
+    subsystem: Option<String>,
+    limiter: RefCell<RateLimiter>,
 }
 
 impl ProxyState {
@@ -77,7 +89,10 @@ impl ProxyState {
                 consecutive_failures: c.consecutive_failures,
                 cooldown: Duration::from_millis(c.cooldown_ms),
                 half_open_probes: c.half_open_probes,
-                ..CircuitConfig::default()
+                cooldown_max: Duration::from_millis(c.cooldown_max_ms),
+                failure_rate_percent: c.failure_rate_percent,
+                rate_window: Duration::from_millis(c.rate_window_ms),
+                rate_min_requests: c.rate_min_requests,
             },
             circuits: RefCell::new(AHashMap::new()),
             balancers: RefCell::new(AHashMap::new()),
@@ -101,8 +116,69 @@ impl ProxyState {
                 Division::PerShard,
                 RATE_LIMIT_KEYS,
             )),
+            route_limits: r
+                .routes
+                .iter()
+                .map(|route| RouteLimit {
+                    prefix: route.prefix.clone(),
+                    subsystem: route.subsystem.clone(),
+                    limiter: RefCell::new(RateLimiter::new(
+                        Limit {
+                            per_s: route.per_s,
+                            burst: route.burst,
+                        },
+                        shards,
+                        Division::PerShard,
+                        RATE_LIMIT_KEYS,
+                    )),
+                })
+                .collect(),
+            trusted: TrustedProxies::new(&r.trusted_proxies),
             started: Instant::now(),
         }
+    }
+
+    /// The key a client is limited by: the JWT `sub` when the bearer token is a valid JWT of
+    /// ours, else the bearer token or API key itself, else the client address (taken from
+    /// `X-Forwarded-For` only when the peer is a trusted proxy).
+    pub fn client_key(&self, auth: &Auth, head: &RequestHead, peer: IpAddr) -> String {
+        if let Some(token) = crate::auth::bearer(head.header_str("authorization")) {
+            if auth.jwt_required() {
+                if let Ok(Principal {
+                    user: Some(sub), ..
+                }) = auth.principal(Some(token), None, crate::shard::unix_ms() / 1000)
+                {
+                    return format!("sub:{sub}");
+                }
+            }
+            return format!("bearer:{token}");
+        }
+        let ip = self
+            .trusted
+            .client_ip(peer, head.header_str("x-forwarded-for"));
+        format!("ip:{ip}")
+    }
+
+    /// The limiter for a proxied request to `subsystem` at `path`: the longest matching
+    /// `prefix` entry, else a `subsystem` entry, else `[rate_limit] proxy_per_s`.
+    fn proxy_limiter(&self, path: &str, subsystem: &str) -> &RefCell<RateLimiter> {
+        let by_prefix = self
+            .route_limits
+            .iter()
+            .filter_map(|r| {
+                let prefix = r.prefix.as_deref()?;
+                prefix_matches(prefix, path).then_some((prefix.len(), &r.limiter))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, limiter)| limiter);
+        by_prefix
+            .or_else(|| {
+                self.route_limits
+                    .iter()
+                    .find(|r| r.subsystem.as_deref() == Some(subsystem))
+                    .map(|r| &r.limiter)
+            })
+            .unwrap_or(&self.proxy_limit)
     }
 
     pub fn client(&self) -> &Client {
@@ -166,14 +242,6 @@ fn rate_limited(retry_after: Duration) -> Response {
         "too many requests from this client; retry after the time in Retry-After",
     )
     .with_header("Retry-After", retry_after_secs(retry_after).to_string())
-}
-
-/// The key a client is limited by: its API key or bearer token, else its address.
-pub fn client_key(head: &RequestHead, peer: std::net::IpAddr) -> String {
-    match crate::auth::bearer(head.header_str("authorization")) {
-        Some(token) => format!("bearer:{token}"),
-        None => format!("ip:{peer}"),
-    }
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -260,8 +328,9 @@ async fn forward_to(
 ) -> Response {
     let proxy = &shard.proxy;
     let now_ns = proxy.now_ns();
-    let key = client_key(head, peer.ip());
-    if let Err(retry_after) = proxy.proxy_limit.borrow_mut().check(&key, now_ns) {
+    let key = proxy.client_key(&shard.shared.auth, head, peer.ip());
+    let limiter = proxy.proxy_limiter(&head.path, &subsystem.name);
+    if let Err(retry_after) = limiter.borrow_mut().check(&key, now_ns) {
         shard.stats.rate_limited.inc();
         return rate_limited(retry_after);
     }

@@ -61,6 +61,7 @@
 //! already present never trigger a sweep, and `check` on a known key does not allocate.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// Nanoseconds per second.
@@ -250,6 +251,115 @@ pub fn retry_after_secs(retry_after: Duration) -> u64 {
         secs
     };
     secs.max(1)
+}
+
+/// An address block from `rate_limit.trusted_proxies`: `10.0.0.0/8`, `::1/128`, or a bare
+/// address (a block of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+impl IpNet {
+    /// Parses `addr` or `addr/len`; the message says what is wrong.
+    pub fn parse(text: &str) -> Result<IpNet, String> {
+        let (addr_text, len_text) = match text.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr_text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len_text {
+            None => max,
+            Some(l) => match l.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{text:?}: prefix length must be 0..={max}")),
+            },
+        };
+        Ok(IpNet { addr, prefix_len })
+    }
+
+    /// Whether `ip` is inside the block (an IPv4-mapped IPv6 peer counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u128::from(u32::from(net)) << 96,
+                u128::from(u32::from(ip)) << 96,
+                self.prefix_len,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), self.prefix_len)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, len: u8) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let mask = u128::MAX << (128 - u32::from(len.min(128)));
+    a & mask == b & mask
+}
+
+/// Who the client is when a trusted proxy (the gateway) stands in front of relay.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+}
+
+impl TrustedProxies {
+    /// From the config's entries; entries that do not parse are skipped (config validation
+    /// already refused them).
+    pub fn new(entries: &[String]) -> TrustedProxies {
+        TrustedProxies {
+            nets: entries
+                .iter()
+                .filter_map(|e| IpNet::parse(e).ok())
+                .collect(),
+        }
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|n| n.contains(ip))
+    }
+
+    /// The client address: the peer itself unless the peer is trusted; then the rightmost
+    /// `X-Forwarded-For` address that is not trusted (the leftmost when all are). Entries that
+    /// are not addresses end the walk, so a client cannot hide behind garbage it wrote itself.
+    pub fn client_ip(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        let peer = canonical(peer);
+        let Some(list) = forwarded_for else {
+            return peer;
+        };
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for entry in list.rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = canonical(ip);
+            if !self.trusts(client) {
+                break;
+            }
+        }
+        client
+    }
 }
 
 #[cfg(test)]
@@ -590,5 +700,63 @@ mod tests {
         assert_eq!(rl.refused(), 6);
         rl.check("a", S).unwrap();
         assert_eq!(rl.refused(), 6);
+    }
+
+    #[test]
+    fn ip_nets_parse_and_match() {
+        let net = IpNet::parse("10.0.0.0/8").expect("cidr");
+        assert!(net.contains("10.1.2.3".parse().expect("ip")));
+        assert!(!net.contains("11.0.0.1".parse().expect("ip")));
+        assert!(net.contains("::ffff:10.9.9.9".parse().expect("mapped")));
+        let one = IpNet::parse("127.0.0.1").expect("bare");
+        assert!(one.contains("127.0.0.1".parse().expect("ip")));
+        assert!(!one.contains("127.0.0.2".parse().expect("ip")));
+        let v6 = IpNet::parse("fd00::/8").expect("v6");
+        assert!(v6.contains("fd12::1".parse().expect("ip")));
+        assert!(!v6.contains("10.0.0.1".parse().expect("ip")));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .expect("all")
+            .contains("8.8.8.8".parse().expect("ip")));
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "gateway",
+            "10.0.0.0/x",
+            "1.2.3.4/",
+        ] {
+            assert!(IpNet::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_peers() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let none = TrustedProxies::new(&[]);
+        assert_eq!(
+            none.client_ip(ip("10.0.0.5"), Some("1.2.3.4")),
+            ip("10.0.0.5")
+        );
+        let gw = TrustedProxies::new(&["10.0.0.0/8".to_string()]);
+        assert_eq!(gw.client_ip(ip("10.0.0.5"), Some("1.2.3.4")), ip("1.2.3.4"));
+        // A client-written entry left of the real one is not believed.
+        assert_eq!(
+            gw.client_ip(ip("10.0.0.5"), Some("6.6.6.6, 1.2.3.4, 10.0.0.9")),
+            ip("1.2.3.4")
+        );
+        // An untrusted peer's header is ignored.
+        assert_eq!(gw.client_ip(ip("9.9.9.9"), Some("1.2.3.4")), ip("9.9.9.9"));
+        // No header: the peer.
+        assert_eq!(gw.client_ip(ip("10.0.0.5"), None), ip("10.0.0.5"));
+        // Garbage ends the walk at the last good address.
+        assert_eq!(
+            gw.client_ip(ip("10.0.0.5"), Some("x, 10.0.0.7")),
+            ip("10.0.0.7")
+        );
+        // All trusted: the leftmost.
+        assert_eq!(
+            gw.client_ip(ip("10.0.0.5"), Some("10.0.0.1, 10.0.0.2")),
+            ip("10.0.0.1")
+        );
     }
 }

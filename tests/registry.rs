@@ -31,6 +31,7 @@ both_drivers!(
     bad_gateway_when_every_instance_refuses,
     gateway_timeout_when_the_upstream_hangs,
     circuit_opens_rejects_and_closes_after_the_cooldown,
+    circuit_opens_on_a_failure_rate,
     circuit_reset_closes_at_once,
     upstream_metrics_are_exported,
     health_checks_take_instances_out_and_back,
@@ -38,6 +39,7 @@ both_drivers!(
     heartbeat_ttl_removes_silent_instances,
     deregistration_drains_in_flight_requests_first,
     rate_limits_answer_429,
+    route_limits_and_trusted_proxies,
     api_keys_guard_the_registry_but_not_routes,
 );
 
@@ -1149,6 +1151,45 @@ fn circuit_opens_rejects_and_closes_after_the_cooldown(driver: &str) {
     assert_eq!(up.count(), 7);
 }
 
+/// `[circuit] failure_rate_percent`: half of at least four requests failing opens the circuit,
+/// although no two failures come in a row.
+fn circuit_opens_on_a_failure_rate(driver: &str) {
+    let server = Server::start_with_config(
+        driver,
+        "[circuit]\nconsecutive_failures = 0\nfailure_rate_percent = 50\n\
+         rate_min_requests = 4\nrate_window_ms = 60000\ncooldown_ms = 60000\n",
+    );
+    let up = Upstream::start("rate", Behaviour::Normal);
+    register(server.addr, &reg("cr", "a", &up.url(), &["/cr"]));
+    let mut conn = Conn::open(server.addr);
+    for (i, status) in [200u16, 500, 200, 500].into_iter().enumerate() {
+        up.set_status(status);
+        let r = conn.roundtrip("POST", "/cr/x", &[], b"{}");
+        assert_eq!(r.status, status, "request {i} reaches the upstream: {r}");
+        let list = listing(server.addr);
+        let want = if i < 3 { "closed" } else { "open" };
+        assert_eq!(
+            instance(&list, "cr", "a").expect("listed")["circuit"],
+            want,
+            "after {} of {} requests failed (50% of at least 4 trips) the circuit is {want}: {list}",
+            (i + 1) / 2,
+            i + 1
+        );
+    }
+    up.set_status(200);
+    let r = conn.roundtrip("POST", "/cr/x", &[], b"{}");
+    assert_json_error(
+        &r,
+        503,
+        "request while the rate rule holds the circuit open",
+    );
+    assert_eq!(
+        up.count(),
+        4,
+        "an open circuit keeps requests from the upstream"
+    );
+}
+
 fn circuit_reset_closes_at_once(driver: &str) {
     let server = Server::start_with_config(
         driver,
@@ -1351,6 +1392,23 @@ fn health_checks_take_instances_out_and_back(driver: &str) {
     let r = conn.roundtrip("GET", "/hc/none", &[], b"");
     assert_json_error(&r, 503, "GET when no instance is healthy");
     retry_after(&r, "503 when no instance is healthy");
+
+    // Every flip is counted: a went down, up and down (3), b down once (1).
+    let list = listing(server.addr);
+    let changes = |id: &str| {
+        instance(&list, "hc", id).expect("listed")["health_checks"]["status_changes"].clone()
+    };
+    assert_eq!((changes("a"), changes("b")), (3.into(), 1.into()), "{list}");
+    let metrics = server.get("/metrics").text();
+    for (id, want) in [("a", 3), ("b", 1)] {
+        let line = format!(
+            "relay_health_status_changes_total{{subsystem=\"hc\",instance=\"{id}\"}} {want}"
+        );
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "want `{line}` in /metrics"
+        );
+    }
 }
 
 fn health_endpoint_degrades_without_a_healthy_instance(driver: &str) {
@@ -1596,6 +1654,78 @@ fn rate_limits_answer_429(driver: &str) {
         n >= 2.0,
         "relay_rate_limited_total counts both 429s, got {n}"
     );
+}
+
+/// `[[rate_limit.routes]]` entries limit their own prefix or subsystem, and
+/// `X-Forwarded-For` names the client only when the peer is a trusted proxy.
+fn route_limits_and_trusted_proxies(driver: &str) {
+    let config = |trusted: &str| {
+        format!(
+            "[rate_limit]\ntrusted_proxies = [\"{trusted}\"]\n\
+             [[rate_limit.routes]]\nprefix = \"/rl/slow\"\nper_s = 2\nburst = 2\n\
+             [[rate_limit.routes]]\nsubsystem = \"capped\"\nper_s = 2\nburst = 2\n"
+        )
+    };
+    let server = Server::start_with_config(driver, &config("127.0.0.0/8"));
+    let up = Upstream::start("rl", Behaviour::Normal);
+    register(server.addr, &reg("rl", "a", &up.url(), &["/rl"]));
+    register(server.addr, &reg("capped", "a", &up.url(), &["/capped"]));
+    let mut conn = Conn::open(server.addr);
+
+    for i in 0..6 {
+        let r = conn.roundtrip("GET", "/rl/fast", &[], b"");
+        assert_eq!(
+            r.status, 200,
+            "no limit outside the entries (request {i}): {r}"
+        );
+    }
+    let r = until_limited("route prefix", 200, || {
+        conn.roundtrip("GET", "/rl/slow/x", &[], b"")
+    });
+    assert_json_error(&r, 429, "over the /rl/slow limit");
+    let r = conn.roundtrip("GET", "/rl/fast", &[], b"");
+    assert_eq!(r.status, 200, "/rl/fast has its own (absent) limit: {r}");
+    let r = until_limited("subsystem", 200, || {
+        conn.roundtrip("GET", "/capped/x", &[], b"")
+    });
+    assert_json_error(&r, 429, "over the capped subsystem's limit");
+
+    // Behind the trusted gateway (127.0.0.1), each forwarded client has its own bucket.
+    let xff = |ip: &'static str| [("X-Forwarded-For", ip)];
+    let r = conn.roundtrip("GET", "/rl/slow/x", &xff("203.0.113.7"), b"");
+    assert_eq!(r.status, 200, "a forwarded client has its own bucket: {r}");
+    let r = until_limited("forwarded client", 200, || {
+        conn.roundtrip("GET", "/rl/slow/x", &xff("203.0.113.8"), b"")
+    });
+    assert_json_error(&r, 429, "a forwarded client over the limit");
+    let forwarded = up
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|q| q.target.starts_with("/rl/slow"))
+        .expect("a forwarded request");
+    assert_eq!(
+        forwarded.header("x-forwarded-for"),
+        Some("203.0.113.8, 127.0.0.1"),
+        "the chain is appended to, not replaced"
+    );
+
+    // An untrusted peer cannot pick its key by writing the header.
+    let server = Server::start_with_config(driver, &config("10.0.0.0/8"));
+    register(server.addr, &reg("rl", "a", &up.url(), &["/rl"]));
+    let mut conn = Conn::open(server.addr);
+    let mut n = 0;
+    let r = until_limited("untrusted peer", 200, || {
+        n += 1;
+        let ip = format!("198.51.100.{n}");
+        conn.roundtrip(
+            "GET",
+            "/rl/slow/x",
+            &[("X-Forwarded-For", ip.as_str())],
+            b"",
+        )
+    });
+    assert_json_error(&r, 429, "X-Forwarded-For from an untrusted peer is ignored");
 }
 
 fn api_keys_guard_the_registry_but_not_routes(driver: &str) {

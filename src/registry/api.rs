@@ -65,6 +65,7 @@ fn instance_json(i: &RoutableInstance, now: Instant) -> serde_json::Value {
         "health_checks": {
             "ok": stats.health_checks_ok.load(Ordering::Relaxed),
             "failed": stats.health_checks_failed.load(Ordering::Relaxed),
+            "status_changes": stats.health_changes.load(Ordering::Relaxed),
         },
         "webhooks": {
             "delivered": stats.webhooks_delivered.load(Ordering::Relaxed),

@@ -248,6 +248,9 @@ impl Control {
             .health_result(name, instance, ok, self.thresholds);
         if let Some(change) = flip {
             if let Change::Health { healthy, .. } = &change {
+                if let Some(i) = self.table.load().instance(name, instance) {
+                    i.stats.health_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::warn!(
                     subsystem = name,
                     instance,

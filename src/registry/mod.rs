@@ -227,6 +227,8 @@ pub struct InstanceStats {
     pub webhooks_failed: AtomicU64,
     pub health_checks_failed: AtomicU64,
     pub health_checks_ok: AtomicU64,
+    /// Health-check verdicts that flipped the instance (ready <-> unhealthy).
+    pub health_changes: AtomicU64,
 }
 
 /// Labels of [`InstanceStats::responses`].
@@ -247,6 +249,7 @@ impl InstanceStats {
             webhooks_failed: AtomicU64::new(0),
             health_checks_failed: AtomicU64::new(0),
             health_checks_ok: AtomicU64::new(0),
+            health_changes: AtomicU64::new(0),
         }
     }
 
@@ -727,7 +730,12 @@ pub fn render_metrics(out: &mut String, table: &Table) {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(i), get(&i.stats));
         }
     }
-    let counters: [Family<u64>; 4] = [
+    let counters: [Family<u64>; 5] = [
+        (
+            "relay_health_status_changes_total",
+            "Health-check verdicts that moved the instance between ready and unhealthy.",
+            |s| s.health_changes.load(Ordering::Relaxed),
+        ),
         (
             "relay_health_checks_ok_total",
             "Health checks that passed.",
@@ -758,7 +766,7 @@ pub fn render_metrics(out: &mut String, table: &Table) {
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
         None => false,
