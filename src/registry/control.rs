@@ -23,7 +23,7 @@ use futures_channel::oneshot;
 use super::{validate, Change, FieldError, Lifecycle, Registry, RegistryError, Table, Thresholds};
 use crate::bus::event::Draft;
 use crate::config::{Config, SubsystemConfig};
-use crate::http::client::{Client, ClientConfig, Request};
+use crate::http::client::Request;
 use crate::shard::Shard;
 
 /// The channel registry changes are published on.
@@ -53,7 +53,9 @@ pub struct Control {
     table: Arc<ArcSwap<Table>>,
     thresholds: Thresholds,
     interval: Duration,
-    probes: Client,
+    /// Bound of one probe; probes go through shard 0's proxy client (one client, one pool
+    /// per instance, for proxying, health checks and webhooks).
+    probe_timeout: Duration,
     /// When each instance (by stats key) is next due for a check.
     next_check: RefCell<AHashMap<usize, Instant>>,
     changes: RefCell<Vec<Change>>,
@@ -84,15 +86,7 @@ impl Control {
                 unhealthy: health.unhealthy_threshold,
             },
             interval: Duration::from_millis(health.interval_ms),
-            probes: Client::new(ClientConfig {
-                connect_timeout: Duration::from_millis(health.timeout_ms),
-                request_timeout: Duration::from_millis(health.timeout_ms),
-                max_idle_per_host: 1,
-                idle_timeout: Duration::from_millis(health.interval_ms.saturating_mul(2)),
-                max_response_head_bytes: 16 * 1024,
-                max_response_body_bytes: 64 * 1024,
-                ..ClientConfig::default()
-            }),
+            probe_timeout: Duration::from_millis(health.timeout_ms),
             next_check: RefCell::new(AHashMap::new()),
             changes: RefCell::new(Vec::new()),
         };
@@ -216,7 +210,11 @@ impl Control {
                     body: b"",
                 };
                 let ok = matches!(
-                    control.probes.send(addr, &host, request).await,
+                    shard
+                        .proxy
+                        .client()
+                        .send_timeout(addr, &host, request, control.probe_timeout)
+                        .await,
                     Ok(response) if (200..300).contains(&response.status)
                 );
                 control.record_probe(&name, &instance, ok);
