@@ -65,6 +65,15 @@ pub async fn dispatch(
     reply
 }
 
+/// Whether `path` belongs to relay itself (its probes, metrics and `/api/v1/relay` on whole
+/// segments) rather than to a subsystem route.
+pub fn is_own_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+        || path
+            .strip_prefix(PREFIX)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Reply {
     let path = head.path.as_str();
     let read = matches!(head.method, Method::Get | Method::Head);
@@ -109,11 +118,9 @@ async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes
         .strip_prefix(PREFIX)
         .filter(|rest| rest.is_empty() || rest.starts_with('/'));
     let Some(rest) = own else {
-        // Not relay's own: a registered route prefix, or nothing.
-        return match crate::proxy::forward(shard, ctl.peer, head, &body).await {
-            Some(response) => response.into(),
-            None => not_found(path).into(),
-        };
+        // Not relay's own. Paths under a registered route never get here: the connection
+        // hands them to the proxy before their body is read (`http::conn`).
+        return not_found(path).into();
     };
     let admin = rest == "/events"
         || rest == "/connections"

@@ -299,10 +299,12 @@ pub enum ErrorKind {
     Io = 6,
     RingFull = 7,
     Internal = 8,
+    /// An upstream's response body failed after its head was passed on.
+    UpstreamBody = 9,
 }
 
 impl ErrorKind {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [ErrorKind; ErrorKind::COUNT] = [
         ErrorKind::BadRequest,
         ErrorKind::NotFound,
@@ -313,6 +315,7 @@ impl ErrorKind {
         ErrorKind::Io,
         ErrorKind::RingFull,
         ErrorKind::Internal,
+        ErrorKind::UpstreamBody,
     ];
 
     /// Prometheus label value (snake_case).
@@ -327,6 +330,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::RingFull => "ring_full",
             ErrorKind::Internal => "internal",
+            ErrorKind::UpstreamBody => "upstream_body",
         }
     }
 }
@@ -1179,7 +1183,8 @@ mod tests {
                 "request_timeout",
                 "io",
                 "ring_full",
-                "internal"
+                "internal",
+                "upstream_body"
             ]
         );
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
@@ -1378,12 +1383,12 @@ mod tests {
         for e in expected {
             assert!(lines.contains(e), "missing line {e:?} in:\n{out}");
         }
-        // 9 error kinds, 21 buckets, 3 transports x 2 families, 2 shards x 6 per-shard families.
+        // 10 error kinds, 21 buckets, 3 transports x 2 families, 2 shards x 6 per-shard families.
         assert_eq!(
             out.lines()
                 .filter(|l| l.starts_with("relay_errors_total{"))
                 .count(),
-            9
+            10
         );
         assert_eq!(
             out.lines()

@@ -6,11 +6,15 @@
 //! ones (ready, circuit not open), with `X-Request-ID`, `traceparent` and `X-Forwarded-For`
 //! set; a connect failure or 5xx is retried once on another instance when that is safe.
 //!
+//! Bodies: a request body up to [`BUFFERED_BODY_BYTES`] is read whole (so it can be resent on
+//! a retry); a larger one streams to one instance as it arrives. The response comes back as a
+//! [`ResponseStream`] that the connection (`http::conn`) passes on piece by piece.
+//!
 //! Must never: share state with another shard (circuits and balancers are per shard; only the
 //! per-instance counters in the table are shared atomics), retry a non-idempotent request that
-//! may have reached an upstream, or buffer a body over `limits.max_body_bytes`.
+//! may have reached an upstream, retry a body that has already been streamed, or hold more
+//! than [`BUFFERED_BODY_BYTES`] of a request body or one read of a response body.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -18,11 +22,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
-use bytes::Bytes;
 
 use crate::auth::{Auth, Principal};
 use crate::config::{Config, LbPolicy};
-use crate::http::client::{Client, ClientConfig, ClientError, Request};
+use crate::http::client::{Client, ClientConfig, ClientError, Request, ResponseStream};
 use crate::http::codec::{Method, RequestHead};
 use crate::http::Response;
 use crate::ratelimit::{retry_after_secs, Division, Limit, RateLimiter, TrustedProxies};
@@ -302,72 +305,178 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Routes `head` if its path is under a registered route; `None` lets the caller answer 404.
-pub async fn forward(
-    shard: &Rc<Shard>,
-    peer: std::net::SocketAddr,
-    head: &RequestHead,
-    body: &Bytes,
-) -> Option<Response> {
-    let table = shard.shared.table.load_full();
-    let subsystem = table.route(&head.path)?;
-    Some(forward_to(shard, peer, head, body, subsystem).await)
+/// A request body as the connection delivers it, piece by piece (see `http::conn`).
+// Futures here stay on their shard's thread, so no `Send` bound is wanted.
+#[allow(async_fn_in_trait)]
+pub trait BodySource {
+    /// The declared `Content-Length`, if any (`Some(0)` for no body).
+    fn content_length(&self) -> Option<u64>;
+    /// The next decoded piece; `Ok(None)` once the body is complete.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, BodyError>;
 }
 
-enum Outcome {
-    Answer(crate::http::client::Response),
+/// Why a request body could not be read; the connection answers (or closes) accordingly.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Malformed or over `limits.max_body_bytes`: the error response to send, then close.
+    Refused(Response),
+    /// The client went away or timed out: nothing to answer.
+    Gone,
+}
+
+/// Bodies up to this size are read whole before forwarding, so an idempotent request can be
+/// retried on another instance; larger ones are streamed and never retried once sent.
+pub const BUFFERED_BODY_BYTES: usize = 64 * 1024;
+
+/// What the connection writes back for a proxied request.
+// One per request, moved once: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Answer<'c> {
+    /// relay's own answer (429, 502, 503, 504...).
+    Relay(Response),
+    /// The upstream's head and a body still to be passed on.
+    Upstream(Upstream<'c>),
+}
+
+/// An upstream response to pass on.
+pub struct Upstream<'c> {
+    pub response: ResponseStream<'c>,
+    /// The headers to send: the upstream's minus hop-by-hop ones, plus `X-Request-ID` and
+    /// `X-Relay-Instance`.
+    pub headers: Vec<(String, String)>,
+    /// `proxy.timeout_ms` after the request started: bounds the body too.
+    pub deadline: Instant,
+}
+
+/// Whether `path` is under a registered route (relay's own paths are checked by the caller).
+pub fn routes(shard: &Shard, path: &str) -> bool {
+    shard.shared.table.load().route(path).is_some()
+}
+
+/// Forwards a request under a registered route. The body is read from `body` here: whole
+/// when it is small (up to [`BUFFERED_BODY_BYTES`]), so an idempotent request may be retried,
+/// else streamed to one instance as it arrives. `Err` is a body that could not be read.
+pub async fn forward<'s>(
+    shard: &'s Rc<Shard>,
+    peer: std::net::SocketAddr,
+    head: &RequestHead,
+    body: &mut impl BodySource,
+) -> Result<Answer<'s>, BodyError> {
+    // Read first, so a small body is consumed even when the answer is relay's own (429, 502)
+    // and the connection can stay open.
+    let start = read_start(body).await?;
+    let table = shard.shared.table.load_full();
+    let Some(subsystem) = table.route(&head.path) else {
+        return Ok(Answer::Relay(Response::error(
+            404,
+            "not_found",
+            &format!("no route for {}", head.path),
+        )));
+    };
+    forward_to(shard, peer, head, start, body, subsystem).await
+}
+
+/// The request as it goes to every instance tried.
+struct Outgoing {
+    request_id: String,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Outgoing {
+    fn new(head: &RequestHead, peer: std::net::SocketAddr) -> Outgoing {
+        let request_id = request_id(head);
+        let trace = traceparent(head.header_str("traceparent"));
+        let forwarded_for = match head.header_str("x-forwarded-for") {
+            Some(prior) => format!("{prior}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        // Headers named in `Connection` are hop-by-hop too.
+        let connection_tokens: Vec<String> = head
+            .header_str("connection")
+            .map(|v| {
+                v.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut headers: Vec<(String, Vec<u8>)> = head
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !HOP_BY_HOP.contains(&name.as_str())
+                    && name != "x-request-id"
+                    && name != "traceparent"
+                    && name != "x-forwarded-for"
+                    && name != "expect"
+                    && !connection_tokens.iter().any(|t| t == name)
+            })
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        headers.push(("X-Request-ID".into(), request_id.clone().into_bytes()));
+        headers.push(("traceparent".into(), trace.into_bytes()));
+        headers.push(("X-Forwarded-For".into(), forwarded_for.into_bytes()));
+        headers.push(("X-Forwarded-Proto".into(), b"http".to_vec()));
+        if let Some(host) = head.header("host") {
+            headers.push(("X-Forwarded-Host".into(), host.to_vec()));
+        }
+        Outgoing {
+            request_id,
+            headers,
+        }
+    }
+}
+
+/// The request body, read before the first attempt.
+enum Body {
+    /// Complete; small enough to resend on a retry.
+    Whole(Vec<u8>),
+    /// The first pieces (over [`BUFFERED_BODY_BYTES`] in all); the rest still in the source.
+    Streaming(Vec<u8>),
+}
+
+async fn read_start(body: &mut impl BodySource) -> Result<Body, BodyError> {
+    let mut buffered: Vec<u8> = Vec::new();
+    while let Some(piece) = body.next().await? {
+        buffered.extend_from_slice(&piece);
+        if buffered.len() > BUFFERED_BODY_BYTES {
+            return Ok(Body::Streaming(buffered));
+        }
+    }
+    Ok(Body::Whole(buffered))
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Outcome<'c> {
+    Answer(ResponseStream<'c>),
     Failed(ClientError),
 }
 
-async fn forward_to(
-    shard: &Rc<Shard>,
+async fn forward_to<'s>(
+    shard: &'s Rc<Shard>,
     peer: std::net::SocketAddr,
     head: &RequestHead,
-    body: &Bytes,
+    start: Body,
+    source: &mut impl BodySource,
     subsystem: &SubsystemEntry,
-) -> Response {
+) -> Result<Answer<'s>, BodyError> {
     let proxy = &shard.proxy;
     let now_ns = proxy.now_ns();
     let key = proxy.client_key(&shard.shared.auth, head, peer.ip());
     let limiter = proxy.proxy_limiter(&head.path, &subsystem.name);
     if let Err(retry_after) = limiter.borrow_mut().check(&key, now_ns) {
         shard.stats.rate_limited.inc();
-        return rate_limited(retry_after);
+        return Ok(Answer::Relay(rate_limited(retry_after)));
     }
-    let request_id = request_id(head);
-    let trace = traceparent(head.header_str("traceparent"));
-    let forwarded_for = match head.header_str("x-forwarded-for") {
-        Some(prior) => format!("{prior}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    // Headers named in `Connection` are hop-by-hop too.
-    let connection_tokens: Vec<String> = head
-        .header_str("connection")
-        .map(|v| {
-            v.split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut headers: Vec<(&str, &[u8])> = head
+    let outgoing = Outgoing::new(head, peer);
+    let headers: Vec<(&str, &[u8])> = outgoing
         .headers
         .iter()
-        .filter(|(name, _)| {
-            !HOP_BY_HOP.contains(&name.as_str())
-                && name != "x-request-id"
-                && name != "traceparent"
-                && name != "x-forwarded-for"
-                && !connection_tokens.iter().any(|t| t == name)
-        })
-        .map(|(name, value)| (name.as_str(), value.as_slice()))
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
-    headers.push(("X-Request-ID", request_id.as_bytes()));
-    headers.push(("traceparent", trace.as_bytes()));
-    headers.push(("X-Forwarded-For", forwarded_for.as_bytes()));
-    headers.push(("X-Forwarded-Proto", b"http"));
-    if let Some(host) = head.header("host") {
-        headers.push(("X-Forwarded-Host", host));
-    }
+    let request_id = &outgoing.request_id;
+    // The deadline covers the request body, the response head and the response body.
+    let deadline = Instant::now() + proxy.timeout;
+    let mut body = Some(start);
     let may_retry = idempotent(&head.method);
     let mut tried: Option<usize> = None;
     let mut last_failure: Option<(ClientError, String)> = None;
@@ -380,22 +489,41 @@ async fn forward_to(
         let stats = &instance.stats;
         stats.in_flight.fetch_add(1, Ordering::AcqRel);
         let started = Instant::now();
-        let request = Request {
-            method: head.method.as_str(),
-            path_and_query: &head.target,
-            headers: &headers,
-            body,
+        let (addr, host) = (instance.endpoint.addr, instance.endpoint.host.as_str());
+        let sent = match body.take() {
+            Some(Body::Whole(bytes)) => {
+                let request = outgoing_request(head, &headers, &bytes);
+                let sent = proxy
+                    .client
+                    .send_streaming(addr, host, request, deadline)
+                    .await;
+                body = Some(Body::Whole(bytes));
+                sent
+            }
+            Some(Body::Streaming(first)) => {
+                let request = outgoing_request(head, &headers, b"");
+                let streamed =
+                    stream_body(proxy, addr, host, request, first, source, deadline).await;
+                match streamed {
+                    Ok(response) => Ok(response),
+                    // The first pieces never left: another instance may take them.
+                    Err(StreamFailure::Connect(e, first)) => {
+                        body = Some(Body::Streaming(first));
+                        Err(e)
+                    }
+                    Err(StreamFailure::Upstream(e)) => Err(e),
+                    Err(StreamFailure::Client(e)) => {
+                        stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        proxy.with_circuit(instance, |c| c.on_cancel(permit));
+                        return Err(e);
+                    }
+                }
+            }
+            None => Err(ClientError::InvalidRequest(
+                "the request body was already sent",
+            )),
         };
-        let outcome = match proxy
-            .client
-            .send_timeout(
-                instance.endpoint.addr,
-                &instance.endpoint.host,
-                request,
-                proxy.timeout,
-            )
-            .await
-        {
+        let outcome = match sent {
             Ok(response) => Outcome::Answer(response),
             Err(e) => Outcome::Failed(e),
         };
@@ -408,7 +536,6 @@ async fn forward_to(
         if let Some(h) = stats.latency.get(shard.id) {
             h.record(elapsed);
         }
-        let now = Instant::now();
         let failed = match &outcome {
             Outcome::Answer(r) => r.status >= 500,
             Outcome::Failed(_) => true,
@@ -424,15 +551,22 @@ async fn forward_to(
             Outcome::Failed(_) => 5,
         };
         stats.responses[class].fetch_add(1, Ordering::Relaxed);
-        let _ = now;
         proxy.record(instance, permit, failed);
-        let safe_to_retry = match &outcome {
-            Outcome::Failed(e) => may_retry || e.is_connect(),
-            Outcome::Answer(_) => may_retry,
-        };
+        // A body that went out (streamed) cannot be sent again.
+        let resendable = body.is_some();
+        let safe_to_retry = resendable
+            && match &outcome {
+                Outcome::Failed(e) => may_retry || e.is_connect(),
+                Outcome::Answer(_) => may_retry,
+            };
         match outcome {
             Outcome::Answer(response) if !failed || attempt == 1 || !safe_to_retry => {
-                return relay_response(response, &request_id, &instance.instance);
+                return Ok(Answer::Upstream(upstream_answer(
+                    response,
+                    request_id,
+                    &instance.instance,
+                    deadline,
+                )));
             }
             Outcome::Answer(response) => {
                 // A 5xx we may retry: keep it in case no other instance can take the retry.
@@ -441,7 +575,12 @@ async fn forward_to(
                 if pick_available(shard, subsystem, tried) {
                     continue;
                 }
-                return relay_response(response, &request_id, &instance.instance);
+                return Ok(Answer::Upstream(upstream_answer(
+                    response,
+                    request_id,
+                    &instance.instance,
+                    deadline,
+                )));
             }
             Outcome::Failed(e) => {
                 last_failure = Some((e, instance.instance.clone()));
@@ -453,7 +592,7 @@ async fn forward_to(
             }
         }
     }
-    match last_failure {
+    let response = match last_failure {
         Some((e, instance)) if e.is_timeout() => Response::error(
             504,
             "upstream_timeout",
@@ -468,8 +607,72 @@ async fn forward_to(
             &format!("{} instance {instance} failed: {e}", subsystem.name),
         ),
         None => no_instance(shard, subsystem),
+    };
+    Ok(Answer::Relay(
+        response.with_header("X-Request-ID", request_id.clone()),
+    ))
+}
+
+fn outgoing_request<'a>(
+    head: &'a RequestHead,
+    headers: &'a [(&'a str, &'a [u8])],
+    body: &'a [u8],
+) -> Request<'a> {
+    Request {
+        method: head.method.as_str(),
+        path_and_query: &head.target,
+        headers,
+        body,
     }
-    .with_header("X-Request-ID", request_id)
+}
+
+/// How streaming a request body to an instance failed.
+enum StreamFailure {
+    /// No connection was made: the first pieces are handed back for another instance.
+    Connect(ClientError, Vec<u8>),
+    /// The upstream failed once body bytes had left.
+    Upstream(ClientError),
+    /// The client's body failed: nothing is answered upstream.
+    Client(BodyError),
+}
+
+/// Sends a large body to one instance as it arrives from the client: `Content-Length` when the
+/// client gave one, else chunked.
+async fn stream_body<'c>(
+    proxy: &'c ProxyState,
+    addr: std::net::SocketAddr,
+    host: &str,
+    request: Request<'_>,
+    first: Vec<u8>,
+    source: &mut impl BodySource,
+    deadline: Instant,
+) -> Result<ResponseStream<'c>, StreamFailure> {
+    let mut upload = match proxy
+        .client
+        .upload(addr, host, request, source.content_length(), deadline)
+        .await
+    {
+        Ok(upload) => upload,
+        Err(e) => return Err(StreamFailure::Connect(e, first)),
+    };
+    upload
+        .send(first, deadline)
+        .await
+        .map_err(StreamFailure::Upstream)?;
+    loop {
+        match source.next().await {
+            Ok(Some(piece)) => upload
+                .send(piece, deadline)
+                .await
+                .map_err(StreamFailure::Upstream)?,
+            Ok(None) => break,
+            Err(e) => return Err(StreamFailure::Client(e)),
+        }
+    }
+    upload
+        .finish(deadline)
+        .await
+        .map_err(StreamFailure::Upstream)
 }
 
 /// The answer when no instance can take the request: 502 when none is registered (or all
@@ -556,34 +759,29 @@ fn pick(
     None
 }
 
-/// The upstream's answer, minus hop-by-hop headers, with `X-Request-ID`.
-fn relay_response(
-    upstream: crate::http::client::Response,
+/// The upstream's head to pass on: minus hop-by-hop headers, with `X-Request-ID` and
+/// `X-Relay-Instance`.
+fn upstream_answer<'c>(
+    response: ResponseStream<'c>,
     request_id: &str,
     instance: &str,
-) -> Response {
-    let mut response = Response {
-        status: upstream.status,
-        content_type: "",
-        body: upstream.body.to_vec(),
-        headers: Vec::with_capacity(upstream.headers.len() + 2),
-    };
-    for (name, value) in &upstream.headers {
-        let lower = name.to_ascii_lowercase();
-        if HOP_BY_HOP.contains(&lower.as_str())
-            || lower == "x-request-id"
-            || lower == "x-relay-shard"
+    deadline: Instant,
+) -> Upstream<'c> {
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers.len() + 2);
+    for (name, value) in &response.headers {
+        if HOP_BY_HOP.contains(&name.as_str()) || name == "x-request-id" || name == "x-relay-shard"
         {
             continue;
         }
-        response.headers.push((
-            Cow::Owned(name.clone()),
-            String::from_utf8_lossy(value).into_owned(),
-        ));
+        headers.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
     }
-    response
-        .with_header("X-Request-ID", request_id)
-        .with_header("X-Relay-Instance", instance)
+    headers.push(("X-Request-ID".into(), request_id.to_string()));
+    headers.push(("X-Relay-Instance".into(), instance.to_string()));
+    Upstream {
+        response,
+        headers,
+        deadline,
+    }
 }
 
 #[cfg(test)]

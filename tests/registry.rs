@@ -1172,7 +1172,7 @@ fn circuit_opens_on_a_failure_rate(driver: &str) {
             instance(&list, "cr", "a").expect("listed")["circuit"],
             want,
             "after {} of {} requests failed (50% of at least 4 trips) the circuit is {want}: {list}",
-            (i + 1) / 2,
+            i.div_ceil(2),
             i + 1
         );
     }

@@ -56,7 +56,9 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::codec::{BodyDecoder, BodyKind, HttpError, Limits, Parsed, INLINE_HEADER_SLOTS};
+use super::codec::{
+    usize_to_u64, BodyDecoder, BodyKind, HttpError, Limits, Parsed, INLINE_HEADER_SLOTS,
+};
 
 /// Bytes asked of the kernel per read while the response head or a chunked body arrives.
 const READ_CHUNK: usize = 4096;
@@ -310,20 +312,49 @@ impl Client {
         request: Request<'_>,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let started = Instant::now();
-        let deadline = deadline_after(started, timeout);
-        let (wire, wants_close) = encode_request(host, &request)?;
+        let deadline = deadline_after(Instant::now(), timeout);
+        let mut response = self.send_streaming(addr, host, request, deadline).await?;
+        let mut body: Vec<u8> = Vec::new();
+        while let Some(piece) = response.next(deadline).await? {
+            if body.is_empty() {
+                body = piece;
+            } else {
+                body.extend_from_slice(&piece);
+            }
+        }
+        Ok(Response {
+            status: response.status,
+            headers: std::mem::take(&mut response.headers),
+            body: Bytes::from(body),
+        })
+    }
+
+    /// Like [`Client::send_timeout`] up to the response head, which it returns with the body
+    /// still to be read from the [`ResponseStream`], so a proxy can pass the body on as it
+    /// arrives. `deadline` bounds everything, the body included. The stale-connection retry
+    /// applies as in `send_timeout` (it happens before any response byte).
+    pub async fn send_streaming(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        request: Request<'_>,
+        deadline: Instant,
+    ) -> Result<ResponseStream<'_>, ClientError> {
+        let (wire, wants_close) = encode_request(host, &request, RequestFraming::Body)?;
         let wire = Bytes::from(wire);
         let head_only = request.method == "HEAD";
 
-        if let Some(stream) = self.checkout(addr, started) {
-            match self
-                .exchange(stream, wire.clone(), head_only, deadline)
-                .await
-            {
-                Ok((response, stream)) => {
-                    self.finish(addr, stream, wants_close);
-                    return Ok(response);
+        if let Some(stream) = self.checkout(addr, Instant::now()) {
+            match exchange_head(stream, wire.clone(), &self.config, head_only, deadline).await {
+                Ok((head, input, stream)) => {
+                    return Ok(ResponseStream::new(
+                        self,
+                        addr,
+                        stream,
+                        head,
+                        input,
+                        wants_close,
+                    ))
                 }
                 // The upstream closed it while idle: once, on a fresh connection.
                 Err(Failure::Stale(_)) => {}
@@ -332,13 +363,49 @@ impl Client {
         }
 
         let stream = self.connect(addr, deadline).await?;
-        match self.exchange(stream, wire, head_only, deadline).await {
-            Ok((response, stream)) => {
-                self.finish(addr, stream, wants_close);
-                Ok(response)
-            }
+        match exchange_head(stream, wire, &self.config, head_only, deadline).await {
+            Ok((head, input, stream)) => Ok(ResponseStream::new(
+                self,
+                addr,
+                stream,
+                head,
+                input,
+                wants_close,
+            )),
             Err(Failure::Stale(e) | Failure::Fatal(e)) => Err(e),
         }
+    }
+
+    /// Starts a request whose body is sent piece by piece ([`Upload::send`]): `Content-Length:
+    /// n` when `length` is `Some(n)`, else `Transfer-Encoding: chunked`. `request.body` is
+    /// ignored. Always on a fresh connection: once body bytes have left, a stale pooled
+    /// connection could not be retried (the body is gone). The connection joins the pool after
+    /// a complete response like any other.
+    pub async fn upload(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        request: Request<'_>,
+        length: Option<u64>,
+        deadline: Instant,
+    ) -> Result<Upload<'_>, ClientError> {
+        let framing = match length {
+            Some(n) => RequestFraming::Length(n),
+            None => RequestFraming::Chunked,
+        };
+        let (wire, wants_close) = encode_request(host, &request, framing)?;
+        let mut stream = self.connect(addr, deadline).await?;
+        write_before(&mut stream, wire, deadline)
+            .await
+            .map_err(Failure::into_error)?;
+        Ok(Upload {
+            client: self,
+            addr,
+            stream,
+            wants_close,
+            chunked: length.is_none(),
+            head_only: request.method == "HEAD",
+        })
     }
 
     /// Idle pooled connections, all upstreams together.
@@ -416,33 +483,6 @@ impl Client {
             Ok(Err(e)) => Err(ClientError::Connect(e)),
             Err(_) => Err(ClientError::ConnectTimeout),
         }
-    }
-
-    /// Writes the request and reads the response on `stream`; returns the stream too when it
-    /// may be reused.
-    async fn exchange(
-        &self,
-        mut stream: TcpStream,
-        wire: Bytes,
-        head_only: bool,
-        deadline: Instant,
-    ) -> Result<(Response, Option<TcpStream>), Failure> {
-        let written = monoio::time::timeout_at(to_monoio(deadline), stream.write_all(wire)).await;
-        match written {
-            Err(_) => return Err(Failure::Fatal(ClientError::Timeout)),
-            Ok((Err(e), _)) => {
-                // A write that failed never delivered a complete request.
-                return Err(if is_closed_kind(e.kind()) {
-                    Failure::Stale(ClientError::Io(e))
-                } else {
-                    Failure::Fatal(ClientError::Io(e))
-                });
-            }
-            Ok((Ok(_), _)) => {}
-        }
-        let (response, reusable) =
-            read_response(&mut stream, &self.config, head_only, deadline).await?;
-        Ok((response, reusable.then_some(stream)))
     }
 }
 
@@ -681,14 +721,42 @@ fn httparse_reason(e: httparse::Error) -> &'static str {
     }
 }
 
-/// Reads one response (skipping interim ones) from `stream`. Returns it and whether the
-/// connection may carry another request.
-async fn read_response(
+/// Writes `wire` before `deadline`. A write that failed never delivered a complete request.
+async fn write_before(
+    stream: &mut TcpStream,
+    wire: impl monoio::buf::IoBuf + 'static,
+    deadline: Instant,
+) -> Result<(), Failure> {
+    match monoio::time::timeout_at(to_monoio(deadline), stream.write_all(wire)).await {
+        Err(_) => Err(Failure::Fatal(ClientError::Timeout)),
+        Ok((Err(e), _)) if is_closed_kind(e.kind()) => Err(Failure::Stale(ClientError::Io(e))),
+        Ok((Err(e), _)) => Err(Failure::Fatal(ClientError::Io(e))),
+        Ok((Ok(_), _)) => Ok(()),
+    }
+}
+
+/// Writes the request and reads the response head on `stream`. Returns the head, the bytes
+/// read past it, and the stream.
+async fn exchange_head(
+    mut stream: TcpStream,
+    wire: Bytes,
+    config: &ClientConfig,
+    head_only: bool,
+    deadline: Instant,
+) -> Result<(ResponseHead, Vec<u8>, TcpStream), Failure> {
+    write_before(&mut stream, wire, deadline).await?;
+    let (head, input) = read_head(&mut stream, config, head_only, deadline).await?;
+    Ok((head, input, stream))
+}
+
+/// Reads one final response head (skipping interim ones) from `stream`. Returns it and the
+/// bytes read past it (the start of the body).
+async fn read_head(
     stream: &mut TcpStream,
     config: &ClientConfig,
     head_only: bool,
     deadline: Instant,
-) -> Result<(Response, bool), Failure> {
+) -> Result<(ResponseHead, Vec<u8>), Failure> {
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut interim = 0usize;
     let head = loop {
@@ -716,80 +784,217 @@ async fn read_response(
             }
         }
     };
-
     input.drain(..head.head_len.min(input.len()));
-    let max_body = config.max_response_body_bytes;
-    let (body, trailing) = match head.framing {
-        Framing::Empty => (Vec::new(), !input.is_empty()),
-        Framing::Length(n) => {
-            let mut body = input;
-            let trailing = body.len() > n;
-            body.truncate(n);
-            body.reserve_exact(n - body.len());
-            while body.len() < n {
-                let want = n - body.len();
-                match read_some(stream, &mut body, want, deadline).await {
-                    Ok(0) => return Err(ClientError::Closed.into()),
-                    Ok(_) => {}
-                    Err(e) => return Err(ClientError::from(e).into()),
-                }
-            }
-            (body, trailing)
+    Ok((head, input))
+}
+
+/// Bytes asked of the kernel per read of a streamed body.
+const BODY_READ_CHUNK: usize = 64 * 1024;
+
+/// A request body being sent piece by piece ([`Client::upload`]).
+pub struct Upload<'c> {
+    client: &'c Client,
+    addr: SocketAddr,
+    stream: TcpStream,
+    wants_close: bool,
+    chunked: bool,
+    head_only: bool,
+}
+
+impl<'c> Upload<'c> {
+    /// Sends the next piece of the body (chunk-framed when the length was not given). An empty
+    /// piece sends nothing.
+    pub async fn send(&mut self, piece: Vec<u8>, deadline: Instant) -> Result<(), ClientError> {
+        if piece.is_empty() {
+            return Ok(());
         }
-        Framing::Chunked => {
-            let limits = Limits {
-                max_header_bytes: config.max_response_head_bytes,
-                max_headers: config.max_response_headers,
-                max_body_bytes: max_body,
-            };
-            let mut decoder = BodyDecoder::new(&BodyKind::Chunked, &limits)
-                .map_err(|e| chunked_error(e, config))?;
-            let mut body = Vec::new();
-            loop {
+        let wire = if self.chunked {
+            let mut framed = Vec::with_capacity(piece.len() + 20);
+            framed.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            framed.extend_from_slice(&piece);
+            framed.extend_from_slice(b"\r\n");
+            framed
+        } else {
+            piece
+        };
+        write_before(&mut self.stream, wire, deadline)
+            .await
+            .map_err(Failure::into_error)
+    }
+
+    /// Ends the body (the last chunk, when chunked) and reads the response head.
+    pub async fn finish(mut self, deadline: Instant) -> Result<ResponseStream<'c>, ClientError> {
+        if self.chunked {
+            write_before(&mut self.stream, b"0\r\n\r\n".as_slice(), deadline)
+                .await
+                .map_err(Failure::into_error)?;
+        }
+        let (head, input) = read_head(
+            &mut self.stream,
+            &self.client.config,
+            self.head_only,
+            deadline,
+        )
+        .await
+        .map_err(Failure::into_error)?;
+        Ok(ResponseStream::new(
+            self.client,
+            self.addr,
+            self.stream,
+            head,
+            input,
+            self.wants_close,
+        ))
+    }
+}
+
+impl Failure {
+    fn into_error(self) -> ClientError {
+        match self {
+            Failure::Stale(e) | Failure::Fatal(e) => e,
+        }
+    }
+}
+
+/// A response whose head has arrived; its body is read piece by piece with
+/// [`ResponseStream::next`]. Once the body is complete the connection goes back to the pool
+/// when both sides allow keep-alive and nothing followed the body; dropped earlier, it is
+/// closed.
+pub struct ResponseStream<'c> {
+    client: &'c Client,
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    pub status: u16,
+    /// Names lower-cased, values as raw bytes, in the order received (framing included).
+    pub headers: Vec<(String, Vec<u8>)>,
+    framing: Framing,
+    /// Decodes `Content-Length` and chunked bodies, enforcing `max_response_body_bytes`.
+    decoder: Option<BodyDecoder>,
+    /// Bytes read but not yet decoded.
+    input: Vec<u8>,
+    /// Bytes of a close-delimited body passed on so far.
+    received: usize,
+    keep_alive: bool,
+    wants_close: bool,
+    done: bool,
+}
+
+impl<'c> ResponseStream<'c> {
+    fn new(
+        client: &'c Client,
+        addr: SocketAddr,
+        stream: TcpStream,
+        head: ResponseHead,
+        input: Vec<u8>,
+        wants_close: bool,
+    ) -> Self {
+        let config = &client.config;
+        let limits = Limits {
+            max_header_bytes: config.max_response_head_bytes,
+            max_headers: config.max_response_headers,
+            max_body_bytes: config.max_response_body_bytes,
+        };
+        let kind = match head.framing {
+            Framing::Length(n) => Some(BodyKind::ContentLength(usize_to_u64(n))),
+            Framing::Chunked => Some(BodyKind::Chunked),
+            Framing::Empty | Framing::UntilClose => None,
+        };
+        // The length was checked against the limit when the head was parsed.
+        let decoder = kind.and_then(|k| BodyDecoder::new(&k, &limits).ok());
+        ResponseStream {
+            client,
+            addr,
+            stream: Some(stream),
+            status: head.status,
+            headers: head.headers,
+            framing: head.framing,
+            decoder,
+            input,
+            received: 0,
+            keep_alive: head.keep_alive,
+            wants_close,
+            done: false,
+        }
+    }
+
+    /// The body's length when the upstream declared one (`Some(0)` when there is no body);
+    /// `None` for chunked and close-delimited bodies.
+    pub fn content_length(&self) -> Option<usize> {
+        match self.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::Chunked | Framing::UntilClose => None,
+        }
+    }
+
+    /// Whether [`ResponseStream::next`] can answer without waiting on the upstream.
+    pub fn has_buffered(&self) -> bool {
+        self.done || self.framing == Framing::Empty || !self.input.is_empty()
+    }
+
+    /// The next piece of the decoded body, at most about one read's worth; `None` once the body
+    /// is complete.
+    pub async fn next(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        let max_body = self.client.config.max_response_body_bytes;
+        loop {
+            if let Some(decoder) = &mut self.decoder {
+                let mut out = Vec::new();
                 let (used, done) = decoder
-                    .decode(&input, &mut body)
-                    .map_err(|e| chunked_error(e, config))?;
-                // Not done means all of it was used, so `input` stays within one read.
-                input.drain(..used.min(input.len()));
+                    .decode(&self.input, &mut out)
+                    .map_err(|e| chunked_error(e, &self.client.config))?;
+                self.input.drain(..used.min(self.input.len()));
                 if done {
-                    break (body, !input.is_empty());
+                    self.complete(self.input.is_empty());
                 }
-                match read_some(stream, &mut input, usize::MAX, deadline).await {
-                    Ok(0) => return Err(ClientError::Closed.into()),
-                    Ok(_) => {}
-                    Err(e) => return Err(ClientError::from(e).into()),
+                if !out.is_empty() {
+                    return Ok(Some(out));
                 }
-            }
-        }
-        Framing::UntilClose => {
-            let mut body = input;
-            loop {
-                if body.len() > max_body {
+                if done {
+                    return Ok(None);
+                }
+            } else if self.framing == Framing::Empty {
+                self.complete(self.input.is_empty());
+                return Ok(None);
+            } else if !self.input.is_empty() {
+                // Close-delimited: whatever arrived is the body.
+                self.received = self.received.saturating_add(self.input.len());
+                if self.received > max_body {
                     return Err(ClientError::TooLarge {
                         what: "response body",
                         max: max_body,
-                    }
-                    .into());
+                    });
                 }
-                // One byte past the limit is enough to know it is over.
-                let room = max_body.saturating_add(1) - body.len();
-                match read_some(stream, &mut body, room, deadline).await {
-                    Ok(0) => break (body, false),
-                    Ok(_) => {}
-                    Err(e) => return Err(ClientError::from(e).into()),
+                return Ok(Some(std::mem::take(&mut self.input)));
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(None);
+            };
+            if self.input.capacity() - self.input.len() < BODY_READ_CHUNK / 4 {
+                self.input.reserve(BODY_READ_CHUNK);
+            }
+            match read_some(stream, &mut self.input, BODY_READ_CHUNK, deadline).await {
+                Ok(0) if self.framing == Framing::UntilClose => {
+                    self.complete(false);
+                    return Ok(None);
                 }
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
             }
         }
-    };
+    }
 
-    // Bytes after the response were never asked for: the stream cannot be trusted for another.
-    let reusable = head.keep_alive && !trailing;
-    let response = Response {
-        status: head.status,
-        headers: head.headers,
-        body: Bytes::from(body),
-    };
-    Ok((response, reusable))
+    /// The body is complete: pool the connection when it may carry another request.
+    fn complete(&mut self, nothing_trailing: bool) {
+        self.done = true;
+        let stream = self.stream.take();
+        let reusable = self.keep_alive && nothing_trailing;
+        self.client
+            .finish(self.addr, stream.filter(|_| reusable), self.wants_close);
+    }
 }
 
 fn chunked_error(e: HttpError, config: &ClientConfig) -> ClientError {
@@ -807,8 +1012,23 @@ fn chunked_error(e: HttpError, config: &ClientConfig) -> ClientError {
     }
 }
 
+/// How a request's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestFraming {
+    /// `request.body` follows the head with its `Content-Length`.
+    Body,
+    /// The head announces `Content-Length: n`; the caller sends the body.
+    Length(u64),
+    /// The head announces `Transfer-Encoding: chunked`; the caller sends the chunks.
+    Chunked,
+}
+
 /// Serialises `request`; also says whether the caller asked for `Connection: close`.
-fn encode_request(host: &str, request: &Request<'_>) -> Result<(Vec<u8>, bool), ClientError> {
+fn encode_request(
+    host: &str,
+    request: &Request<'_>,
+    framing: RequestFraming,
+) -> Result<(Vec<u8>, bool), ClientError> {
     let method = request.method;
     if method.is_empty() || !method.bytes().all(is_tchar) {
         return Err(ClientError::InvalidRequest("method must be a token"));
@@ -869,13 +1089,23 @@ fn encode_request(host: &str, request: &Request<'_>) -> Result<(Vec<u8>, bool), 
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    if !request.body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-        out.extend_from_slice(b"Content-Length: ");
-        out.extend_from_slice(request.body.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+    match framing {
+        RequestFraming::Body => {
+            if !request.body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+                out.extend_from_slice(b"Content-Length: ");
+                out.extend_from_slice(request.body.len().to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(request.body);
+        }
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n"),
     }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(request.body);
     Ok((out, wants_close))
 }
 
@@ -1747,14 +1977,15 @@ mod tests {
 
     #[test]
     fn request_encoding() {
-        let (wire, close) = encode_request("h:1", &Request::get("/x?y=1")).unwrap();
+        let (wire, close) =
+            encode_request("h:1", &Request::get("/x?y=1"), RequestFraming::Body).unwrap();
         assert_eq!(wire, b"GET /x?y=1 HTTP/1.1\r\nHost: h:1\r\n\r\n");
         assert!(!close);
         let put = Request {
             method: "PUT",
             ..Request::get("/k")
         };
-        let (wire, _) = encode_request("h", &put).unwrap();
+        let (wire, _) = encode_request("h", &put, RequestFraming::Body).unwrap();
         assert_eq!(
             wire,
             b"PUT /k HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
@@ -1768,12 +1999,33 @@ mod tests {
                 body: b"abc",
                 ..Request::get("/")
             },
+            RequestFraming::Body,
         )
         .unwrap();
         assert!(close);
         assert_eq!(
             wire,
             &b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Close\r\nX-T: a\tb\xff\r\nContent-Length: 3\r\n\r\nabc"[..]
+        );
+        let (wire, _) = encode_request(
+            "h",
+            &Request::post("/u", &[], b"ignored"),
+            RequestFraming::Chunked,
+        )
+        .unwrap();
+        assert_eq!(
+            wire,
+            b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        let (wire, _) = encode_request(
+            "h",
+            &Request::post("/u", &[], b""),
+            RequestFraming::Length(7),
+        )
+        .unwrap();
+        assert_eq!(
+            wire,
+            b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 7\r\n\r\n"
         );
     }
 

@@ -716,7 +716,7 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-fn usize_to_u64(n: usize) -> u64 {
+pub(crate) fn usize_to_u64(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
@@ -769,7 +769,31 @@ pub struct ResponseHead<'a> {
 /// written for them. `Connection: close` is added when `!keep_alive`.
 pub fn write_response(out: &mut Vec<u8>, head: &ResponseHead<'_>, body: &[u8], head_only: bool) {
     let bodiless = (100..200).contains(&head.status) || head.status == 204;
+    let framing = if bodiless {
+        BodyFraming::None
+    } else {
+        BodyFraming::Length(usize_to_u64(body.len()))
+    };
+    write_response_head(out, head, framing);
+    if !head_only && !bodiless {
+        out.extend_from_slice(body);
+    }
+}
 
+/// How a response body is delimited, for [`write_response_head`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// `Content-Length: n`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`: the caller writes chunks ([`push_chunk`]) and the last one.
+    Chunked,
+    /// Neither header (1xx, 204, or a body the connection's close delimits).
+    None,
+}
+
+/// Appends a response head with the given body framing; the caller writes the body. Used for
+/// bodies passed on as they arrive (proxying).
+pub fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead<'_>, framing: BodyFraming) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(out, u64::from(head.status));
     out.push(b' ');
@@ -787,19 +811,28 @@ pub fn write_response(out: &mut Vec<u8>, head: &ResponseHead<'_>, body: &[u8], h
             push_header(out, name, value);
         }
     }
-    if !bodiless {
-        out.extend_from_slice(b"Content-Length: ");
-        push_decimal(out, usize_to_u64(body.len()));
-        out.extend_from_slice(b"\r\n");
+    match framing {
+        BodyFraming::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyFraming::None => {}
     }
     if !head.keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
 
-    if !head_only && !bodiless {
-        out.extend_from_slice(body);
-    }
+/// Appends one chunk of a chunked body; an empty `data` writes the last chunk (`0\r\n\r\n`).
+pub fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    use std::io::Write as _;
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    // For the last chunk this `\r\n` ends the (empty) trailer section.
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes `name: value\r\n`. CR, LF and NUL are replaced by spaces: header values sometimes

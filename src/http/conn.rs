@@ -19,10 +19,13 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::codec::{self, BodyDecoder, HttpError, Limits, Parsed, RequestHead, ResponseHead};
+use super::codec::{
+    self, BodyDecoder, BodyFraming, BodyKind, HttpError, Limits, Parsed, RequestHead, ResponseHead,
+};
 use super::Response;
 use crate::api::{self, Reply};
 use crate::metrics::ErrorKind;
+use crate::proxy::{self, Answer, BodyError, BodySource};
 use crate::shard::{ConnCtl, Shard};
 
 const READ_CHUNK: usize = 4096;
@@ -176,33 +179,61 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
             }
         };
         let start = request_started.unwrap_or_else(Instant::now);
-        let body = match read_body(
+        let body_deadline = start + request_timeout;
+        if !api::is_own_path(&head.path) && proxy::routes(&shard, &head.path) {
+            shard.stats.http_requests.inc();
+            let keep_alive = serve_proxied(
+                &shard,
+                &ctl,
+                &mut stream,
+                &mut input,
+                &mut output,
+                &head,
+                &limits,
+                body_deadline,
+            )
+            .await;
+            if !keep_alive {
+                break 'conn;
+            }
+            request_started = (!input.is_empty()).then(Instant::now);
+            continue 'conn;
+        }
+        let body = match BodyReader::new(
             &mut stream,
             &mut input,
             &mut output,
             &head,
             &limits,
-            start + request_timeout,
+            body_deadline,
             &ctl,
-        )
-        .await
-        {
+        ) {
+            Ok(reader) => reader.read_all().await,
+            Err(e) => Err(BodyFailure::Http(e)),
+        };
+        let body = match body {
             Ok(body) => body,
             Err(BodyFailure::Http(e)) => {
                 shard.stats.error(http_error_kind(&e));
-                let response = Response::error(e.status(), e.code(), &e.message());
-                write(&mut output, &response, false, false, shard.id);
+                write(
+                    &mut output,
+                    &body_error_response(&e),
+                    false,
+                    false,
+                    shard.id,
+                );
                 flush(&mut stream, &mut output).await;
                 break 'conn;
             }
             Err(BodyFailure::TimedOut) => {
                 shard.stats.error(ErrorKind::RequestTimeout);
-                let response = Response::error(
-                    408,
-                    "request_timeout",
-                    "the request body did not arrive within the request timeout",
+                write(
+                    &mut output,
+                    &body_timeout_response(),
+                    false,
+                    false,
+                    shard.id,
                 );
-                write(&mut output, &response, false, false, shard.id);
                 flush(&mut stream, &mut output).await;
                 break 'conn;
             }
@@ -247,49 +278,270 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
     shard.close_conn(&ctl);
 }
 
+/// Proxies one request (its body streamed through when large) and passes the upstream's
+/// answer on as it arrives. Returns whether the connection may carry another request.
+#[allow(clippy::too_many_arguments)]
+async fn serve_proxied(
+    shard: &Rc<Shard>,
+    ctl: &Rc<ConnCtl>,
+    stream: &mut TcpStream,
+    input: &mut Vec<u8>,
+    output: &mut Vec<u8>,
+    head: &RequestHead,
+    limits: &Limits,
+    body_deadline: Instant,
+) -> bool {
+    let mut reader = match BodyReader::new(stream, input, output, head, limits, body_deadline, ctl)
+    {
+        Ok(reader) => reader,
+        Err(e) => {
+            shard.stats.error(http_error_kind(&e));
+            write(output, &body_error_response(&e), false, false, shard.id);
+            flush(stream, output).await;
+            return false;
+        }
+    };
+    let answer = proxy::forward(shard, ctl.peer, head, &mut reader).await;
+    // An answer given before the whole body was read leaves the rest unread: close after it.
+    let body_read = reader.done;
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(BodyError::Refused(response)) => {
+            shard.stats.error(match response.status {
+                408 => ErrorKind::RequestTimeout,
+                413 => ErrorKind::BodyTooLarge,
+                _ => ErrorKind::BadRequest,
+            });
+            write(output, &response, false, false, shard.id);
+            flush(stream, output).await;
+            return false;
+        }
+        Err(BodyError::Gone) => return false,
+    };
+    let keep_alive = head.keep_alive && body_read && !ctl.is_closing();
+    let head_only = head.method == codec::Method::Head;
+    match answer {
+        Answer::Relay(response) => {
+            write(output, &response, keep_alive, head_only, shard.id);
+            flush(stream, output).await && keep_alive
+        }
+        Answer::Upstream(upstream) => {
+            pass_on(shard, stream, output, head, upstream, keep_alive).await
+        }
+    }
+}
+
+/// Writes the upstream's head, then its body as it arrives: with its `Content-Length` when it
+/// declared one, else chunked (close-delimited for an HTTP/1.0 client). An upstream failing
+/// mid-body closes the client's connection, the only way left to say the body is cut short.
+async fn pass_on(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    output: &mut Vec<u8>,
+    head: &RequestHead,
+    upstream: proxy::Upstream<'_>,
+    keep_alive: bool,
+) -> bool {
+    let proxy::Upstream {
+        mut response,
+        headers,
+        deadline,
+    } = upstream;
+    let status = response.status;
+    let head_only = head.method == codec::Method::Head;
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if head_only || bodiless {
+        // A HEAD answer keeps the length a GET would get.
+        let declared = response
+            .headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        match declared {
+            Some(n) if head_only && !bodiless => BodyFraming::Length(n),
+            _ => BodyFraming::None,
+        }
+    } else {
+        match response.content_length() {
+            Some(n) => BodyFraming::Length(codec::usize_to_u64(n)),
+            None if head.minor_version >= 1 => BodyFraming::Chunked,
+            None => BodyFraming::None,
+        }
+    };
+    // Without a length or chunks, only the close can end the body.
+    let keep_alive = keep_alive && !(framing == BodyFraming::None && !head_only && !bodiless);
+    let shard_header = shard.id.to_string();
+    let mut extra: Vec<(&str, &str)> = Vec::with_capacity(headers.len() + 1);
+    extra.push(("X-Relay-Shard", &shard_header));
+    extra.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    let response_head = ResponseHead {
+        status,
+        content_type: None,
+        keep_alive,
+        extra_headers: &extra,
+    };
+    codec::write_response_head(output, &response_head, framing);
+    let chunked = framing == BodyFraming::Chunked;
+    loop {
+        // Send what is ready before waiting on the upstream, so the client sees the head
+        // (and each piece) as soon as it exists, without a write per piece otherwise.
+        if !response.has_buffered() && !flush(stream, output).await {
+            return false;
+        }
+        match response.next(deadline).await {
+            Ok(Some(piece)) => {
+                if head_only || bodiless {
+                    continue;
+                }
+                if chunked {
+                    codec::push_chunk(output, &piece);
+                } else {
+                    output.extend_from_slice(&piece);
+                }
+                if output.len() >= PASS_ON_FLUSH_BYTES && !flush(stream, output).await {
+                    return false;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream body failed; closing the client connection");
+                shard.stats.error(ErrorKind::UpstreamBody);
+                flush(stream, output).await;
+                return false;
+            }
+        }
+    }
+    if chunked {
+        codec::push_chunk(output, b"");
+    }
+    if !keep_alive {
+        flush(stream, output).await;
+    }
+    keep_alive
+}
+
+/// Output gathered while passing a body on is written once it reaches this size.
+const PASS_ON_FLUSH_BYTES: usize = 64 * 1024;
+
 enum BodyFailure {
     Http(HttpError),
     TimedOut,
     Gone,
 }
 
-/// Reads and decodes the body of `head`, consuming the head and body from `input`.
-async fn read_body(
-    stream: &mut TcpStream,
-    input: &mut Vec<u8>,
-    output: &mut Vec<u8>,
-    head: &RequestHead,
-    limits: &Limits,
+/// The body of one request, read from the client and decoded piece by piece.
+struct BodyReader<'a> {
+    stream: &'a mut TcpStream,
+    /// Holds the head and body bytes read so far; drained as they are decoded.
+    input: &'a mut Vec<u8>,
+    output: &'a mut Vec<u8>,
+    decoder: BodyDecoder,
+    content_length: Option<u64>,
+    expect_continue: bool,
     deadline: Instant,
-    ctl: &ConnCtl,
-) -> Result<Bytes, BodyFailure> {
-    let mut decoder = BodyDecoder::new(&head.body, limits).map_err(BodyFailure::Http)?;
-    let mut body = Vec::new();
-    let mut at = head.head_len;
-    let mut continue_sent = false;
-    loop {
-        let (used, done) = decoder
-            .decode(input.get(at..).unwrap_or_default(), &mut body)
-            .map_err(BodyFailure::Http)?;
-        at += used;
-        if done {
-            input.drain(..at);
-            return Ok(Bytes::from(body));
+    ctl: &'a ConnCtl,
+    done: bool,
+}
+
+impl<'a> BodyReader<'a> {
+    /// Consumes the head from `input`; the body follows it.
+    fn new(
+        stream: &'a mut TcpStream,
+        input: &'a mut Vec<u8>,
+        output: &'a mut Vec<u8>,
+        head: &RequestHead,
+        limits: &Limits,
+        deadline: Instant,
+        ctl: &'a ConnCtl,
+    ) -> Result<Self, HttpError> {
+        let decoder = BodyDecoder::new(&head.body, limits)?;
+        input.drain(..head.head_len.min(input.len()));
+        let content_length = match head.body {
+            BodyKind::None => Some(0),
+            BodyKind::ContentLength(n) => Some(n),
+            BodyKind::Chunked => None,
+        };
+        Ok(BodyReader {
+            stream,
+            input,
+            output,
+            decoder,
+            content_length,
+            expect_continue: head.expect_continue,
+            deadline,
+            ctl,
+            done: false,
+        })
+    }
+
+    /// The next decoded piece of the body, `None` once it is complete.
+    async fn next_piece(&mut self) -> Result<Option<Vec<u8>>, BodyFailure> {
+        if self.done {
+            return Ok(None);
         }
-        // Keep only the unconsumed part so the buffer stays bounded by one chunk.
-        input.drain(..at);
-        at = 0;
-        if head.expect_continue && !continue_sent {
-            continue_sent = true;
-            output.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        }
-        if !flush(stream, output).await {
-            return Err(BodyFailure::Gone);
-        }
-        match read_more(stream, input, deadline, ctl).await {
-            Read::Data => {}
-            Read::TimedOut => return Err(BodyFailure::TimedOut),
-            Read::Eof | Read::Failed | Read::Closing => return Err(BodyFailure::Gone),
+        loop {
+            let mut piece = Vec::new();
+            let (used, done) = self
+                .decoder
+                .decode(self.input, &mut piece)
+                .map_err(BodyFailure::Http)?;
+            // Keep only the unconsumed part so the buffer stays bounded by one read.
+            self.input.drain(..used.min(self.input.len()));
+            self.done = done;
+            if !piece.is_empty() || done {
+                return Ok((!piece.is_empty()).then_some(piece));
+            }
+            if std::mem::take(&mut self.expect_continue) {
+                self.output
+                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            if !flush(self.stream, self.output).await {
+                return Err(BodyFailure::Gone);
+            }
+            match read_more(self.stream, self.input, self.deadline, self.ctl).await {
+                Read::Data => {}
+                Read::TimedOut => return Err(BodyFailure::TimedOut),
+                Read::Eof | Read::Failed | Read::Closing => return Err(BodyFailure::Gone),
+            }
         }
     }
+
+    /// The whole body.
+    async fn read_all(mut self) -> Result<Bytes, BodyFailure> {
+        let mut body: Vec<u8> = Vec::new();
+        while let Some(piece) = self.next_piece().await? {
+            if body.is_empty() {
+                body = piece;
+            } else {
+                body.extend_from_slice(&piece);
+            }
+        }
+        Ok(Bytes::from(body))
+    }
+}
+
+impl BodySource for BodyReader<'_> {
+    fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, BodyError> {
+        self.next_piece().await.map_err(|failure| match failure {
+            BodyFailure::Http(e) => BodyError::Refused(body_error_response(&e)),
+            BodyFailure::TimedOut => BodyError::Refused(body_timeout_response()),
+            BodyFailure::Gone => BodyError::Gone,
+        })
+    }
+}
+
+fn body_error_response(e: &HttpError) -> Response {
+    Response::error(e.status(), e.code(), &e.message())
+}
+
+fn body_timeout_response() -> Response {
+    Response::error(
+        408,
+        "request_timeout",
+        "the request body did not arrive within the request timeout",
+    )
 }

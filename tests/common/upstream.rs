@@ -75,6 +75,9 @@ pub enum Behaviour {
     Delay(Duration),
     /// Holds every request until `Upstream::open_gate`, then answers `Normal`.
     Gate,
+    /// Answers 200 with a chunked body: `first` at once, then `second` once
+    /// `Upstream::open_gate` is called, then the last chunk.
+    StreamGated { first: Vec<u8>, second: Vec<u8> },
 }
 
 struct State {
@@ -88,6 +91,8 @@ struct State {
     answered: AtomicUsize,
     health_checks: AtomicUsize,
     connections: AtomicUsize,
+    /// Every byte read from every connection (heads and bodies, health checks included).
+    bytes_read: AtomicUsize,
 }
 
 /// A running fake upstream; stops when dropped.
@@ -116,6 +121,7 @@ impl Upstream {
             answered: AtomicUsize::new(0),
             health_checks: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            bytes_read: AtomicUsize::new(0),
         });
         let st = state.clone();
         let acceptor = std::thread::Builder::new()
@@ -177,6 +183,12 @@ impl Upstream {
     /// The status `Behaviour::Normal` answers with from now on.
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Bytes read so far over all connections: shows a request body arriving before it is
+    /// complete.
+    pub fn bytes_read(&self) -> usize {
+        self.state.bytes_read.load(Ordering::SeqCst)
     }
 
     /// Releases every request held by `Behaviour::Gate` (and lets later ones through).
@@ -255,6 +267,7 @@ fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &State) -> io::Result<
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(false),
             Ok(n) => {
+                state.bytes_read.fetch_add(n, Ordering::SeqCst);
                 buf.extend_from_slice(&chunk[..n]);
                 return Ok(true);
             }
@@ -478,6 +491,33 @@ fn serve(mut stream: TcpStream, state: &State) -> io::Result<()> {
                         return Ok(());
                     }
                     normal(state, &rec, current)
+                }
+                Behaviour::StreamGated { first, second } => {
+                    state.answered.fetch_add(1, Ordering::SeqCst);
+                    let chunk = |data: &[u8]| {
+                        let mut c = format!("{:x}\r\n", data.len()).into_bytes();
+                        c.extend_from_slice(data);
+                        c.extend_from_slice(b"\r\n");
+                        c
+                    };
+                    let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                                    Transfer-Encoding: chunked\r\n\r\n"
+                        .to_vec();
+                    out.extend_from_slice(&chunk(first));
+                    stream.write_all(&out)?;
+                    while !state.gate.load(Ordering::SeqCst) {
+                        if state.stop.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let mut rest = chunk(second);
+                    rest.extend_from_slice(b"0\r\n\r\n");
+                    stream.write_all(&rest)?;
+                    if close {
+                        return Ok(());
+                    }
+                    continue;
                 }
                 Behaviour::Gate => {
                     while !state.gate.load(Ordering::SeqCst) {
