@@ -816,6 +816,100 @@ mod tests {
         assert_ne!(none, traceparent(None), "new traces are random");
     }
 
+    fn head(raw: &str) -> RequestHead {
+        let limits = crate::http::codec::Limits {
+            max_header_bytes: 8192,
+            max_headers: 64,
+            max_body_bytes: 1024,
+        };
+        match crate::http::codec::parse_head(raw.as_bytes(), &limits) {
+            Ok(crate::http::codec::Parsed::Complete(head)) => head,
+            _ => panic!("test head parses: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn client_keys() {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let secret = "proxy-test-secret";
+        let config = Config {
+            rate_limit: crate::config::RateLimitConfig {
+                trusted_proxies: vec!["10.0.0.0/8".to_string()],
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let proxy = ProxyState::new(&config, 0, 1);
+        let jwt = Auth::new(Some(secret), None);
+        let open = Auth::new(None, None);
+        let peer: IpAddr = "10.1.1.1".parse().expect("ip");
+        let far = u64::MAX / 2;
+        let token = encode(
+            &Header::default(),
+            &serde_json::json!({"sub": "alice", "exp": far}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("token");
+        let with_token = head(&format!(
+            "GET /x HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ));
+        assert_eq!(proxy.client_key(&jwt, &with_token, peer), "sub:alice");
+        // Without a JWT secret the token is an opaque bearer key.
+        assert_eq!(
+            proxy.client_key(&open, &with_token, peer),
+            format!("bearer:{token}")
+        );
+        let api_key = head("GET /x HTTP/1.1\r\nAuthorization: Bearer k1\r\n\r\n");
+        assert_eq!(proxy.client_key(&jwt, &api_key, peer), "bearer:k1");
+        let forwarded = head("GET /x HTTP/1.1\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n");
+        assert_eq!(proxy.client_key(&open, &forwarded, peer), "ip:203.0.113.9");
+        let untrusted: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert_eq!(
+            proxy.client_key(&open, &forwarded, untrusted),
+            "ip:192.0.2.1"
+        );
+    }
+
+    #[test]
+    fn route_limits_pick_the_longest_prefix_then_the_subsystem() {
+        let route = |prefix: Option<&str>, subsystem: Option<&str>, per_s| {
+            crate::config::RouteLimitConfig {
+                prefix: prefix.map(str::to_string),
+                subsystem: subsystem.map(str::to_string),
+                per_s,
+                burst: 1,
+            }
+        };
+        let config = Config {
+            rate_limit: crate::config::RateLimitConfig {
+                routes: vec![
+                    route(Some("/a"), None, 1),
+                    route(Some("/a/b"), None, 1),
+                    route(None, Some("s"), 1),
+                ],
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let proxy = ProxyState::new(&config, 0, 1);
+        let which = |path: &str, subsystem: &str| {
+            let chosen = proxy.proxy_limiter(path, subsystem) as *const _;
+            if chosen == &proxy.proxy_limit as *const _ {
+                return "global".to_string();
+            }
+            let i = proxy
+                .route_limits
+                .iter()
+                .position(|r| &r.limiter as *const _ == chosen)
+                .expect("one of the entries");
+            format!("entry {i}")
+        };
+        assert_eq!(which("/a/b/c", "s"), "entry 1");
+        assert_eq!(which("/a/bc", "s"), "entry 0");
+        assert_eq!(which("/z", "s"), "entry 2");
+        assert_eq!(which("/z", "t"), "global");
+    }
+
     #[test]
     fn idempotent_methods() {
         assert!(idempotent(&Method::Get));
