@@ -893,14 +893,14 @@ mod tests {
         };
         let proxy = ProxyState::new(&config, 0, 1);
         let which = |path: &str, subsystem: &str| {
-            let chosen = proxy.proxy_limiter(path, subsystem) as *const _;
-            if chosen == &proxy.proxy_limit as *const _ {
+            let chosen = proxy.proxy_limiter(path, subsystem);
+            if std::ptr::eq(chosen, &proxy.proxy_limit) {
                 return "global".to_string();
             }
             let i = proxy
                 .route_limits
                 .iter()
-                .position(|r| &r.limiter as *const _ == chosen)
+                .position(|r| std::ptr::eq(&r.limiter, chosen))
                 .expect("one of the entries");
             format!("entry {i}")
         };
