@@ -1,0 +1,353 @@
+//! Hot-path byte scanning of what relay sends: event envelopes, WebSocket reply ops, SSE lines.
+//!
+//! Owns the per-event parse: an event's `channel`, `seq` and the scheduled timestamp the
+//! generator put in `data` are found by substring search and digit parsing, never by a full
+//! JSON parse, and nothing is allocated. Relay writes the envelope as
+//! `{"id","channel","type","seq","epoch","ts","data",...}` (src/bus/event.rs); the scan looks for
+//! each key rather than relying on that order, so a reordered envelope still parses.
+//! Must never panic on any input: every index is checked.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
+/// The start of every WebSocket event frame payload relay sends.
+pub const WS_EVENT_PREFIX: &[u8] = b"{\"op\":\"event\",";
+/// The key in front of the generator's timestamp: its `data` is `{"t":<ns>,"p":"..."}`.
+pub const DATA_TS_KEY: &[u8] = b"\"data\":{\"t\":";
+
+static CHANNEL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"channel\":\""));
+static SEQ_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"seq\":"));
+static DATA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(DATA_TS_KEY));
+
+/// The three fields the generator needs from an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventFields<'a> {
+    pub channel: &'a [u8],
+    pub seq: u64,
+    /// The scheduled send time the publisher wrote into `data.t` (ns since the origin).
+    pub sched_ns: u64,
+}
+
+/// Scans an envelope (or any JSON object text that contains one's fields). `None` when a field
+/// is missing or malformed: the event is not one this generator published.
+#[inline]
+pub fn scan_event(json: &[u8]) -> Option<EventFields<'_>> {
+    let c = CHANNEL_KEY.find(json)? + CHANNEL_KEY.needle().len();
+    let c_end = c + memchr::memchr(b'"', json.get(c..)?)?;
+    let channel = &json[c..c_end];
+    // `seq` and `data` follow the channel in relay's encoding; fall back to the whole text if
+    // some other order was used.
+    let seq_at = match SEQ_KEY.find(&json[c_end..]) {
+        Some(i) => c_end + i,
+        None => SEQ_KEY.find(json)?,
+    } + SEQ_KEY.needle().len();
+    let (seq, seq_end) = parse_u64(json, seq_at)?;
+    let data_at = match DATA_KEY.find(&json[seq_end..]) {
+        Some(i) => seq_end + i,
+        None => DATA_KEY.find(json)?,
+    } + DATA_KEY.needle().len();
+    let (sched_ns, _) = parse_u64(json, data_at)?;
+    Some(EventFields {
+        channel,
+        seq,
+        sched_ns,
+    })
+}
+
+/// Parses the decimal digits at `at`; returns the value and the index after the last digit.
+/// `None` without digits or on overflow.
+#[inline]
+pub fn parse_u64(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
+    let digits = bytes.get(at..)?;
+    let mut value: u64 = 0;
+    let mut n = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        n += 1;
+    }
+    if n == 0 {
+        None
+    } else {
+        Some((value, at + n))
+    }
+}
+
+/// The op of a WebSocket message relay sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Event,
+    Welcome,
+    Subscribed,
+    Unsubscribed,
+    Published,
+    Error,
+    Gap,
+    Pong,
+    Other,
+}
+
+/// Classifies a text message by its leading `{"op":"NAME"` (relay always writes `op` first).
+#[inline]
+pub fn ws_op(payload: &[u8]) -> Op {
+    if payload.starts_with(WS_EVENT_PREFIX) {
+        return Op::Event;
+    }
+    let Some(rest) = payload.strip_prefix(b"{\"op\":\"") else {
+        return Op::Other;
+    };
+    let Some(end) = memchr::memchr(b'"', rest) else {
+        return Op::Other;
+    };
+    match &rest[..end] {
+        b"event" => Op::Event,
+        b"welcome" => Op::Welcome,
+        b"subscribed" => Op::Subscribed,
+        b"unsubscribed" => Op::Unsubscribed,
+        b"published" => Op::Published,
+        b"error" => Op::Error,
+        b"gap" => Op::Gap,
+        b"pong" => Op::Pong,
+        _ => Op::Other,
+    }
+}
+
+/// The raw text of string field `"key":"..."` (first occurrence; no unescaping, fine for the
+/// names relay validates and for messages shown to a human).
+pub fn field_str<'a>(json: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let needle = quoted_key(key, true);
+    let at = memchr::memmem::find(json, &needle)? + needle.len();
+    let rest = json.get(at..)?;
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(&rest[..i]),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The value of number field `"key":123` (first occurrence).
+pub fn field_u64(json: &[u8], key: &str) -> Option<u64> {
+    let needle = quoted_key(key, false);
+    let at = memchr::memmem::find(json, &needle)? + needle.len();
+    parse_u64(json, at).map(|(v, _)| v)
+}
+
+fn quoted_key(key: &str, string_value: bool) -> Vec<u8> {
+    let mut needle = Vec::with_capacity(key.len() + 4);
+    needle.push(b'"');
+    needle.extend_from_slice(key.as_bytes());
+    needle.extend_from_slice(b"\":");
+    if string_value {
+        needle.push(b'"');
+    }
+    needle
+}
+
+/// One complete SSE line (without its terminator) and the bytes it took, or `None` when the
+/// buffer holds no complete line yet. Lines end in LF, CRLF or a lone CR; a CR at the very end
+/// of the buffer waits for the next byte to tell CRLF from CR.
+#[inline]
+pub fn next_line(buf: &[u8]) -> Option<(&[u8], usize)> {
+    let i = memchr::memchr2(b'\n', b'\r', buf)?;
+    if buf[i] == b'\n' {
+        return Some((&buf[..i], i + 1));
+    }
+    match buf.get(i + 1) {
+        Some(b'\n') => Some((&buf[..i], i + 2)),
+        Some(_) => Some((&buf[..i], i + 1)),
+        None => None,
+    }
+}
+
+/// One SSE line, split into field and value (the single space after the colon dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SseLine<'a> {
+    /// The empty line that dispatches a block.
+    Blank,
+    Comment(&'a [u8]),
+    Field {
+        name: &'a [u8],
+        value: &'a [u8],
+    },
+}
+
+#[inline]
+pub fn sse_line(line: &[u8]) -> SseLine<'_> {
+    if line.is_empty() {
+        return SseLine::Blank;
+    }
+    if line[0] == b':' {
+        return SseLine::Comment(&line[1..]);
+    }
+    match memchr::memchr(b':', line) {
+        Some(i) => {
+            let value = &line[i + 1..];
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            SseLine::Field {
+                name: &line[..i],
+                value,
+            }
+        }
+        None => SseLine::Field {
+            name: line,
+            value: b"",
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RELAY_EVENT: &[u8] = br#"{"op":"event","id":"0193f1d2-7a6b-7c3d-8e9f-0123456789ab","channel":"lg.abc.7","type":"lg","seq":17,"epoch":"k3x9","ts":1763812345123,"data":{"t":123456789012,"p":"xxxxxxxx"}}"#;
+
+    #[test]
+    fn scans_relay_ws_event() {
+        assert_eq!(ws_op(RELAY_EVENT), Op::Event);
+        let f = scan_event(RELAY_EVENT).unwrap();
+        assert_eq!(f.channel, b"lg.abc.7");
+        assert_eq!(f.seq, 17);
+        assert_eq!(f.sched_ns, 123_456_789_012);
+    }
+
+    #[test]
+    fn scan_survives_reordered_fields() {
+        let json = br#"{"data":{"t":5,"p":""},"seq":9,"channel":"c"}"#;
+        let f = scan_event(json).unwrap();
+        assert_eq!((f.channel, f.seq, f.sched_ns), (&b"c"[..], 9, 5));
+    }
+
+    #[test]
+    fn scan_rejects_foreign_and_broken_events() {
+        // Somebody else's data.
+        assert!(scan_event(br#"{"channel":"c","seq":1,"data":{"x":1}}"#).is_none());
+        assert!(scan_event(br#"{"channel":"c","seq":1,"data":7}"#).is_none());
+        // Truncated anywhere: never a panic, never a wrong answer.
+        for cut in 0..RELAY_EVENT.len() {
+            let part = &RELAY_EVENT[..cut];
+            if let Some(f) = scan_event(part) {
+                assert_eq!(f.channel, b"lg.abc.7");
+                assert_eq!(f.seq, 17);
+                assert!(123_456_789_012u64
+                    .to_string()
+                    .starts_with(&f.sched_ns.to_string()));
+            }
+        }
+        assert!(scan_event(b"").is_none());
+        assert!(scan_event(br#""channel":"unterminated"#).is_none());
+        assert!(scan_event(br#"{"channel":"c","seq":-1,"data":{"t":1}}"#).is_none());
+    }
+
+    #[test]
+    fn digits() {
+        assert_eq!(parse_u64(b"123,", 0), Some((123, 3)));
+        assert_eq!(parse_u64(b"x9", 1), Some((9, 2)));
+        assert_eq!(parse_u64(b"x", 1), None);
+        assert_eq!(parse_u64(b"abc", 0), None);
+        assert_eq!(parse_u64(b"abc", 10), None);
+        assert_eq!(parse_u64(b"18446744073709551615", 0), Some((u64::MAX, 20)));
+        assert_eq!(parse_u64(b"18446744073709551616", 0), None, "overflow");
+    }
+
+    #[test]
+    fn reply_ops_and_fields() {
+        let sub = br#"{"op":"subscribed","ref":3,"channel":"lg.a.1","epoch":"e","seq":42,"recovered":false}"#;
+        assert_eq!(ws_op(sub), Op::Subscribed);
+        assert_eq!(field_str(sub, "channel"), Some(&b"lg.a.1"[..]));
+        assert_eq!(field_u64(sub, "seq"), Some(42));
+        assert_eq!(field_u64(sub, "nope"), None);
+        let err = br#"{"op":"error","code":"rate_limited","message":"say \"slow\" down"}"#;
+        assert_eq!(ws_op(err), Op::Error);
+        assert_eq!(field_str(err, "code"), Some(&b"rate_limited"[..]));
+        assert_eq!(
+            field_str(err, "message"),
+            Some(&br#"say \"slow\" down"#[..])
+        );
+        assert_eq!(ws_op(br#"{"op":"welcome","conn":"x"}"#), Op::Welcome);
+        assert_eq!(ws_op(br#"{"op":"published","seq":1}"#), Op::Published);
+        assert_eq!(ws_op(br#"{"op":"gap","channel":"c"}"#), Op::Gap);
+        assert_eq!(ws_op(br#"{"op":"pong"}"#), Op::Pong);
+        assert_eq!(ws_op(br#"{"op":"presence.join"}"#), Op::Other);
+        assert_eq!(ws_op(b"not json"), Op::Other);
+        assert_eq!(ws_op(br#"{"op":"unterminated"#), Op::Other);
+        assert_eq!(field_str(br#"{"a":"x\"#, "a"), None);
+    }
+
+    #[test]
+    fn sse_lines_with_every_terminator_and_partials() {
+        let buf = b"id: 1\nevent: lg\r\ndata: {}\r\n\n: keepalive\rretry: 2000\n";
+        let mut rest = &buf[..];
+        let mut lines = Vec::new();
+        while let Some((line, used)) = next_line(rest) {
+            lines.push(sse_line(line));
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(
+            lines,
+            vec![
+                SseLine::Field {
+                    name: b"id",
+                    value: b"1"
+                },
+                SseLine::Field {
+                    name: b"event",
+                    value: b"lg"
+                },
+                SseLine::Field {
+                    name: b"data",
+                    value: b"{}"
+                },
+                SseLine::Blank,
+                SseLine::Comment(b" keepalive"),
+                SseLine::Field {
+                    name: b"retry",
+                    value: b"2000"
+                },
+            ]
+        );
+        // No terminator yet, and a CR that might be the first half of CRLF.
+        assert_eq!(next_line(b"data: {\"a"), None);
+        assert_eq!(next_line(b"data: x\r"), None);
+        assert_eq!(next_line(b"data: x\rd"), Some((&b"data: x"[..], 8)));
+        assert_eq!(
+            sse_line(b"data:no-space"),
+            SseLine::Field {
+                name: b"data",
+                value: b"no-space"
+            }
+        );
+        assert_eq!(
+            sse_line(b"lonely"),
+            SseLine::Field {
+                name: b"lonely",
+                value: b""
+            }
+        );
+    }
+
+    #[test]
+    fn scans_relay_sse_data_line() {
+        let block = b"id: abc\nevent: lg\ndata: {\"id\":\"u\",\"channel\":\"lg.x.0\",\"type\":\"lg\",\"seq\":3,\"epoch\":\"e\",\"ts\":1,\"data\":{\"t\":77,\"p\":\"\"}}\n\n";
+        let mut rest = &block[..];
+        let mut found = None;
+        while let Some((line, used)) = next_line(rest) {
+            if let SseLine::Field {
+                name: b"data",
+                value,
+            } = sse_line(line)
+            {
+                found = scan_event(value).map(|f| (f.channel.to_vec(), f.seq, f.sched_ns));
+            }
+            rest = &rest[used..];
+        }
+        assert_eq!(found, Some((b"lg.x.0".to_vec(), 3, 77)));
+    }
+}
