@@ -25,7 +25,7 @@ use crate::http::Response;
 use crate::metrics::{self, ErrorKind, ProcessInfo, ShardStats, Transport};
 use crate::names;
 use crate::query::{percent_decode, query_pairs};
-use crate::shard::{unix_ms, BusError, ConnCtl, Shard};
+use crate::shard::{unix_ms, BusError, ConnCtl, PublishOutcome, Shard};
 
 /// What a request turns into.
 pub enum Reply {
@@ -568,10 +568,48 @@ async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Byt
         Ok(d) => d,
         Err(message) => return bad_request(&message),
     };
-    match shard.publish(drafts).await {
-        Ok(results) => Response::json(202, publish_results(&results)),
+    // Kept for the answer of a partly refused batch (the drafts move into the bus).
+    let channels: Vec<Arc<str>> = drafts.iter().map(|d| d.channel.clone()).collect();
+    match shard.publish_each(drafts).await {
+        Ok(outcomes) => {
+            let refused = outcomes.iter().filter(|o| o.is_err()).count();
+            if refused == 0 {
+                let results: Vec<Published> = outcomes.into_iter().flatten().collect();
+                return Response::json(202, publish_results(&results));
+            }
+            // Part of the batch was accepted before an owner shard refused the rest: 207, so a
+            // client retries only the events whose entry carries `error`.
+            shard.stats.error(ErrorKind::RingFull);
+            Response::json(207, partial_results(&outcomes, &channels))
+                .with_header("Retry-After", "1")
+        }
         Err(e) => bus_error(shard, e),
     }
+}
+
+/// The `results` of a batch of which some events were refused: refused entries carry
+/// `channel` and `error` instead of `seq`, `id` and `duplicate`.
+fn partial_results(outcomes: &[PublishOutcome], channels: &[Arc<str>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + outcomes.len() * 96);
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match outcome {
+            Ok(p) => push_published(&mut out, p),
+            Err(e) => {
+                let channel = channels.get(i).map_or("", |c| c);
+                let entry = serde_json::json!({
+                    "channel": channel,
+                    "error": {"code": "overloaded", "message": e.to_string()},
+                });
+                out.extend_from_slice(entry.to_string().as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 fn publish_results(results: &[Published]) -> Vec<u8> {
@@ -581,20 +619,24 @@ fn publish_results(results: &[Published]) -> Vec<u8> {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(b"{\"channel\":\"");
-        out.extend_from_slice(p.channel.as_bytes());
-        out.extend_from_slice(b"\",\"seq\":");
-        crate::bus::event::push_u64(&mut out, p.seq);
-        out.extend_from_slice(b",\"id\":\"");
-        json_escape_into(&mut out, &p.id);
-        out.extend_from_slice(if p.duplicate {
-            b"\",\"duplicate\":true}"
-        } else {
-            b"\",\"duplicate\":false}"
-        });
+        push_published(&mut out, p);
     }
     out.extend_from_slice(b"]}");
     out
+}
+
+fn push_published(out: &mut Vec<u8>, p: &Published) {
+    out.extend_from_slice(b"{\"channel\":\"");
+    out.extend_from_slice(p.channel.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    crate::bus::event::push_u64(out, p.seq);
+    out.extend_from_slice(b",\"id\":\"");
+    json_escape_into(out, &p.id);
+    out.extend_from_slice(if p.duplicate {
+        b"\",\"duplicate\":true}"
+    } else {
+        b"\",\"duplicate\":false}"
+    });
 }
 
 // ----- channels and history -----

@@ -74,8 +74,11 @@ pub enum Msg {
     },
 }
 
+/// One event's outcome in a batch publish.
+pub type PublishOutcome = Result<Published, BusError>;
+
 /// Errors of the bus layer, each mapped to an HTTP status by the API.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BusError {
     /// A ring or outbox toward `shard` is full: back off and retry (503 + Retry-After).
     Congested { shard: usize },
@@ -426,11 +429,26 @@ impl Shard {
 
     // ----- the bus, as handlers see it -----
 
-    /// Publishes drafts (any channels), answering in input order.
+    /// Publishes drafts (any channels), answering in input order; any refusal refuses the
+    /// call (use [`Shard::publish_each`] where a batch may be partly accepted).
     pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<Published>, BusError> {
+        self.publish_each(drafts).await?.into_iter().collect()
+    }
+
+    /// Publishes drafts (any channels), answering each in input order. `Err` refuses the whole
+    /// batch: nothing of it was published. Congestion known here is checked before anything
+    /// is sequenced; only an owner shard refusing its part after another part was accepted
+    /// (its own rings filled meanwhile) leaves errors in that part's places.
+    pub async fn publish_each(&self, drafts: Vec<Draft>) -> Result<Vec<PublishOutcome>, BusError> {
         let shards = self.shards();
         if shards == 1 {
-            return self.publish_owned(drafts);
+            return Ok(self.publish_owned(drafts)?.into_iter().map(Ok).collect());
+        }
+        // Any congested ring refuses the whole batch up front: the owner's part would be
+        // refused by `publish_owned` after other parts were already sent.
+        if let Some(shard) = (0..shards).find(|&s| s != self.id && self.outbox.congested(s)) {
+            self.stats.publish_rejected_full.inc();
+            return Err(BusError::Congested { shard });
         }
         // Group by owner, remembering each draft's place in the answer.
         let mut groups: Vec<(Vec<usize>, Vec<Draft>)> =
@@ -441,36 +459,46 @@ impl Shard {
             groups[owner].1.push(draft);
         }
         let total: usize = groups.iter().map(|g| g.0.len()).sum();
-        let mut answers: Vec<Option<Published>> = vec![None; total];
+        let mut answers: Vec<Option<PublishOutcome>> = vec![None; total];
         let mut waiting = Vec::new();
         for (owner, (indexes, drafts)) in groups.into_iter().enumerate() {
             if drafts.is_empty() {
                 continue;
             }
             if owner == self.id {
-                for (i, p) in indexes.into_iter().zip(self.publish_owned(drafts)?) {
-                    answers[i] = Some(p);
+                match self.publish_owned(drafts) {
+                    Ok(published) => {
+                        for (i, p) in indexes.into_iter().zip(published) {
+                            answers[i] = Some(Ok(p));
+                        }
+                    }
+                    Err(e) => indexes.into_iter().for_each(|i| answers[i] = Some(Err(e))),
                 }
             } else {
-                if self.outbox.congested(owner) {
-                    self.stats.publish_rejected_full.inc();
-                    return Err(BusError::Congested { shard: owner });
-                }
                 let (reply, answer) = oneshot::channel();
                 self.outbox.send(owner, Msg::Publish { drafts, reply });
                 waiting.push((indexes, answer));
             }
         }
         for (indexes, answer) in waiting {
-            let published = answer.await.map_err(|_| BusError::Unavailable)??;
-            for (i, p) in indexes.into_iter().zip(published) {
-                answers[i] = Some(p);
+            match answer.await.unwrap_or(Err(BusError::Unavailable)) {
+                Ok(published) => {
+                    for (i, p) in indexes.into_iter().zip(published) {
+                        answers[i] = Some(Ok(p));
+                    }
+                }
+                Err(e) => indexes.into_iter().for_each(|i| answers[i] = Some(Err(e))),
             }
         }
-        answers
+        let answers: Vec<PublishOutcome> = answers
             .into_iter()
-            .map(|a| a.ok_or(BusError::Unavailable))
-            .collect()
+            .map(|a| a.unwrap_or(Err(BusError::Unavailable)))
+            .collect();
+        // Nothing accepted: a plain refusal, as if it had been refused up front.
+        match answers.iter().find_map(|a| a.as_ref().err()) {
+            Some(&e) if answers.iter().all(Result::is_err) => Err(e),
+            _ => Ok(answers),
+        }
     }
 
     /// Sequences drafts this shard owns.

@@ -21,6 +21,7 @@ both_drivers!(
     connect_counts_handshakes,
     idle_reports_the_relays_rss,
     refused_subscribers_are_a_clear_error,
+    congested_batches_are_refused_whole_or_reported_per_event,
 );
 
 /// Options for a small run against `server`, with the generator on the relay's driver.
@@ -287,4 +288,35 @@ fn nothing_listening_is_a_clear_error() {
             other => panic!("{scenario:?}: expected TargetUnreachable, got {other:?}"),
         }
     }
+}
+
+/// Under ring congestion (tiny rings between the two shards), a batch spanning both owners is
+/// refused whole (503) or, when an owner refused its part after the other part was accepted,
+/// answered 207 with an `error` per refused event. Either way every delivered event is one the
+/// publisher was told was accepted: no "unconfirmed" deliveries that a retry would duplicate.
+fn congested_batches_are_refused_whole_or_reported_per_event(driver: &str) {
+    let server = Server::start_with_config(driver, "[bus]\nring_capacity = 2\nmax_batch = 1\n");
+    let mut o = small(Scenario::Latency, &server);
+    o.subscribers = 32;
+    o.channels = 32;
+    o.publishers = 4;
+    o.batch = 50;
+    o.pipeline = 16;
+    o.rate = RatePlan::Unlimited;
+    let r = run(&o);
+    let ctx = r.to_table();
+    assert!(
+        r.publish_failed > 0,
+        "the tiny rings refused something\n{ctx}"
+    );
+    assert!(r.published > 0, "and accepted something\n{ctx}");
+    assert_eq!(
+        r.unconfirmed_deliveries, 0,
+        "deliveries of refused events\n{ctx}"
+    );
+    assert_eq!(
+        r.delivered, r.expected,
+        "every accepted event was delivered\n{ctx}"
+    );
+    assert_eq!((r.duplicated, r.out_of_order), (0, 0), "{ctx}");
 }

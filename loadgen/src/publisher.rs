@@ -131,7 +131,31 @@ pub fn feed_http<S: AckSink>(
                 head.status
             )));
         };
-        if (200..300).contains(&head.status) {
+        if head.status == 207 {
+            // Partly accepted: the entries carrying `error` were refused by their owner shard.
+            let refused =
+                (memchr::memmem::find_iter(body, b"\"error\":").count() as u64).min(req.events);
+            let accepted = req.events - refused;
+            // Expected deliveries are spread evenly over the batch's events (exact when its
+            // channels have equal subscriber counts, which every scenario sets up).
+            let expected_accepted = req.expected * accepted / req.events.max(1);
+            if accepted > 0 {
+                let part = Inflight {
+                    events: accepted,
+                    expected: expected_accepted,
+                    ..req
+                };
+                sink.accepted(&part, now);
+            }
+            if refused > 0 {
+                let part = Inflight {
+                    events: refused,
+                    expected: req.expected - expected_accepted,
+                    ..req
+                };
+                sink.refused(&part, head.status, body);
+            }
+        } else if (200..300).contains(&head.status) {
             sink.accepted(&req, now);
         } else {
             sink.refused(&req, head.status, body);
@@ -604,6 +628,28 @@ mod tests {
             step: 0,
             oldest_sched_ns: 1,
         }
+    }
+
+    #[test]
+    fn a_partly_refused_batch_counts_both_parts() {
+        let body = br#"{"results":[{"channel":"a","seq":1,"id":"x","duplicate":false},{"channel":"b","error":{"code":"overloaded","message":"m"}}]}"#;
+        let mut stream = format!(
+            "HTTP/1.1 207 Multi-Status\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        stream.extend_from_slice(body);
+        let mut inflight: VecDeque<Inflight> = [req(2)].into();
+        let mut acks = Acks::default();
+        let (used, _) = feed_http(&stream, &mut inflight, 7, &mut acks).unwrap();
+        assert_eq!(used, stream.len());
+        assert_eq!(acks.accepted.len(), 1);
+        assert_eq!(
+            (acks.accepted[0].0.events, acks.accepted[0].0.expected),
+            (1, 3)
+        );
+        assert_eq!(acks.refused.len(), 1);
+        assert_eq!((acks.refused[0].0.events, acks.refused[0].1), (1, 207));
     }
 
     #[test]
