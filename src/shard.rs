@@ -165,6 +165,14 @@ pub struct ConnCtl {
     closing: Cell<bool>,
     notified: Cell<bool>,
     waker: Cell<Option<Waker>>,
+    /// When the task waiting in [`ConnCtl::wait`] wants waking by the shard's connection
+    /// timers (WebSocket heartbeat, token expiry). A per-connection monoio timer would cost
+    /// 640 bytes in every connection's future; the shard's one timer scans instead.
+    timer_at: Cell<Option<Instant>>,
+    /// The reader's deadline (WebSocket idle timeout) and the reader's own waker: it waits on
+    /// a socket read, not on [`ConnCtl::wait`].
+    read_deadline: Cell<Option<Instant>>,
+    read_waker: Cell<Option<Waker>>,
 }
 
 impl ConnCtl {
@@ -177,6 +185,43 @@ impl ConnCtl {
             closing: Cell::new(closing),
             notified: Cell::new(false),
             waker: Cell::new(None),
+            timer_at: Cell::new(None),
+            read_deadline: Cell::new(None),
+            read_waker: Cell::new(None),
+        }
+    }
+
+    /// Wakes [`ConnCtl::wait`] at `at` (or soon after: the shard's timer ticks), once.
+    pub fn set_timer(&self, at: Option<Instant>) {
+        self.timer_at.set(at);
+    }
+
+    /// Resolves once `deadline` has passed, checked when the shard's timer ticks. One waiter
+    /// at a time (the connection's reader).
+    pub fn read_timeout(&self, deadline: Instant) -> impl Future<Output = ()> + '_ {
+        self.read_deadline.set(Some(deadline));
+        poll_fn(move |cx| {
+            if Instant::now() >= deadline {
+                self.read_deadline.set(None);
+                Poll::Ready(())
+            } else {
+                self.read_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Fires the timers due at `now` (called by the shard's timer task).
+    pub fn fire_timers(&self, now: Instant) {
+        if self.timer_at.get().is_some_and(|at| at <= now) {
+            self.timer_at.set(None);
+            self.notified.set(true);
+            self.wake();
+        }
+        if self.read_deadline.get().is_some_and(|at| at <= now) {
+            if let Some(waker) = self.read_waker.take() {
+                waker.wake();
+            }
         }
     }
 
@@ -825,6 +870,24 @@ impl Shard {
                 self.begin_drain();
             }
             monoio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The connection timers: every tick, fires the `ConnCtl` timers that are due. The tick is
+    /// a quarter of the shortest WebSocket timer (heartbeat, idle timeout), between 10 and 250
+    /// ms, which is how late a timer may fire.
+    pub async fn conn_timers(self: Rc<Self>) {
+        let config = self.config();
+        let shortest = Duration::from_millis(config.websocket.heartbeat_ms)
+            .min(Duration::from_secs(config.limits.idle_timeout_s));
+        let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        loop {
+            monoio::time::sleep(tick).await;
+            let now = Instant::now();
+            let conns: Vec<Rc<ConnCtl>> = self.conns.borrow().values().cloned().collect();
+            for ctl in conns {
+                ctl.fire_timers(now);
+            }
         }
     }
 

@@ -123,6 +123,12 @@ pub fn write(
 }
 
 /// Serves one accepted connection until it closes.
+///
+/// Memory: this future lives as long as the connection, and an async fn's future is as large
+/// as the largest state it may hold across an await. Every path that holds much (dispatch,
+/// proxying, the SSE and WebSocket sessions) is therefore boxed, so a connection at rest costs
+/// only what it is doing: an idle WebSocket holds its session's small future, not the largest
+/// request handler's.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
     let _ = stream.set_nodelay(true);
     let limits = limits(&shard);
@@ -182,7 +188,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         let body_deadline = start + request_timeout;
         if !api::is_own_path(&head.path) && proxy::routes(&shard, &head.path) {
             shard.stats.http_requests.inc();
-            let keep_alive = serve_proxied(
+            // Boxed, like every long path below: a connection's future is only as large as
+            // the state it holds at rest (see `serve`).
+            let keep_alive = Box::pin(serve_proxied(
                 &shard,
                 &ctl,
                 &mut stream,
@@ -191,7 +199,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 &head,
                 &limits,
                 body_deadline,
-            )
+            ))
             .await;
             if !keep_alive {
                 break 'conn;
@@ -208,7 +216,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
             body_deadline,
             &ctl,
         ) {
-            Ok(reader) => reader.read_all().await,
+            Ok(reader) => Box::pin(reader.read_all()).await,
             Err(e) => Err(BodyFailure::Http(e)),
         };
         let body = match body {
@@ -247,7 +255,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         shard.stats.http_requests.inc();
 
         let head_only = head.method == codec::Method::Head;
-        match api::dispatch(&shard, &ctl, &head, body).await {
+        match Box::pin(api::dispatch(&shard, &ctl, &head, body)).await {
             Reply::Response(response) => {
                 let keep_alive = head.keep_alive && !ctl.is_closing();
                 write(&mut output, &response, keep_alive, head_only, shard.id);
@@ -260,7 +268,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 if !flush(&mut stream, &mut output).await {
                     break 'conn;
                 }
-                crate::sse::serve(&shard, &ctl, stream, stream_request).await;
+                Box::pin(crate::sse::serve(&shard, &ctl, stream, stream_request)).await;
                 shard.close_conn(&ctl);
                 return;
             }
@@ -268,9 +276,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 if !flush(&mut stream, &mut output).await {
                     break 'conn;
                 }
+                // The session gets a task of its own and this one ends: its future is sized
+                // for every HTTP path and would sit idle for the WebSocket's whole life.
                 let early = std::mem::take(&mut input);
-                crate::ws::serve(&shard, &ctl, stream, request, early).await;
-                shard.close_conn(&ctl);
+                monoio::spawn(crate::ws::serve(shard, ctl, stream, request, early));
                 return;
             }
         }

@@ -62,6 +62,9 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// How long a closing connection waits for its close frame to leave and the client to answer.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 4096;
+/// The read buffer of a connection with nothing pending: a client's usual message (an op of a
+/// few dozen bytes) fits, and a full read switches to `READ_CHUNK`.
+const IDLE_READ: usize = 256;
 
 enum Item {
     /// An event frame; `live` false for replays (no latency sample, not counted in the bound).
@@ -473,15 +476,17 @@ unsafe impl IoVecBuf for FrameBatch {
     }
 }
 
-/// Serves an upgraded connection until it closes.
+/// Serves an upgraded connection until it closes, then unregisters it from the shard. Takes
+/// everything by value, so the connection's task is this future alone (see `http::conn`).
 /// `early` holds bytes the client sent behind the upgrade request (its first frames).
 pub async fn serve(
-    shard: &Rc<Shard>,
-    ctl: &Rc<ConnCtl>,
+    shard: Rc<Shard>,
+    ctl: Rc<ConnCtl>,
     mut stream: TcpStream,
     request: WsRequest,
     early: Vec<u8>,
 ) {
+    let (shard, ctl) = (&shard, &ctl);
     let config = shard.config();
     let mut head = Vec::with_capacity(256);
     codec::write_101(
@@ -498,6 +503,7 @@ pub async fn serve(
     protocol::write_welcome(&mut head, &conn.conn_id, config.websocket.heartbeat_ms);
     let (result, _) = stream.write_all(head).await;
     if result.is_err() {
+        shard.close_conn(ctl);
         return;
     }
     shard.set_transport(ctl, Transport::Ws);
@@ -521,6 +527,7 @@ pub async fn serve(
     shard.user_left(&conn.user);
     let code = conn.out.borrow().close.map(|(c, _)| c).unwrap_or(1006);
     shard.stats.ws_closes[ws_close_slot(code)].inc();
+    shard.close_conn(ctl);
 }
 
 async fn read_loop(
@@ -549,7 +556,7 @@ async fn read_loop(
                         codec::Decoded::Partial => break,
                         codec::Decoded::Message(message) => {
                             last_heard = Instant::now();
-                            if !handle_message(shard, conn, session, message).await {
+                            if !Box::pin(handle_message(shard, conn, session, message)).await {
                                 return;
                             }
                         }
@@ -564,11 +571,16 @@ async fn read_loop(
         if conn.closing() {
             return;
         }
-        if input.capacity() - input.len() < READ_CHUNK / 4 {
+        if input.is_empty() {
+            // Waiting with nothing pending is what idle connections do all day: wait on a
+            // small buffer, so an idle connection holds no read buffer worth the name.
+            if input.capacity() != IDLE_READ {
+                input = Vec::with_capacity(IDLE_READ);
+            }
+        } else if input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
         let len = input.len();
-        let wait = (last_heard + idle).saturating_duration_since(Instant::now());
         let buf = std::mem::take(&mut input);
         monoio::select! {
             (result, slice) = read_half.read(buf.slice_mut(len..)) => {
@@ -582,14 +594,14 @@ async fn read_loop(
                     Ok(_) => {}
                 }
             }
-            _ = monoio::time::sleep(wait) => {
+            _ = conn.ctl.read_timeout(last_heard + idle) => {
                 conn.close_with(close::NORMAL, "idle timeout");
                 return;
             }
         }
-        // Idle connections give their read buffer back.
-        if input.is_empty() && input.capacity() > READ_CHUNK * 4 {
-            input = Vec::new();
+        // A full small read means more is waiting: read the rest in large pieces.
+        if input.len() == input.capacity() && input.capacity() < READ_CHUNK {
+            input.reserve(READ_CHUNK);
         }
     }
 }
@@ -650,7 +662,7 @@ async fn write_loop(
         if conn.closing() {
             let close = conn.out.borrow().close;
             if let (Some((code, reason)), true) = (close, framing_intact) {
-                send_close(&mut write_half, code, reason).await;
+                Box::pin(send_close(&mut write_half, code, reason)).await;
             }
             break;
         }
@@ -658,7 +670,7 @@ async fn write_loop(
         if !batch.is_empty() {
             batch.seal();
             let outcome;
-            (outcome, batch) = write_all(&mut write_half, batch, &conn).await;
+            (outcome, batch) = Box::pin(write_all(&mut write_half, batch, &conn)).await;
             batch.clear();
             match outcome {
                 Written::All => {}
@@ -695,7 +707,9 @@ async fn write_loop(
                 0 => 0,
                 spread => conn.ctl.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) % spread,
             };
-            monoio::time::sleep(Duration::from_millis(delay)).await;
+            // Boxed: a timer held inline would make every connection's future 640 bytes
+            // larger for a wait that happens once, at shutdown.
+            Box::pin(monoio::time::sleep(Duration::from_millis(delay))).await;
             conn.close_with(close::GOING_AWAY, "server shutting down");
             continue;
         }
@@ -703,21 +717,27 @@ async fn write_loop(
             conn.close_with(close::POLICY, "token expired");
             continue;
         }
-        let mut wait = heartbeat.saturating_sub(last_write.elapsed());
+        // About to wait with nothing to write: give back what the last writes grew, so an
+        // idle connection holds no write buffers either.
+        batch = FrameBatch::new();
+        live = Vec::new();
+        conn.out.borrow_mut().queue.shrink_to(0);
+        if last_write.elapsed() >= heartbeat {
+            let mut ping = Vec::with_capacity(2);
+            codec::write_ping(&mut ping, b"");
+            conn.send_frame(Bytes::from(ping));
+            continue;
+        }
+        // Woken by a frame to write, a close, or the shard's connection timer (no timer of
+        // our own: see `ConnCtl::set_timer`).
+        let mut wake_at = last_write + heartbeat;
         if let Some(exp) = expires_at_s {
             let left_ms = (exp * 1000).saturating_sub(crate::shard::unix_ms());
-            wait = wait.min(Duration::from_millis(left_ms));
+            wake_at = wake_at.min(Instant::now() + Duration::from_millis(left_ms));
         }
-        monoio::select! {
-            _ = conn.ctl.wait() => {}
-            _ = monoio::time::sleep(wait) => {
-                if last_write.elapsed() >= heartbeat {
-                    let mut ping = Vec::with_capacity(2);
-                    codec::write_ping(&mut ping, b"");
-                    conn.send_frame(Bytes::from(ping));
-                }
-            }
-        }
+        conn.ctl.set_timer(Some(wake_at));
+        conn.ctl.wait().await;
+        conn.ctl.set_timer(None);
     }
     // Let the client answer the close (or hang up) briefly, then end both directions.
     // SAFETY: `fd` is the socket both halves own; it stays open until they are dropped.
@@ -726,7 +746,7 @@ async fn write_loop(
     }
     let deadline = Instant::now() + CLOSE_LINGER;
     while !conn.reader_done.get() && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(10)).await;
+        Box::pin(monoio::time::sleep(Duration::from_millis(10))).await;
     }
     // SAFETY: as above.
     unsafe {
