@@ -560,20 +560,15 @@ async fn forward_to<'s>(
                 Outcome::Answer(_) => may_retry,
             };
         match outcome {
-            Outcome::Answer(response) if !failed || attempt == 1 || !safe_to_retry => {
-                return Ok(Answer::Upstream(upstream_answer(
-                    response,
-                    request_id,
-                    &instance.instance,
-                    deadline,
-                )));
-            }
             Outcome::Answer(response) => {
-                // A 5xx we may retry: keep it in case no other instance can take the retry.
-                last_failure = None;
-                tried = Some(index);
-                if pick_available(shard, subsystem, tried) {
-                    continue;
+                // A 5xx we may retry goes to another instance when there is one; otherwise
+                // (or when it is final) this answer is passed on.
+                if failed && attempt == 0 && safe_to_retry {
+                    tried = Some(index);
+                    if pick_available(shard, subsystem, tried) {
+                        last_failure = None;
+                        continue;
+                    }
                 }
                 return Ok(Answer::Upstream(upstream_answer(
                     response,

@@ -57,7 +57,8 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::codec::{
-    usize_to_u64, BodyDecoder, BodyKind, HttpError, Limits, Parsed, INLINE_HEADER_SLOTS,
+    header_slots, usize_to_u64, BodyDecoder, BodyKind, HttpError, Limits, Parsed,
+    INLINE_HEADER_SLOTS,
 };
 
 /// Bytes asked of the kernel per read while the response head or a chunked body arrives.
@@ -592,14 +593,8 @@ fn parse_response_head(
     let window = buf.get(..max_head).unwrap_or(buf);
 
     let mut inline = [httparse::EMPTY_HEADER; INLINE_HEADER_SLOTS];
-    let mut spilled;
-    let slots: &mut [httparse::Header<'_>] = match inline.get_mut(..config.max_response_headers) {
-        Some(slots) => slots,
-        None => {
-            spilled = vec![httparse::EMPTY_HEADER; config.max_response_headers];
-            &mut spilled
-        }
-    };
+    let mut spilled = Vec::new();
+    let slots = header_slots(&mut inline, &mut spilled, config.max_response_headers);
     let mut res = httparse::Response::new(slots);
     let head_len = match res.parse(window) {
         Ok(httparse::Status::Complete(n)) => n,

@@ -249,6 +249,22 @@ impl fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
+/// `max` header slots for httparse: on the stack when they fit `inline`, else in `spilled`
+/// (configured limits above [`INLINE_HEADER_SLOTS`]). Used by the request and response parsers.
+pub(crate) fn header_slots<'a, 'h>(
+    inline: &'a mut [httparse::Header<'h>; INLINE_HEADER_SLOTS],
+    spilled: &'a mut Vec<httparse::Header<'h>>,
+    max: usize,
+) -> &'a mut [httparse::Header<'h>] {
+    match inline.get_mut(..max) {
+        Some(slots) => slots,
+        None => {
+            spilled.resize(max, httparse::EMPTY_HEADER);
+            spilled
+        }
+    }
+}
+
 /// Parses a request head from the start of `buf`.
 ///
 /// `buf` may hold more than the head (body bytes, pipelined requests); only the first
@@ -259,14 +275,8 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, Ht
     let window = buf.get(..limits.max_header_bytes).unwrap_or(buf);
 
     let mut inline = [httparse::EMPTY_HEADER; INLINE_HEADER_SLOTS];
-    let mut spilled;
-    let slots: &mut [httparse::Header<'_>] = match inline.get_mut(..limits.max_headers) {
-        Some(slots) => slots,
-        None => {
-            spilled = vec![httparse::EMPTY_HEADER; limits.max_headers];
-            &mut spilled
-        }
-    };
+    let mut spilled = Vec::new();
+    let slots = header_slots(&mut inline, &mut spilled, limits.max_headers);
     let mut req = httparse::Request::new(slots);
 
     let head_len = match req.parse(window) {
