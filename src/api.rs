@@ -568,8 +568,13 @@ async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Byt
         Ok(d) => d,
         Err(message) => return bad_request(&message),
     };
-    // Kept for the answer of a partly refused batch (the drafts move into the bus).
-    let channels: Vec<Arc<str>> = drafts.iter().map(|d| d.channel.clone()).collect();
+    // Kept for the answer of a partly refused batch (the drafts move into the bus); one
+    // shard never refuses part of a batch, so it keeps nothing.
+    let channels: Vec<Arc<str>> = if shard.shards() > 1 {
+        drafts.iter().map(|d| d.channel.clone()).collect()
+    } else {
+        Vec::new()
+    };
     match shard.publish_each(drafts).await {
         Ok(outcomes) => {
             let refused = outcomes.iter().filter(|o| o.is_err()).count();

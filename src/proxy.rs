@@ -376,20 +376,27 @@ pub async fn forward<'s>(
     forward_to(shard, peer, head, start, body, subsystem).await
 }
 
-/// The request as it goes to every instance tried.
+/// The headers relay adds to the request, the same for every instance tried.
 struct Outgoing {
     request_id: String,
-    headers: Vec<(String, Vec<u8>)>,
+    trace: String,
+    forwarded_for: String,
 }
 
 impl Outgoing {
     fn new(head: &RequestHead, peer: std::net::SocketAddr) -> Outgoing {
-        let request_id = request_id(head);
-        let trace = traceparent(head.header_str("traceparent"));
-        let forwarded_for = match head.header_str("x-forwarded-for") {
-            Some(prior) => format!("{prior}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
+        Outgoing {
+            request_id: request_id(head),
+            trace: traceparent(head.header_str("traceparent")),
+            forwarded_for: match head.header_str("x-forwarded-for") {
+                Some(prior) => format!("{prior}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            },
+        }
+    }
+
+    /// The request's end-to-end headers (borrowed from `head`) plus relay's own.
+    fn headers<'a>(&'a self, head: &'a RequestHead) -> Vec<(&'a str, &'a [u8])> {
         // Headers named in `Connection` are hop-by-hop too.
         let connection_tokens: Vec<String> = head
             .header_str("connection")
@@ -399,7 +406,7 @@ impl Outgoing {
                     .collect()
             })
             .unwrap_or_default();
-        let mut headers: Vec<(String, Vec<u8>)> = head
+        let mut headers: Vec<(&str, &[u8])> = head
             .headers
             .iter()
             .filter(|(name, _)| {
@@ -410,19 +417,16 @@ impl Outgoing {
                     && name != "expect"
                     && !connection_tokens.iter().any(|t| t == name)
             })
-            .map(|(name, value)| (name.clone(), value.clone()))
+            .map(|(name, value)| (name.as_str(), value.as_slice()))
             .collect();
-        headers.push(("X-Request-ID".into(), request_id.clone().into_bytes()));
-        headers.push(("traceparent".into(), trace.into_bytes()));
-        headers.push(("X-Forwarded-For".into(), forwarded_for.into_bytes()));
-        headers.push(("X-Forwarded-Proto".into(), b"http".to_vec()));
+        headers.push(("X-Request-ID", self.request_id.as_bytes()));
+        headers.push(("traceparent", self.trace.as_bytes()));
+        headers.push(("X-Forwarded-For", self.forwarded_for.as_bytes()));
+        headers.push(("X-Forwarded-Proto", b"http"));
         if let Some(host) = head.header("host") {
-            headers.push(("X-Forwarded-Host".into(), host.to_vec()));
+            headers.push(("X-Forwarded-Host", host));
         }
-        Outgoing {
-            request_id,
-            headers,
-        }
+        headers
     }
 }
 
@@ -468,11 +472,7 @@ async fn forward_to<'s>(
         return Ok(Answer::Relay(rate_limited(retry_after)));
     }
     let outgoing = Outgoing::new(head, peer);
-    let headers: Vec<(&str, &[u8])> = outgoing
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
+    let headers = outgoing.headers(head);
     let request_id = &outgoing.request_id;
     // The deadline covers the request body, the response head and the response body.
     let deadline = Instant::now() + proxy.timeout;

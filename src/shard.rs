@@ -884,8 +884,8 @@ impl Shard {
         loop {
             monoio::time::sleep(tick).await;
             let now = Instant::now();
-            let conns: Vec<Rc<ConnCtl>> = self.conns.borrow().values().cloned().collect();
-            for ctl in conns {
+            // Waking only schedules the woken tasks, so nothing re-enters `conns` meanwhile.
+            for ctl in self.conns.borrow().values() {
                 ctl.fire_timers(now);
             }
         }
