@@ -53,7 +53,21 @@ pub fn write_data(out: &mut Vec<u8>, sched_ns: u64, event_bytes: usize) {
 /// Appends one publish envelope (API.md section 1, without seq): channel, type, data.
 #[inline]
 pub fn write_envelope(out: &mut Vec<u8>, channel: &[u8], sched_ns: u64, event_bytes: usize) {
-    out.extend_from_slice(b"{\"channel\":\"");
+    out.push(b'{');
+    write_event_fields(out, channel, sched_ns, event_bytes);
+}
+
+/// Appends the WebSocket publish op's JSON (to be framed by the caller).
+#[inline]
+pub fn write_ws_publish(out: &mut Vec<u8>, channel: &[u8], sched_ns: u64, event_bytes: usize) {
+    out.extend_from_slice(b"{\"op\":\"publish\",");
+    write_event_fields(out, channel, sched_ns, event_bytes);
+}
+
+/// The fields after an object's `{`: channel, type, data, and the closing `}`.
+#[inline]
+fn write_event_fields(out: &mut Vec<u8>, channel: &[u8], sched_ns: u64, event_bytes: usize) {
+    out.extend_from_slice(b"\"channel\":\"");
     out.extend_from_slice(channel);
     out.extend_from_slice(b"\",\"type\":\"");
     out.extend_from_slice(EVENT_TYPE.as_bytes());
@@ -62,16 +76,13 @@ pub fn write_envelope(out: &mut Vec<u8>, channel: &[u8], sched_ns: u64, event_by
     out.push(b'}');
 }
 
-/// Appends the WebSocket publish op's JSON (to be framed by the caller).
-#[inline]
-pub fn write_ws_publish(out: &mut Vec<u8>, channel: &[u8], sched_ns: u64, event_bytes: usize) {
-    out.extend_from_slice(b"{\"op\":\"publish\",\"channel\":\"");
-    out.extend_from_slice(channel);
-    out.extend_from_slice(b"\",\"type\":\"");
-    out.extend_from_slice(EVENT_TYPE.as_bytes());
-    out.extend_from_slice(b"\",\"data\":");
-    write_data(out, sched_ns, event_bytes);
-    out.push(b'}');
+/// Appends `Authorization: Bearer <credential>` when there is one.
+pub fn write_bearer(out: &mut Vec<u8>, credential: Option<&str>) {
+    if let Some(credential) = credential {
+        out.extend_from_slice(b"Authorization: Bearer ");
+        out.extend_from_slice(credential.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Appends the head of `POST /api/v1/relay/events` for a body of `body_len` bytes.
@@ -81,11 +92,7 @@ pub fn write_publish_head(out: &mut Vec<u8>, host: &str, api_key: Option<&str>, 
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\nContent-Type: application/json\r\n");
-    if let Some(key) = api_key {
-        out.extend_from_slice(b"Authorization: Bearer ");
-        out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_bearer(out, api_key);
     out.extend_from_slice(b"Content-Length: ");
     push_u64(out, body_len as u64);
     out.extend_from_slice(b"\r\n\r\n");
@@ -107,11 +114,7 @@ pub fn write_sse_request<'a>(
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\nAccept: text/event-stream\r\n");
-    if let Some(token) = token {
-        out.extend_from_slice(b"Authorization: Bearer ");
-        out.extend_from_slice(token.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_bearer(out, token);
     out.extend_from_slice(b"\r\n");
 }
 

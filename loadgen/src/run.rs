@@ -275,19 +275,7 @@ impl Control {
                 }
                 self.tick("draining", step)?;
             }
-            let cpu_b = net::cpu_seconds();
-            let cpu_percent = round1(percent(
-                (cpu_b.0 + cpu_b.1) - (cpu_a.0 + cpu_a.1),
-                wall_a.elapsed().as_secs_f64(),
-            ));
-            self.runs.push(StepRun {
-                index: k,
-                level: rate,
-                start_ns: start,
-                end_ns: end,
-                cpu_percent,
-            });
-            self.saturation_note(k, cpu_percent);
+            let cpu_percent = self.end_step(k, rate, start, end, cpu_a, wall_a);
             pool.flush();
             let ingest = opts.scenario == Scenario::Ingest;
             let p = step_percentiles(&shared, k, ingest);
@@ -320,6 +308,33 @@ impl Control {
         Ok(())
     }
 
+    /// Records step `k` (its level, span and the generator's CPU use since `cpu_a`/`wall_a`)
+    /// and notes a saturated generator; returns the CPU use in percent of one core.
+    fn end_step(
+        &mut self,
+        k: usize,
+        level: u64,
+        start: u64,
+        end: u64,
+        cpu_a: (f64, f64),
+        wall_a: Instant,
+    ) -> f64 {
+        let cpu_b = net::cpu_seconds();
+        let cpu_percent = round1(percent(
+            (cpu_b.0 + cpu_b.1) - (cpu_a.0 + cpu_a.1),
+            wall_a.elapsed().as_secs_f64(),
+        ));
+        self.runs.push(StepRun {
+            index: k,
+            level,
+            start_ns: start,
+            end_ns: end,
+            cpu_percent,
+        });
+        self.saturation_note(k, cpu_percent);
+        cpu_percent
+    }
+
     fn run_connect(&mut self, pool: &Pool) -> Result<(), LoadgenError> {
         let shared = self.shared.clone();
         let opts = &shared.opts;
@@ -337,19 +352,7 @@ impl Control {
             while now_ns() < end {
                 self.tick("handshaking", step)?;
             }
-            let cpu_b = net::cpu_seconds();
-            let cpu_percent = round1(percent(
-                (cpu_b.0 + cpu_b.1) - (cpu_a.0 + cpu_a.1),
-                wall_a.elapsed().as_secs_f64(),
-            ));
-            self.runs.push(StepRun {
-                index: k,
-                level: level as u64,
-                start_ns: start,
-                end_ns: end,
-                cpu_percent,
-            });
-            self.saturation_note(k, cpu_percent);
+            self.end_step(k, level as u64, start, end, cpu_a, wall_a);
         }
         shared.concurrency.store(0, Ordering::Relaxed);
         // Handshakes under way finish within the connect timeout; give them a moment.

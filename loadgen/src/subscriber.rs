@@ -537,6 +537,20 @@ async fn read_loop(
 }
 
 /// Reads until a whole response head is buffered.
+/// Reads more bytes onto the end of `buf` during a handshake; EOF is `Closed`.
+async fn read_more(stream: &mut TcpStream, mut buf: Vec<u8>) -> Result<Vec<u8>, ConnError> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(4096);
+    }
+    let len = buf.len();
+    let (r, slice) = stream.read(buf.slice_mut(len..)).await;
+    match r {
+        Ok(0) => Err(ConnError::Closed(None)),
+        Ok(_) => Ok(slice.into_inner()),
+        Err(e) => Err(ConnError::Io(e)),
+    }
+}
+
 pub async fn read_head(
     stream: &mut TcpStream,
     mut buf: Vec<u8>,
@@ -545,17 +559,7 @@ pub async fn read_head(
         if let Some(head) = http::parse_head(&buf)? {
             return Ok((head, buf));
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
-        let len = buf.len();
-        let (r, slice) = stream.read(buf.slice_mut(len..)).await;
-        buf = slice.into_inner();
-        match r {
-            Ok(0) => return Err(ConnError::Closed(None)),
-            Ok(_) => {}
-            Err(e) => return Err(ConnError::Io(e)),
-        }
+        buf = read_more(stream, buf).await?;
     }
 }
 
@@ -702,17 +706,7 @@ async fn wait_welcome(mut stream: TcpStream, mut buf: Vec<u8>) -> Result<TcpStre
             at += head.total_len();
         }
         buf.drain(..at);
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
-        let len = buf.len();
-        let (r, slice) = stream.read(buf.slice_mut(len..)).await;
-        buf = slice.into_inner();
-        match r {
-            Ok(0) => return Err(ConnError::Closed(None)),
-            Ok(_) => {}
-            Err(e) => return Err(ConnError::Io(e)),
-        }
+        buf = read_more(&mut stream, buf).await?;
     }
 }
 
@@ -744,6 +738,7 @@ async fn close_gracefully(mut stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wsframe::tests::server_frame;
 
     #[derive(Default)]
     struct Rec {
@@ -772,22 +767,6 @@ mod tests {
                 .map(|(_, n)| n)
                 .sum()
         }
-    }
-
-    fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x80 | op];
-        let len = payload.len();
-        if len < 126 {
-            out.push(len as u8);
-        } else if len <= 65535 {
-            out.push(126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(payload);
-        out
     }
 
     fn event(channel: &str, seq: u64, t: u64, pad: usize) -> Vec<u8> {

@@ -175,10 +175,7 @@ impl Shared {
         step: usize,
         f: impl Fn(&crate::stats::StepCounters) -> &AtomicU64,
     ) -> u64 {
-        self.stats
-            .iter()
-            .map(|t| f(t.step(step)).load(Ordering::Relaxed))
-            .sum()
+        self.step_values(step, f).sum()
     }
 
     /// Max of a per-step counter over threads.
@@ -187,11 +184,18 @@ impl Shared {
         step: usize,
         f: impl Fn(&crate::stats::StepCounters) -> &AtomicU64,
     ) -> u64 {
+        self.step_values(step, f).max().unwrap_or(0)
+    }
+
+    /// A per-step counter's value on each thread.
+    fn step_values<'a>(
+        &'a self,
+        step: usize,
+        f: impl Fn(&crate::stats::StepCounters) -> &AtomicU64 + 'a,
+    ) -> impl Iterator<Item = u64> + 'a {
         self.stats
             .iter()
-            .map(|t| f(t.step(step)).load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0)
+            .map(move |t| f(t.step(step)).load(Ordering::Relaxed))
     }
 
     pub fn stopping(&self) -> bool {

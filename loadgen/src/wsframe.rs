@@ -227,19 +227,16 @@ pub fn write_upgrade_request(out: &mut Vec<u8>, host: &str, path: &str, token: O
     );
     out.extend_from_slice(CLIENT_KEY.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if let Some(token) = token {
-        out.extend_from_slice(b"Authorization: Bearer ");
-        out.extend_from_slice(token.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    crate::payload::write_bearer(out, token);
     out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    /// A server frame (unmasked) as relay sends it; also used by the subscriber's tests.
+    pub(crate) fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![0x80 | op];
         let len = payload.len();
         if len < 126 {
