@@ -10,14 +10,17 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use clap::{Args, Parser, Subcommand};
 
 use crate::clock::Ramp;
-use crate::options::{Driver, Options, PublishVia, RatePlan, Scenario, Transport};
+use crate::options::{
+    Driver, Options, PublishVia, RatePlan, Scenario, TargetKind, Transport, DEFAULT_NATS_TARGET,
+};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "relay-loadgen",
     version,
     about = "Open-loop load generator for relay: WebSocket/SSE subscribers, HTTP/WebSocket \
-             publishers, latency from each event's scheduled send time (no coordinated omission).",
+             publishers, latency from each event's scheduled send time (no coordinated omission). \
+             With --target-kind nats it drives nats-server the same way, for comparison.",
     after_help = "Run `relay-loadgen <SCENARIO> --help` for a scenario's flags and defaults."
 )]
 pub struct Cli {
@@ -45,7 +48,7 @@ pub enum Command {
     /// WebSocket handshakes/s: connect, upgrade, read welcome, close. Defaults: 16
     /// concurrent connectors, 10 s (or --ramp over concurrency, 3 s steps).
     Connect(Connect),
-    /// Hold idle subscribed WebSocket connections and report the relay's RSS per connection.
+    /// Hold idle subscribed WebSocket connections and report the server's RSS per connection.
     /// Defaults: 1000 connections on 100 channels, 2 s settle.
     Idle(Idle),
 }
@@ -53,9 +56,15 @@ pub enum Command {
 /// Flags every scenario has.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// The relay to drive (only this address is contacted) [default: 127.0.0.1:8004]
+    /// The server to drive: relay, or with --target-kind nats nats-server's WebSocket listener
+    /// (only this address is contacted, and --nats-publish-addr in NATS mode) [default:
+    /// 127.0.0.1:8004; 127.0.0.1:8080 with --target-kind nats]
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
     pub target: Option<SocketAddr>,
+    /// What --target is: relay, or nats-server (subscribers over its WebSocket listener,
+    /// publishers sending PUB to --nats-publish-addr) [default: relay]
+    #[arg(long, value_enum)]
+    pub target_kind: Option<TargetKind>,
     /// Length of a fixed-rate run, seconds [default: 10]
     #[arg(long, value_name = "S")]
     pub duration_s: Option<f64>,
@@ -109,13 +118,18 @@ pub struct Publish {
     /// Publisher connections
     #[arg(long)]
     pub publishers: Option<usize>,
+    /// With --target-kind nats: nats-server's client (TCP) port the publishers send PUB to
+    /// [default: 127.0.0.1:4222]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
+    pub nats_publish_addr: Option<SocketAddr>,
     /// How publishers publish [default: http]
     #[arg(long, value_enum)]
     pub publish_via: Option<PublishVia>,
-    /// Events per HTTP request at most; above 1 bodies are JSON arrays
+    /// Events per HTTP request at most; above 1 bodies are JSON arrays (NATS: PUBs per PING)
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Requests in flight per publisher connection [default: 32; ingest 8]
+    /// Requests in flight per publisher connection (NATS: PINGs awaiting their PONG)
+    /// [default: 32; ingest 8]
     #[arg(long)]
     pub pipeline: Option<usize>,
     /// Bytes of each event's data (timestamp plus padding) [default: 100]
@@ -196,7 +210,8 @@ pub struct Idle {
     /// Wait after the last connection subscribed before reading RSS, seconds [default: 2]
     #[arg(long, value_name = "S")]
     pub settle_s: Option<f64>,
-    /// The relay's pid [default: the process listening on the target port]
+    /// The server's pid (relay or nats-server) [default: the process listening on the
+    /// target port]
     #[arg(long)]
     pub server_pid: Option<u32>,
 }
@@ -262,6 +277,10 @@ fn set<T>(field: &mut T, value: Option<T>) {
 
 impl Common {
     fn apply(self, o: &mut Options) -> Output {
+        set(&mut o.target_kind, self.target_kind);
+        if o.target_kind == TargetKind::Nats {
+            o.target = DEFAULT_NATS_TARGET.parse().expect("constant address");
+        }
         set(&mut o.target, self.target);
         set(&mut o.duration_s, self.duration_s);
         set(&mut o.threads, self.threads);
@@ -283,6 +302,7 @@ impl Common {
 impl Publish {
     fn apply(self, o: &mut Options) {
         set(&mut o.publishers, self.publishers);
+        o.nats_publish_addr = self.nats_publish_addr;
         set(&mut o.publish_via, self.publish_via);
         set(&mut o.batch, self.batch);
         set(&mut o.pipeline, self.pipeline);
@@ -419,6 +439,45 @@ mod tests {
         ]);
         assert_eq!((o.batch, o.pipeline), (10, 4));
         assert_eq!(o.api_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn nats_flags() {
+        let (o, _) = parse(&["fanout", "--target-kind", "nats"]);
+        assert_eq!(o.target_kind, TargetKind::Nats);
+        assert_eq!(o.target, DEFAULT_NATS_TARGET.parse().unwrap());
+        assert_eq!(o.publish_target(), "127.0.0.1:4222".parse().unwrap());
+        o.validate().unwrap();
+        let (o, _) = parse(&[
+            "latency",
+            "--target-kind",
+            "nats",
+            "--target",
+            "127.0.0.1:9090",
+            "--nats-publish-addr",
+            "127.0.0.1:5222",
+        ]);
+        assert_eq!(o.target.port(), 9090);
+        assert_eq!(o.publish_target().port(), 5222);
+        let (o, _) = parse(&["idle", "--target-kind", "nats", "--connections", "10"]);
+        assert_eq!((o.target_kind, o.target.port()), (TargetKind::Nats, 8080));
+        let (o, _) = parse(&["latency", "--nats-publish-addr", "127.0.0.1:5222"]);
+        assert!(
+            o.validate().is_err(),
+            "relay mode has no NATS publish address"
+        );
+        let (o, _) = parse(&["sse", "--target-kind", "nats"]);
+        assert!(o.validate().is_err());
+        // Idle and connect do not publish: no publish address to give.
+        let mut argv = vec![
+            "relay-loadgen",
+            "idle",
+            "--nats-publish-addr",
+            "127.0.0.1:1",
+        ];
+        assert!(Cli::try_parse_from(&argv).is_err());
+        argv[1] = "connect";
+        assert!(Cli::try_parse_from(&argv).is_err());
     }
 
     #[test]

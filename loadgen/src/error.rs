@@ -17,10 +17,14 @@ use crate::wsframe::FrameError;
 pub enum LoadgenError {
     /// Options that cannot work together; names the flag.
     Config(String),
-    /// Nothing answered at the target.
+    /// Nothing answered at the target (or, in NATS mode, at the publish address).
     TargetUnreachable {
         target: SocketAddr,
         source: io::Error,
+        /// What was expected there, e.g. "the relay".
+        server: &'static str,
+        /// The flag that sets the address.
+        flag: &'static str,
     },
     /// The run needs more file descriptors than the hard limit allows.
     FdLimit {
@@ -58,10 +62,15 @@ impl fmt::Display for LoadgenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LoadgenError::Config(m) => write!(f, "invalid options: {m}"),
-            LoadgenError::TargetUnreachable { target, source } => write!(
+            LoadgenError::TargetUnreachable {
+                target,
+                source,
+                server,
+                flag,
+            } => write!(
                 f,
-                "cannot reach the relay at {target}: {source}; is it running and listening there? \
-                 (start it, or pass --target HOST:PORT)"
+                "cannot reach {server} at {target}: {source}; is it running and listening there? \
+                 (start it, or pass {flag} HOST:PORT)"
             ),
             LoadgenError::FdLimit { needed, hard } => write!(
                 f,
@@ -130,6 +139,8 @@ pub enum ConnError {
     Frame(FrameError),
     /// The server closed (close frame with its code, or EOF).
     Closed(Option<u16>),
+    /// Bytes that break the server's protocol (e.g. a NATS line that is not one).
+    Protocol(String),
     /// A `{"op":"error"}` reply.
     ErrorReply(String),
     Io(io::Error),
@@ -146,6 +157,7 @@ impl fmt::Display for ConnError {
             ConnError::Frame(e) => write!(f, "bad frame: {e}"),
             ConnError::Closed(Some(code)) => write!(f, "closed by the server with code {code}"),
             ConnError::Closed(None) => write!(f, "the server closed the connection"),
+            ConnError::Protocol(m) => write!(f, "protocol: {m}"),
             ConnError::ErrorReply(m) => write!(f, "error reply: {m}"),
             ConnError::Io(e) => write!(f, "{e}"),
         }
@@ -175,6 +187,8 @@ mod tests {
         let e = LoadgenError::TargetUnreachable {
             target: "127.0.0.1:9".parse().unwrap(),
             source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            server: "the relay",
+            flag: "--target",
         };
         let m = e.to_string();
         assert!(m.contains("127.0.0.1:9") && m.contains("--target"), "{m}");

@@ -3,7 +3,9 @@
 //! It drives a relay the way real traffic does: WebSocket or SSE subscribers over channels,
 //! publishers over HTTP (single or batch, keep-alive, pipelined) or WebSocket at an open-loop
 //! rate. Every event carries its scheduled send time, and latency is measured from that time
-//! to arrival, so a server that falls behind cannot hide it (no coordinated omission).
+//! to arrival, so a server that falls behind cannot hide it (no coordinated omission). With
+//! `TargetKind::Nats` it drives nats-server the same way (WebSocket subscribers, `PUB` over
+//! TCP), so both can be measured by one generator in one run.
 //!
 //! ```no_run
 //! use relay_loadgen::{run, Options, Scenario};
@@ -20,7 +22,8 @@
 //! - [`run`]: the control thread: phases, drains, the ramp's stop rule, progress, deadline.
 //! - [`worker`]: generator threads (one monoio runtime each), shared state, stop sequence.
 //! - [`subscriber`]: WebSocket/SSE subscribers and the connect scenario's handshakes.
-//! - [`publisher`]: open-loop HTTP and WebSocket publishers and their reply readers.
+//! - [`publisher`]: open-loop HTTP, WebSocket and NATS publishers and their reply readers.
+//! - [`nats`]: NATS mode: the NATS protocol codec, NATS subscribers' read loop, PONG acks.
 //! - [`wsframe`]: client-side RFC 6455 framing (masked frames out, server frames in).
 //! - [`http`]: response heads (publish replies, upgrade, SSE).
 //! - [`scan`]: the per-event byte scan (channel, seq, timestamp) and SSE lines.
@@ -36,6 +39,7 @@ pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod http;
+pub mod nats;
 pub mod net;
 pub mod options;
 pub mod pacer;
@@ -51,6 +55,6 @@ pub mod wsframe;
 
 pub use clock::Ramp;
 pub use error::LoadgenError;
-pub use options::{Driver, Options, PublishVia, RatePlan, Scenario, Transport};
+pub use options::{Driver, Options, PublishVia, RatePlan, Scenario, TargetKind, Transport};
 pub use report::Report;
 pub use run::run;

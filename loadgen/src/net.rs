@@ -159,10 +159,21 @@ pub fn shutdown(fd: RawFd) {
 }
 
 /// A blocking connect with a timeout, to tell "nothing listening" apart before anything else.
-pub fn preflight(target: SocketAddr, timeout: Duration) -> Result<(), LoadgenError> {
+/// `server` and `flag` name what should be there and the flag that sets the address.
+pub fn preflight(
+    target: SocketAddr,
+    timeout: Duration,
+    server: &'static str,
+    flag: &'static str,
+) -> Result<(), LoadgenError> {
     std::net::TcpStream::connect_timeout(&target, timeout)
         .map(drop)
-        .map_err(|source| LoadgenError::TargetUnreachable { target, source })
+        .map_err(|source| LoadgenError::TargetUnreachable {
+            target,
+            source,
+            server,
+            flag,
+        })
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; errors when `needed` is above it.
@@ -223,7 +234,9 @@ pub fn pin_to_cpu(cpu: usize) -> bool {
 pub fn rss_kib(pid: u32) -> Result<u64, LoadgenError> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        LoadgenError::ServerProcess(format!("cannot read {path}: {e} (is pid {pid} the relay?)"))
+        LoadgenError::ServerProcess(format!(
+            "cannot read {path}: {e} (is pid {pid} the server?)"
+        ))
     })?;
     parse_vm_rss(&text).ok_or_else(|| {
         LoadgenError::ServerProcess(format!("{path} has no VmRSS line (a kernel thread?)"))
@@ -433,7 +446,7 @@ mod tests {
         let addr = unused.local_addr().unwrap();
         drop(unused);
         assert!(matches!(
-            preflight(addr, Duration::from_secs(1)),
+            preflight(addr, Duration::from_secs(1), "the relay", "--target"),
             Err(LoadgenError::TargetUnreachable { .. })
         ));
     }

@@ -1,7 +1,8 @@
 //! What one run does: the scenario, its numbers, and every bound.
 //!
 //! Owns `Options` (the library's input, also echoed in the report as the config used), each
-//! scenario's defaults, and validation. **Invariant:** `Options::validate` is the one place
+//! scenario's defaults, the kind of server driven (relay, or nats-server for comparison), and
+//! validation. **Invariant:** `Options::validate` is the one place
 //! that decides whether a combination makes sense; the rest of the crate trusts a validated
 //! `Options`. Secrets (`token`, `api_key`) are never serialised.
 
@@ -14,6 +15,14 @@ use crate::error::LoadgenError;
 
 /// The default target, relay's default port on this host.
 pub const DEFAULT_TARGET: &str = "127.0.0.1:8004";
+/// The default target with `--target-kind nats`: nats-server's WebSocket listener as
+/// `loadgen/nats-bench.conf` sets it up.
+pub const DEFAULT_NATS_TARGET: &str = "127.0.0.1:8080";
+/// nats-server's client (TCP) port, where NATS-mode publishers send `PUB`.
+pub const DEFAULT_NATS_PUBLISH: &str = "127.0.0.1:4222";
+/// NATS mode keeps a sequence tracker per publisher on every subscription; this bounds
+/// `subscribers * publishers` (and `channels * publishers`, the publishers' counters).
+pub const MAX_NATS_SEQ_SLOTS: usize = 4_000_000;
 /// Connections per source address when spreading is automatic: below relay's default
 /// `max_connections_per_ip` (10000) with room for the publishers.
 pub const AUTO_CONNS_PER_SOURCE_IP: usize = 9000;
@@ -81,6 +90,34 @@ impl Transport {
     }
 }
 
+/// The kind of server driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// relay: its WebSocket/SSE API and its HTTP or WebSocket publish API.
+    Relay,
+    /// nats-server: subscribers over its WebSocket listener (`--target`), publishers sending
+    /// `PUB` over its client port (`--nats-publish-addr`); see the `nats` module.
+    Nats,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Relay => "relay",
+            TargetKind::Nats => "nats",
+        }
+    }
+
+    /// The server's name in messages and the table.
+    pub fn server_name(self) -> &'static str {
+        match self {
+            TargetKind::Relay => "relay",
+            TargetKind::Nats => "nats-server",
+        }
+    }
+}
+
 /// How publishers publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -124,8 +161,15 @@ pub enum RatePlan {
 #[derive(Debug, Clone, Serialize)]
 pub struct Options {
     pub scenario: Scenario,
-    /// The relay to drive; only this address is ever contacted.
+    /// What `target` is: relay, or nats-server (its WebSocket listener).
+    pub target_kind: TargetKind,
+    /// The server to drive (with `Nats`, nats-server's WebSocket listener); with
+    /// `nats_publish_target()` in NATS mode, the only addresses ever contacted.
     pub target: SocketAddr,
+    /// NATS mode: nats-server's client port for the publishers; `None` =
+    /// [`DEFAULT_NATS_PUBLISH`]. Only valid with `TargetKind::Nats`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_publish_addr: Option<SocketAddr>,
     /// Generator threads (one runtime each); 0 = the CPUs in this process's affinity mask.
     pub threads: usize,
     pub driver: Driver,
@@ -191,7 +235,9 @@ impl Options {
     pub fn new(scenario: Scenario) -> Options {
         let mut o = Options {
             scenario,
+            target_kind: TargetKind::Relay,
             target: DEFAULT_TARGET.parse().expect("constant address"),
+            nats_publish_addr: None,
             threads: 0,
             driver: Driver::Auto,
             pin_cpus: Vec::new(),
@@ -273,6 +319,39 @@ impl Options {
         }
     }
 
+    /// The scenario's defaults against nats-server: subscribers on its WebSocket listener
+    /// `ws_target`, publishers on its client port `publish`.
+    pub fn nats(scenario: Scenario, ws_target: SocketAddr, publish: SocketAddr) -> Options {
+        Options {
+            target_kind: TargetKind::Nats,
+            target: ws_target,
+            nats_publish_addr: Some(publish),
+            ..Options::new(scenario)
+        }
+    }
+
+    /// Where NATS-mode publishers connect.
+    pub fn nats_publish_target(&self) -> SocketAddr {
+        self.nats_publish_addr
+            .unwrap_or_else(|| DEFAULT_NATS_PUBLISH.parse().expect("constant address"))
+    }
+
+    /// Where publishers connect.
+    pub fn publish_target(&self) -> SocketAddr {
+        match self.target_kind {
+            TargetKind::Relay => self.target,
+            TargetKind::Nats => self.nats_publish_target(),
+        }
+    }
+
+    /// How publishers publish, for the table.
+    pub fn publish_wire_name(&self) -> &'static str {
+        match self.target_kind {
+            TargetKind::Relay => self.publish_via.name(),
+            TargetKind::Nats => "NATS PUB over TCP",
+        }
+    }
+
     /// Threads to run (resolving 0 to the CPUs this process may use).
     pub fn thread_count(&self) -> usize {
         if self.threads > 0 {
@@ -311,7 +390,7 @@ impl Options {
         if self.source_ips > 0 {
             return self.source_ips;
         }
-        if self.target.ip().is_loopback() && self.target.is_ipv4() {
+        if loopback_v4(self.target) {
             self.max_connections()
                 .div_ceil(AUTO_CONNS_PER_SOURCE_IP)
                 .clamp(1, 254)
@@ -390,12 +469,13 @@ impl Options {
                 self.source_ips
             ));
         }
-        if self.source_ips > 1 && !(self.target.ip().is_loopback() && self.target.is_ipv4()) {
+        if self.source_ips > 1 && !loopback_v4(self.target) {
             return bad(format!(
                 "--source-ips spreads over 127.0.0.x, which only reaches a loopback target; {} is not one",
                 self.target
             ));
         }
+        self.validate_target_kind()?;
         if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
             return bad(format!(
                 "--duration-s must be above 0, got {}",
@@ -500,6 +580,77 @@ impl Options {
         }
         Ok(())
     }
+
+    /// What NATS mode supports, and the relay-only flags it refuses (`--batch` and
+    /// `--pipeline` keep their meaning: PUBs per PING, PINGs awaiting their PONG).
+    fn validate_target_kind(&self) -> Result<(), LoadgenError> {
+        let bad = |m: String| Err(LoadgenError::Config(m));
+        let s = self.scenario;
+        if self.target_kind == TargetKind::Relay {
+            if self.nats_publish_addr.is_some() {
+                return bad("--nats-publish-addr needs --target-kind nats".into());
+            }
+            return Ok(());
+        }
+        if s == Scenario::Sse || (s.delivers() && self.transport == Transport::Sse) {
+            return bad(
+                "--target-kind nats has no SSE subscribers (nats-server speaks WebSocket); use \
+                 the latency scenario"
+                    .into(),
+            );
+        }
+        if s.publishes() && self.publish_via == PublishVia::Ws {
+            return bad(
+                "--publish-via ws is relay's WebSocket publish op; with --target-kind nats \
+                 publishers always send PUB over TCP to --nats-publish-addr"
+                    .into(),
+            );
+        }
+        if self.api_key.is_some() {
+            return bad(
+                "--api-key is relay's HTTP publish credential; with --target-kind nats pass \
+                 --token, sent as auth_token in CONNECT"
+                    .into(),
+            );
+        }
+        if let Some(t) = &self.token {
+            if t.bytes()
+                .any(|b| b == b'"' || b == b'\\' || b.is_ascii_control())
+            {
+                return bad(
+                    "--token must not contain quotes, backslashes or control characters with \
+                     --target-kind nats (it is written into CONNECT's JSON as is)"
+                        .into(),
+                );
+            }
+        }
+        let publish = self.nats_publish_target();
+        if s.publishes() && self.source_ip_count() > 1 && !loopback_v4(publish) {
+            return bad(format!(
+                "--source-ips spreads over 127.0.0.x, which only reaches a loopback \
+                 --nats-publish-addr; {publish} is not one"
+            ));
+        }
+        if s.publishes() {
+            let slots = self
+                .subscriber_connections()
+                .max(self.channels)
+                .saturating_mul(self.publishers);
+            if slots > MAX_NATS_SEQ_SLOTS {
+                return bad(format!(
+                    "with --target-kind nats every subscription tracks a sequence per \
+                     publisher: --publishers × max(--subscribers, --channels) must be at most \
+                     {MAX_NATS_SEQ_SLOTS}, got {slots}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An IPv4 loopback address (what `--source-ips` can reach from 127.0.0.x).
+fn loopback_v4(a: SocketAddr) -> bool {
+    a.ip().is_loopback() && a.is_ipv4()
 }
 
 #[cfg(test)]
@@ -567,6 +718,61 @@ mod tests {
         let mut o = Options::new(Scenario::Channels);
         o.rate = RatePlan::Fixed(0);
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn nats_mode_supports_the_delivery_scenarios_and_refuses_relay_only_flags() {
+        let ws: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let publish: SocketAddr = "127.0.0.1:4222".parse().unwrap();
+        for s in [
+            Scenario::Fanout,
+            Scenario::Latency,
+            Scenario::Channels,
+            Scenario::Idle,
+            Scenario::Ingest,
+            Scenario::Connect,
+        ] {
+            let o = Options::nats(s, ws, publish);
+            o.validate().unwrap_or_else(|e| panic!("{}: {e}", s.name()));
+            assert_eq!(o.publish_target(), publish);
+        }
+        let refused = |o: &Options, flag: &str| {
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        };
+        refused(&Options::nats(Scenario::Sse, ws, publish), "SSE");
+        let mut o = Options::nats(Scenario::Latency, ws, publish);
+        o.transport = Transport::Sse;
+        refused(&o, "SSE");
+        let mut o = Options::nats(Scenario::Latency, ws, publish);
+        o.publish_via = PublishVia::Ws;
+        refused(&o, "--publish-via");
+        let mut o = Options::nats(Scenario::Latency, ws, publish);
+        o.api_key = Some("k".into());
+        refused(&o, "--api-key");
+        let mut o = Options::nats(Scenario::Latency, ws, publish);
+        o.token = Some("a\"b".into());
+        refused(&o, "--token");
+        o.token = Some("fine-token".into());
+        o.validate().unwrap();
+        let mut o = Options::nats(Scenario::Fanout, ws, publish);
+        o.subscribers = 1_000_000;
+        o.publishers = 100;
+        refused(&o, "--publishers");
+        let mut o = Options::nats(Scenario::Latency, ws, "10.0.0.1:4222".parse().unwrap());
+        o.source_ips = 2;
+        refused(&o, "--nats-publish-addr");
+        // The publish address belongs to NATS mode only.
+        let mut o = Options::new(Scenario::Latency);
+        o.nats_publish_addr = Some(publish);
+        refused(&o, "--target-kind nats");
+        // The default publish address, and the kind in the echoed config.
+        let mut o = Options::nats(Scenario::Latency, ws, publish);
+        o.nats_publish_addr = None;
+        assert_eq!(o.publish_target(), DEFAULT_NATS_PUBLISH.parse().unwrap());
+        let json = serde_json::to_string(&o).unwrap();
+        assert!(json.contains("\"target_kind\":\"nats\""), "{json}");
+        assert_eq!(o.publish_wire_name(), "NATS PUB over TCP");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! What the generator publishes: envelopes whose `data` carries the scheduled send time.
 //!
-//! Owns the byte layout of `data` (`{"t":<ns>,"p":"xxx…"}`, padded to `--event-bytes`), the
-//! HTTP publish request (one envelope or a JSON array of them) and the WebSocket publish
-//! message. Everything is appended to caller-owned buffers that are reused: nothing is
+//! Owns the byte layout of `data` (`{"t":<ns>,"p":"xxx…"}`, padded to `--event-bytes`), its
+//! tagged form for servers that assign no sequence (NATS: `{"t":<ns>,"s":<seq>,"o":<publisher>,
+//! "p":"xxx…"}`), the HTTP publish request (one envelope or a JSON array of them) and the
+//! WebSocket publish message. Everything is appended to caller-owned buffers that are reused: nothing is
 //! allocated per event. Must never: write a `data` the subscriber scan (`scan::scan_event`)
 //! cannot read back.
 
@@ -11,8 +12,18 @@ pub const EVENT_TYPE: &str = "lg";
 /// The publish endpoint of API.md section 2.
 pub const PUBLISH_PATH: &str = "/api/v1/relay/events";
 
+/// The start of every `data`, in front of the scheduled time.
+pub const TS_KEY: &[u8] = b"{\"t\":";
+/// In tagged data, in front of the publisher's own per-channel sequence number.
+pub const SEQ_KEY: &[u8] = b",\"s\":";
+/// In tagged data, in front of the index of the publisher that numbered it.
+pub const ORIGIN_KEY: &[u8] = b",\"o\":";
+/// `,"p":"` + `"}`: the padding field and the closing brace.
+const PAD_OVERHEAD: usize = 8;
 /// `{"t":` + `,"p":""}`: the bytes of `data` besides the number and the padding.
-const DATA_OVERHEAD: usize = 13;
+const DATA_OVERHEAD: usize = TS_KEY.len() + PAD_OVERHEAD;
+/// The bytes of tagged data besides its three numbers and the padding.
+const TAGGED_OVERHEAD: usize = TS_KEY.len() + SEQ_KEY.len() + ORIGIN_KEY.len() + PAD_OVERHEAD;
 
 static PAD: [u8; 65536] = [b'x'; 65536];
 
@@ -40,13 +51,40 @@ fn decimal_len(v: u64) -> usize {
 /// is possible (at least the 14 + digits of the bare form; shorter requests get the bare form).
 #[inline]
 pub fn write_data(out: &mut Vec<u8>, sched_ns: u64, event_bytes: usize) {
-    let pad = event_bytes
-        .saturating_sub(DATA_OVERHEAD + decimal_len(sched_ns))
-        .min(PAD.len());
-    out.extend_from_slice(b"{\"t\":");
+    let pad = event_bytes.saturating_sub(DATA_OVERHEAD + decimal_len(sched_ns));
+    out.extend_from_slice(TS_KEY);
     push_u64(out, sched_ns);
+    push_padding(out, pad);
+}
+
+/// Appends tagged data, `{"t":<sched_ns>,"s":<seq>,"o":<origin>,"p":"<padding>"}`, exactly
+/// `event_bytes` long when possible (the bare form when that is shorter). For servers that do
+/// not number events themselves: `seq` counts publisher `origin`'s events on one channel, from
+/// 1, so a subscriber tracks each publisher's sequence on its channel.
+#[inline]
+pub fn write_tagged_data(
+    out: &mut Vec<u8>,
+    sched_ns: u64,
+    seq: u64,
+    origin: u64,
+    event_bytes: usize,
+) {
+    let numbers = decimal_len(sched_ns) + decimal_len(seq) + decimal_len(origin);
+    let pad = event_bytes.saturating_sub(TAGGED_OVERHEAD + numbers);
+    out.extend_from_slice(TS_KEY);
+    push_u64(out, sched_ns);
+    out.extend_from_slice(SEQ_KEY);
+    push_u64(out, seq);
+    out.extend_from_slice(ORIGIN_KEY);
+    push_u64(out, origin);
+    push_padding(out, pad);
+}
+
+/// Appends `,"p":"<pad bytes of x>"}` (the padding capped at 64 KiB).
+#[inline]
+fn push_padding(out: &mut Vec<u8>, pad: usize) {
     out.extend_from_slice(b",\"p\":\"");
-    out.extend_from_slice(&PAD[..pad]);
+    out.extend_from_slice(&PAD[..pad.min(PAD.len())]);
     out.extend_from_slice(b"\"}");
 }
 
@@ -183,6 +221,29 @@ mod tests {
         assert!(
             text.starts_with("GET /api/v1/relay/events/stream?channel=a&channel=b.c HTTP/1.1\r\n")
         );
+    }
+
+    #[test]
+    fn tagged_data_is_json_of_the_requested_size_and_scans_back() {
+        for (ts, seq, origin, size) in [
+            (0u64, 1u64, 0u64, 100usize),
+            (123_456_789, 42, 7, 100),
+            (u64::MAX, u64::MAX, 9999, 200),
+            (5, 3, 1, 1000),
+        ] {
+            let mut out = Vec::new();
+            write_tagged_data(&mut out, ts, seq, origin, size);
+            assert_eq!(out.len(), size, "ts {ts}");
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["t"].as_u64(), Some(ts));
+            assert_eq!(v["s"].as_u64(), Some(seq));
+            assert_eq!(v["o"].as_u64(), Some(origin));
+            let f = scan::scan_tagged_data(&out).unwrap();
+            assert_eq!((f.sched_ns, f.seq, f.origin), (ts, seq, origin));
+        }
+        let mut out = Vec::new();
+        write_tagged_data(&mut out, 12, 3, 4, 0);
+        assert_eq!(out, br#"{"t":12,"s":3,"o":4,"p":""}"#);
     }
 
     #[test]

@@ -1,12 +1,16 @@
-//! Publishers: open-loop HTTP (single or batch, keep-alive, pipelined) and WebSocket.
+//! Publishers: open-loop HTTP (single or batch, keep-alive, pipelined) and WebSocket, and in
+//! NATS mode `PUB` over nats-server's client port.
 //!
 //! Owns one publisher's life over the steps of a run: wait for a step, send each of its events
 //! when due (every event that is due leaves at once when behind schedule, in batches where the
 //! mode allows, at most `pipeline` requests in flight), read the replies in order in a second
 //! task, and count what was accepted and how many deliveries that makes expected. Latency is
 //! the subscribers' business; here only the send lag (written - scheduled) and the ack latency
-//! are recorded. Must never: let a reply go unmatched, wait without a bound, or cancel a read
-//! in flight on a live connection.
+//! are recorded. In NATS mode a "request" is up to `--batch` PUBs followed by a PING, and its
+//! PONG is the reply (the `nats` module encodes and matches them); each PUB carries the
+//! publisher's own per-channel sequence number, kept here across steps, since nats-server
+//! numbers nothing. Must never: let a reply go unmatched, wait without a bound, or cancel a
+//! read in flight on a live connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -21,8 +25,9 @@ use monoio::net::TcpStream;
 use crate::clock::{global_index, now_ns, owned_below, Schedule};
 use crate::error::ConnError;
 use crate::http;
+use crate::nats;
 use crate::net;
-use crate::options::PublishVia;
+use crate::options::{PublishVia, TargetKind};
 use crate::payload;
 use crate::scan::{self, Op};
 use crate::stats::{bump, raise, ThreadStats, C};
@@ -55,7 +60,7 @@ struct Pipe {
     /// Reader -> writer: room in the pipeline, or the connection died.
     space: Notify,
     dead: Cell<bool>,
-    /// A ping payload to answer (WebSocket), picked up by the writer.
+    /// A ping payload to answer (WebSocket; NATS: an empty one), picked up by the writer.
     pong: RefCell<Option<Vec<u8>>>,
 }
 
@@ -64,6 +69,22 @@ struct Conn {
     pipe: Rc<Pipe>,
     fd: RawFd,
     masker: Masker,
+    /// A NATS client connection (pongs are `PONG` lines, not WebSocket frames).
+    nats: bool,
+}
+
+impl Conn {
+    /// Appends the answer to a ping, if one is owed.
+    fn push_pong(&mut self, out: &mut Vec<u8>) {
+        let Some(payload) = self.pipe.pong.borrow_mut().take() else {
+            return;
+        };
+        if self.nats {
+            nats::write_pong(out);
+        } else {
+            wsframe::write_client_frame(out, opcode::PONG, &payload, self.masker.next_key());
+        }
+    }
 }
 
 /// Where replies are counted (the thread's statistics; a plain struct in tests).
@@ -99,10 +120,12 @@ fn refuse(stats: &ThreadStats, req: &Inflight, status: u16, why: &[u8]) {
     bump(&stats.step(req.step).failed, req.events);
     stats.add(C::PublishErrorReplies, 1);
     stats.status(status);
-    stats.note(format!(
-        "publish refused: HTTP {status}: {}",
-        http::excerpt(why)
-    ));
+    let why = http::excerpt(why);
+    stats.note(if status == 0 {
+        format!("publish refused: {why}")
+    } else {
+        format!("publish refused: HTTP {status}: {why}")
+    });
 }
 
 /// Matches HTTP responses to `inflight` in order. Returns the bytes consumed and whether the
@@ -225,6 +248,11 @@ pub async fn run(ctx: Rc<Ctx>, p: usize) {
     let _live = ctx.task();
     let mut seen = 0u64;
     let mut conn: Option<Conn> = None;
+    // NATS mode: this publisher's last sequence number on each channel, across steps.
+    let mut seqs = match ctx.opts().target_kind {
+        TargetKind::Relay => Vec::new(),
+        TargetKind::Nats => vec![0u64; ctx.shared.channels.len()],
+    };
     loop {
         // Wait for the next step (or stop), answering pings meanwhile.
         let phase = loop {
@@ -244,12 +272,18 @@ pub async fn run(ctx: Rc<Ctx>, p: usize) {
             }
             monoio::time::sleep(POLL).await;
         };
-        run_step(&ctx, p, &phase, &mut conn).await;
+        run_step(&ctx, p, &phase, &mut conn, &mut seqs).await;
         ctx.stats().add(C::PubStepsDone, 1);
     }
 }
 
-async fn run_step(ctx: &Rc<Ctx>, p: usize, phase: &PhaseSnapshot, conn: &mut Option<Conn>) {
+async fn run_step(
+    ctx: &Rc<Ctx>,
+    p: usize,
+    phase: &PhaseSnapshot,
+    conn: &mut Option<Conn>,
+    seqs: &mut [u64],
+) {
     let opts = ctx.opts();
     let shared = &ctx.shared;
     let publishers = opts.publishers as u64;
@@ -276,6 +310,7 @@ async fn run_step(ctx: &Rc<Ctx>, p: usize, phase: &PhaseSnapshot, conn: &mut Opt
         index: phase.step,
         body: Vec::with_capacity(16 * 1024),
         json: Vec::with_capacity(512),
+        seqs,
     };
 
     loop {
@@ -332,9 +367,7 @@ async fn run_step(ctx: &Rc<Ctx>, p: usize, phase: &PhaseSnapshot, conn: &mut Opt
         if events_sent == 0 {
             continue;
         }
-        if let Some(pong) = c.pipe.pong.borrow_mut().take() {
-            wsframe::write_client_frame(&mut out, opcode::PONG, &pong, c.masker.next_key());
-        }
+        c.push_pong(&mut out);
         // A relay that stops reading must not hold the step past its bound. A write cut
         // short leaves the stream in an unknown state, so the connection is given up.
         let left = Duration::from_nanos(phase.bound_ns.saturating_sub(now_ns()).max(1_000_000));
@@ -375,7 +408,7 @@ async fn run_step(ctx: &Rc<Ctx>, p: usize, phase: &PhaseSnapshot, conn: &mut Opt
 }
 
 /// One publisher's view of the step it runs, and its reusable encoding buffers.
-struct Step {
+struct Step<'a> {
     schedule: Schedule,
     closed_loop: bool,
     /// This publisher's events in the step (`u64::MAX` closed loop).
@@ -385,9 +418,11 @@ struct Step {
     index: usize,
     body: Vec<u8>,
     json: Vec<u8>,
+    /// NATS mode: the publisher's last sequence number per channel (empty for relay).
+    seqs: &'a mut [u64],
 }
 
-impl Step {
+impl Step<'_> {
     /// Appends up to `room` requests carrying this publisher's events `k..due` to `out`,
     /// records them in flight and advances `k`. Returns the events written.
     fn compose(
@@ -402,7 +437,8 @@ impl Step {
         let opts = ctx.opts();
         let shared = &ctx.shared;
         let channels = shared.channels.len() as u64;
-        let batch = opts.batch > 1;
+        let nats = opts.target_kind == TargetKind::Nats;
+        let batch = opts.batch > 1 && !nats;
         let write_ns = now_ns();
         let mut lags = ctx.hists.borrow_mut();
         let mut events_sent = 0u64;
@@ -441,6 +477,25 @@ impl Step {
                         .saturating_record(write_ns.saturating_sub(sched));
                 }
                 match opts.publish_via {
+                    _ if nats => {
+                        // The publisher numbers its own events per channel (from 1).
+                        let seq = match self.seqs.get_mut(ch) {
+                            Some(s) => {
+                                *s += 1;
+                                *s
+                            }
+                            None => 0,
+                        };
+                        self.json.clear();
+                        payload::write_tagged_data(
+                            &mut self.json,
+                            sched,
+                            seq,
+                            self.p,
+                            opts.event_bytes,
+                        );
+                        nats::write_pub(out, &shared.channels[ch], &self.json);
+                    }
                     PublishVia::Http => payload::write_envelope(
                         &mut self.body,
                         &shared.channels[ch],
@@ -464,7 +519,10 @@ impl Step {
                     }
                 }
             }
-            if opts.publish_via == PublishVia::Http {
+            if nats {
+                // Its PONG is the request's reply.
+                nats::write_ping(out);
+            } else if opts.publish_via == PublishVia::Http {
                 if batch {
                     self.body.push(b']');
                 }
@@ -486,11 +544,11 @@ impl Step {
 }
 
 async fn send_pong(c: &mut Conn) -> Result<(), ()> {
-    let Some(payload) = c.pipe.pong.borrow_mut().take() else {
+    let mut frame = Vec::new();
+    c.push_pong(&mut frame);
+    if frame.is_empty() {
         return Ok(());
-    };
-    let mut frame = Vec::with_capacity(payload.len() + 6);
-    wsframe::write_client_frame(&mut frame, opcode::PONG, &payload, c.masker.next_key());
+    }
     let (r, _) = c.write.write_all(frame).await;
     r.map(drop).map_err(drop)
 }
@@ -502,7 +560,9 @@ async fn connect(ctx: &Rc<Ctx>, p: usize) -> Result<Conn, ConnError> {
     // Publishers take source addresses after the subscribers'.
     let source = net::source_ip(opts.subscriber_connections() + p, shared.source_ips);
     let timeout = Duration::from_millis(opts.connect_timeout_ms);
+    let nats = opts.target_kind == TargetKind::Nats;
     let (stream, early) = match opts.publish_via {
+        _ if nats => (nats::connect_publisher(ctx, source).await?, Vec::new()),
         PublishVia::Http => (
             net::connect(opts.target, source, timeout).await?,
             Vec::new(),
@@ -510,7 +570,8 @@ async fn connect(ctx: &Rc<Ctx>, p: usize) -> Result<Conn, ConnError> {
         PublishVia::Ws => subscriber::ws_handshake(ctx, source).await?,
     };
     let fd = stream.as_raw_fd();
-    ctx.register_fd(fd, opts.publish_via == PublishVia::Ws);
+    let websocket = !nats && opts.publish_via == PublishVia::Ws;
+    ctx.register_fd(fd, websocket);
     ctx.stats().add(C::PubsOpen, 1);
     let (read, write) = stream.into_split();
     let pipe = Rc::new(Pipe::default());
@@ -520,6 +581,7 @@ async fn connect(ctx: &Rc<Ctx>, p: usize) -> Result<Conn, ConnError> {
         pipe,
         fd,
         masker: Masker::new(now_ns() ^ p as u64),
+        nats,
     })
 }
 
@@ -541,6 +603,8 @@ fn close(ctx: &Ctx, conn: Option<Conn>) {
 async fn reader(ctx: Rc<Ctx>, mut read: OwnedReadHalf<TcpStream>, pipe: Rc<Pipe>, early: Vec<u8>) {
     let _live = ctx.task();
     let via = ctx.opts().publish_via;
+    // NATS mode: the PONGs are matched by the `nats` module, which keeps a little state.
+    let mut nats_replies = (ctx.opts().target_kind == TargetKind::Nats).then(nats::PubReplies::new);
     let mut buf = early;
     if buf.capacity() < READ_CHUNK {
         buf.reserve(READ_CHUNK - buf.len());
@@ -550,9 +614,13 @@ async fn reader(ctx: Rc<Ctx>, mut read: OwnedReadHalf<TcpStream>, pipe: Rc<Pipe>
         let outcome = {
             let mut inflight = pipe.inflight.borrow_mut();
             let mut sink = ThreadAcks { ctx: &ctx };
-            match via {
-                PublishVia::Http => feed_http(&buf, &mut inflight, now, &mut sink),
-                PublishVia::Ws => {
+            match (&mut nats_replies, via) {
+                (Some(replies), _) => {
+                    let mut pong = pipe.pong.borrow_mut();
+                    replies.feed(&buf, &mut inflight, now, &mut sink, &mut pong)
+                }
+                (None, PublishVia::Http) => feed_http(&buf, &mut inflight, now, &mut sink),
+                (None, PublishVia::Ws) => {
                     let mut pong = pipe.pong.borrow_mut();
                     feed_ws(&buf, &mut inflight, now, &mut sink, &mut pong)
                         .map(|(n, closed)| (n, closed.is_some()))
@@ -602,13 +670,14 @@ async fn reader(ctx: Rc<Ctx>, mut read: OwnedReadHalf<TcpStream>, pipe: Rc<Pipe>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// An ack sink that keeps everything; also used by the `nats` module's tests.
     #[derive(Default)]
-    struct Acks {
-        accepted: Vec<(Inflight, u64)>,
-        refused: Vec<(Inflight, u16, String)>,
+    pub(crate) struct Acks {
+        pub(crate) accepted: Vec<(Inflight, u64)>,
+        pub(crate) refused: Vec<(Inflight, u16, String)>,
     }
 
     impl AckSink for Acks {
@@ -621,7 +690,7 @@ mod tests {
         }
     }
 
-    fn req(events: u64) -> Inflight {
+    pub(crate) fn req(events: u64) -> Inflight {
         Inflight {
             events,
             expected: events * 3,

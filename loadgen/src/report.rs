@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::options::{Options, Scenario};
+use crate::options::{Options, Scenario, TargetKind};
 use crate::stats::{Hists, Percentiles, C};
 use crate::worker::Shared;
 
@@ -121,7 +121,12 @@ pub struct Cpu {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: &'static str,
+    /// What was measured: "relay" or "nats" (nats-server).
+    pub target_kind: &'static str,
     pub target: String,
+    /// Where the publishers connected (the target itself for relay; nats-server's client
+    /// port in NATS mode); absent for scenarios without publishers.
+    pub publish_target: Option<String>,
     pub driver: String,
     pub threads: usize,
     pub source_ips: usize,
@@ -295,7 +300,12 @@ impl Report {
         }
         Report {
             scenario: opts.scenario.name(),
+            target_kind: opts.target_kind.name(),
             target: opts.target.to_string(),
+            publish_target: opts
+                .scenario
+                .publishes()
+                .then(|| opts.publish_target().to_string()),
             driver: inp.driver,
             threads: shared.thread_count,
             source_ips: shared.source_ips,
@@ -369,10 +379,17 @@ impl Report {
     pub fn to_table(&self) -> String {
         let mut o = String::new();
         let c = &self.config;
+        let server = c.target_kind.server_name();
+        let target = match (&self.publish_target, c.target_kind) {
+            (Some(p), TargetKind::Nats) => {
+                format!("{server} at {} (WebSocket), publishers to {p}", self.target)
+            }
+            _ => format!("{server} at {}", self.target),
+        };
         let _ = writeln!(
             o,
-            "relay-loadgen {} -> {}  ({} threads, {}, {} source IPs, {:.1} s)",
-            self.scenario, self.target, self.threads, self.driver, self.source_ips, self.elapsed_s
+            "relay-loadgen {} -> {target}  ({} threads, {}, {} source IPs, {:.1} s)",
+            self.scenario, self.threads, self.driver, self.source_ips, self.elapsed_s
         );
         match self.config.scenario {
             s if s.delivers() => {
@@ -383,7 +400,7 @@ impl Report {
                     c.transport.name(),
                     c.channels,
                     c.publishers,
-                    c.publish_via.name(),
+                    c.publish_wire_name(),
                     c.batch,
                     c.pipeline,
                     c.event_bytes
@@ -394,7 +411,7 @@ impl Report {
                     o,
                     "  {} publishers via {} over {} channels, batch {}, pipeline {}, {}-byte data",
                     c.publishers,
-                    c.publish_via.name(),
+                    c.publish_wire_name(),
                     c.channels,
                     c.batch,
                     c.pipeline,
@@ -524,7 +541,7 @@ impl Report {
         if let Some(idle) = &self.idle {
             let _ = writeln!(
                 o,
-                "  relay pid {}  RSS before {} KiB",
+                "  {server} pid {}  RSS before {} KiB",
                 idle.server_pid, idle.server_rss_before_kib
             );
             let _ = writeln!(
@@ -532,7 +549,7 @@ impl Report {
                 "  {:>11} {:>11} {:>14} {:>14} {:>16} {:>14}",
                 "connections",
                 "subscribed",
-                "relay RSS KiB",
+                "server RSS KiB",
                 "bytes/conn",
                 "marginal B/conn",
                 "loadgen KiB"
@@ -729,6 +746,9 @@ mod tests {
         assert_eq!(v["steps"][0]["lost"], 2);
         assert!(v["cpu"]["percent_of_one_core"].is_number());
         assert_eq!(v["config"]["scenario"], "latency");
+        assert_eq!(v["target_kind"], "relay");
+        assert_eq!(v["publish_target"], "127.0.0.1:8004");
+        assert!(v["config"].get("nats_publish_addr").is_none());
         assert!(!r.to_json().contains("secret"));
         assert!(v["ramp"].is_null());
         let table = r.to_table();

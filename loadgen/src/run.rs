@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{now_ns, secs_to_ns};
 use crate::error::LoadgenError;
 use crate::net;
-use crate::options::{Options, RatePlan, Scenario};
+use crate::options::{Options, RatePlan, Scenario, TargetKind};
 use crate::report::{Cpu, IdleReport, IdleStep, Inputs, Report, StepRun};
 use crate::stats::{Hists, Percentiles, C};
 use crate::worker::{Pool, Shared};
@@ -36,7 +36,26 @@ pub fn run(opts: &Options) -> Result<Report, LoadgenError> {
     // Connections, plus each thread's ring, eventfd and timer, plus stdio and slack.
     let needed = opts.max_connections() as u64 + 8 * threads + 64;
     net::raise_fd_limit(needed)?;
-    net::preflight(opts.target, Duration::from_millis(opts.connect_timeout_ms))?;
+    let connect_timeout = Duration::from_millis(opts.connect_timeout_ms);
+    match opts.target_kind {
+        TargetKind::Relay => net::preflight(opts.target, connect_timeout, "the relay", "--target")?,
+        TargetKind::Nats => {
+            net::preflight(
+                opts.target,
+                connect_timeout,
+                "nats-server's WebSocket listener",
+                "--target",
+            )?;
+            if opts.scenario.publishes() {
+                net::preflight(
+                    opts.nats_publish_target(),
+                    connect_timeout,
+                    "nats-server's client port",
+                    "--nats-publish-addr",
+                )?;
+            }
+        }
+    }
     let server_pid = if opts.scenario == Scenario::Idle {
         Some(match opts.server_pid {
             Some(pid) => pid,
@@ -394,7 +413,8 @@ impl Control {
                 marginal_bytes_per_conn: (delta(prev.1) / (count - prev.0) as f64).round(),
                 loadgen_rss_kib: net::own_rss_kib(),
             });
-            self.progress.idle_step(count, rss, before);
+            self.progress
+                .idle_step(opts.target_kind.server_name(), count, rss, before);
             prev = (count, rss);
         }
         self.idle = Some(report);
@@ -533,13 +553,13 @@ impl Progress {
         );
     }
 
-    fn idle_step(&mut self, count: usize, rss: u64, before: u64) {
+    fn idle_step(&mut self, server: &str, count: usize, rss: u64, before: u64) {
         if !self.enabled {
             return;
         }
         self.finish();
         let per = (rss as f64 - before as f64) * 1024.0 / count as f64;
-        eprintln!("{count} idle connections: relay RSS {rss} KiB ({per:.0} bytes/conn)");
+        eprintln!("{count} idle connections: {server} RSS {rss} KiB ({per:.0} bytes/conn)");
     }
 
     /// Ends an overwritten line so what follows starts clean.

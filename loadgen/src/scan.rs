@@ -2,7 +2,8 @@
 //!
 //! Owns the per-event parse: an event's `channel`, `seq` and the scheduled timestamp the
 //! generator put in `data` are found by substring search and digit parsing, never by a full
-//! JSON parse, and nothing is allocated. Relay writes the envelope as
+//! JSON parse, and nothing is allocated. Also reads back the tagged data the generator
+//! publishes to servers that assign no sequence (NATS), which arrives as sent. Relay writes the envelope as
 //! `{"id","channel","type","seq","epoch","ts","data",...}` (src/bus/event.rs); the scan looks for
 //! each key rather than relying on that order, so a reordered envelope still parses.
 //! Must never panic on any input: every index is checked.
@@ -52,6 +53,32 @@ pub fn scan_event(json: &[u8]) -> Option<EventFields<'_>> {
         channel,
         seq,
         sched_ns,
+    })
+}
+
+/// What tagged data (`payload::write_tagged_data`) carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaggedData {
+    pub sched_ns: u64,
+    /// The publisher's own sequence number on the channel (from 1).
+    pub seq: u64,
+    /// The publisher's index.
+    pub origin: u64,
+}
+
+/// Reads tagged data as the publisher wrote it (the fields in their order, at the start).
+/// `None` for anything else: not data this generator published.
+#[inline]
+pub fn scan_tagged_data(data: &[u8]) -> Option<TaggedData> {
+    use crate::payload::{ORIGIN_KEY, SEQ_KEY, TS_KEY};
+    let after = |at: usize, key: &[u8]| data.get(at..)?.starts_with(key).then_some(at + key.len());
+    let (sched_ns, at) = parse_u64(data, after(0, TS_KEY)?)?;
+    let (seq, at) = parse_u64(data, after(at, SEQ_KEY)?)?;
+    let (origin, _) = parse_u64(data, after(at, ORIGIN_KEY)?)?;
+    Some(TaggedData {
+        sched_ns,
+        seq,
+        origin,
     })
 }
 
@@ -243,6 +270,28 @@ mod tests {
         assert!(scan_event(b"").is_none());
         assert!(scan_event(br#""channel":"unterminated"#).is_none());
         assert!(scan_event(br#"{"channel":"c","seq":-1,"data":{"t":1}}"#).is_none());
+    }
+
+    #[test]
+    fn tagged_data_scan_rejects_anything_else() {
+        let good = br#"{"t":5,"s":2,"o":1,"p":"xx"}"#;
+        assert_eq!(
+            scan_tagged_data(good),
+            Some(TaggedData {
+                sched_ns: 5,
+                seq: 2,
+                origin: 1
+            })
+        );
+        for cut in 0..good.len() {
+            if let Some(f) = scan_tagged_data(&good[..cut]) {
+                assert_eq!((f.sched_ns, f.seq, f.origin), (5, 2, 1));
+            }
+        }
+        assert!(scan_tagged_data(br#"{"t":5,"p":"xx"}"#).is_none());
+        assert!(scan_tagged_data(br#"{"s":2,"t":5,"o":1}"#).is_none());
+        assert!(scan_tagged_data(br#"{"t":5,"s":-2,"o":1}"#).is_none());
+        assert!(scan_tagged_data(b"").is_none());
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Subscribers (WebSocket and SSE) and the connect scenario's handshake loop.
 //!
+//! NATS-mode subscribers (`--target-kind nats`) are connected here too, then handed to the
+//! `nats` module's own read loop; the upgrade, the end-of-connection accounting and the
+//! sequence recording are shared.
+//!
 //! Owns one subscriber connection's life: connect (from its source address), upgrade or open
 //! the stream, subscribe, then the read loop: one large buffer per connection, every complete
 //! frame or line in it parsed per read (coalesced reads), events recorded by byte scanning with
@@ -21,12 +25,12 @@ use monoio::net::TcpStream;
 use crate::clock::now_ns;
 use crate::error::ConnError;
 use crate::http::{self, ResponseHead};
-use crate::options::Transport;
+use crate::options::{TargetKind, Transport};
 use crate::scan::{self, EventFields, Op, SseLine};
 use crate::stats::{bump, raise, Hists, SeqOutcome, SeqTracker, ThreadStats, C};
 use crate::worker::{Ctx, Shared, POLL};
 use crate::wsframe::{self, opcode, Masker};
-use crate::{net, payload};
+use crate::{nats, net, payload};
 
 /// relay's WebSocket endpoint.
 pub const WS_PATH: &str = "/api/v1/relay/ws";
@@ -98,15 +102,28 @@ fn on_event<R: Recorder>(chans: &mut [ChanSub], f: EventFields<'_>, now: u64, re
         rec.count(C::Foreign, 1);
         return;
     };
-    match chan.seq.observe(f.seq) {
-        SeqOutcome::InOrder => rec.delivered(f.sched_ns, now),
+    observe(&mut chan.seq, f.seq, f.sched_ns, now, rec);
+}
+
+/// Records one arrival of `seq` (scheduled at `sched_ns`) on a subscription's sequence: a
+/// first arrival is a delivery, a second one a duplicate; gaps and late arrivals are counted.
+#[inline]
+pub fn observe<R: Recorder>(
+    tracker: &mut SeqTracker,
+    seq: u64,
+    sched_ns: u64,
+    now: u64,
+    rec: &mut R,
+) {
+    match tracker.observe(seq) {
+        SeqOutcome::InOrder => rec.delivered(sched_ns, now),
         SeqOutcome::Gap { skipped } => {
             rec.count(C::SeqGaps, skipped);
-            rec.delivered(f.sched_ns, now);
+            rec.delivered(sched_ns, now);
         }
         SeqOutcome::OutOfOrder => {
             rec.count(C::OutOfOrder, 1);
-            rec.delivered(f.sched_ns, now);
+            rec.delivered(sched_ns, now);
         }
         SeqOutcome::Duplicate => rec.count(C::Duplicated, 1),
     }
@@ -353,14 +370,17 @@ pub async fn connector(ctx: Rc<Ctx>, mine: Rc<[usize]>, cursor: Rc<Cell<usize>>)
             continue;
         }
         cursor.set(next + 1);
-        match setup(&ctx, i).await {
-            Ok((stream, buf, proto)) => {
+        let opened = match ctx.opts().target_kind {
+            TargetKind::Relay => setup(&ctx, i).await.map(|(stream, buf, proto)| {
                 monoio::spawn(subscriber(ctx.clone(), stream, buf, proto));
-            }
-            Err(e) => {
-                ctx.stats().add(C::SubFailed, 1);
-                ctx.stats().note(format!("subscriber {i}: {e}"));
-            }
+            }),
+            TargetKind::Nats => nats::setup(&ctx, i).await.map(|(stream, buf, sub)| {
+                monoio::spawn(nats::subscriber(ctx.clone(), stream, buf, sub));
+            }),
+        };
+        if let Err(e) = opened {
+            ctx.stats().add(C::SubFailed, 1);
+            ctx.stats().note(format!("subscriber {i}: {e}"));
         }
     }
 }
@@ -428,6 +448,12 @@ async fn subscriber(ctx: Rc<Ctx>, stream: TcpStream, buf: Vec<u8>, proto: Proto)
     let (result, subscribed) = read_loop(&ctx, stream, buf, proto).await;
     ctx.stats().sub(C::SubsOpen, 1);
     ctx.deregister_fd(fd);
+    record_end(&ctx, result, subscribed);
+}
+
+/// Counts why a subscriber connection ended (nothing when the run is stopping or it ended
+/// cleanly): its close code or protocol fault, and a disconnect or a failed setup.
+pub fn record_end(ctx: &Ctx, result: Result<(), ConnError>, subscribed: bool) {
     if ctx.stopping() {
         return;
     }
@@ -438,9 +464,10 @@ async fn subscriber(ctx: Rc<Ctx>, stream: TcpStream, buf: Vec<u8>, proto: Proto)
     };
     match &error {
         ConnError::Closed(code) => stats.close_code(*code),
-        ConnError::Frame(_) | ConnError::Head(_) | ConnError::Handshake(_) => {
-            stats.add(C::ProtocolErrors, 1)
-        }
+        ConnError::Frame(_)
+        | ConnError::Head(_)
+        | ConnError::Handshake(_)
+        | ConnError::Protocol(_) => stats.add(C::ProtocolErrors, 1),
         _ => {}
     }
     if subscribed {
@@ -596,12 +623,12 @@ pub async fn ws_handshake(
     let work = async {
         let mut stream = net::connect(shared.opts.target, source, timeout).await?;
         let mut req = Vec::with_capacity(256);
-        wsframe::write_upgrade_request(
-            &mut req,
-            &shared.host,
-            WS_PATH,
-            shared.opts.token.as_deref(),
-        );
+        // nats-server takes its credentials in CONNECT, not in the upgrade.
+        let (path, token) = match shared.opts.target_kind {
+            TargetKind::Relay => (WS_PATH, shared.opts.token.as_deref()),
+            TargetKind::Nats => (nats::WS_PATH, None),
+        };
+        wsframe::write_upgrade_request(&mut req, &shared.host, path, token);
         let (r, _) = stream.write_all(req).await;
         r.map_err(ConnError::Io)?;
         // Small: the read loop grows it to the connection's chunk; a handshake-only connection
@@ -660,7 +687,8 @@ pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
         let t0 = now_ns();
         let result = async {
             let (stream, buf) = ws_handshake(&ctx, source).await?;
-            monoio::time::timeout(timeout, wait_welcome(stream, buf))
+            let nats = shared.opts.target_kind == TargetKind::Nats;
+            monoio::time::timeout(timeout, wait_welcome(stream, buf, nats))
                 .await
                 .map_err(|_| ConnError::Timeout("the welcome message"))?
         }
@@ -689,8 +717,12 @@ pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
     }
 }
 
-/// Reads frames until the `welcome` message.
-async fn wait_welcome(mut stream: TcpStream, mut buf: Vec<u8>) -> Result<TcpStream, ConnError> {
+/// Reads frames until the `welcome` message (nats-server: its `INFO` line).
+async fn wait_welcome(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    nats: bool,
+) -> Result<TcpStream, ConnError> {
     loop {
         let mut at = 0;
         while let Some(head) = wsframe::parse_head(&buf[at..], MAX_FRAME_BYTES)? {
@@ -699,7 +731,10 @@ async fn wait_welcome(mut stream: TcpStream, mut buf: Vec<u8>) -> Result<TcpStre
             }
             let payload = &buf[at + head.header_len..at + head.total_len()];
             match head.opcode {
-                opcode::TEXT if scan::ws_op(payload) == Op::Welcome => return Ok(stream),
+                opcode::TEXT if !nats && scan::ws_op(payload) == Op::Welcome => return Ok(stream),
+                opcode::TEXT | opcode::BINARY if nats && nats::is_info(payload) => {
+                    return Ok(stream)
+                }
                 opcode::CLOSE => return Err(ConnError::Closed(wsframe::close_code(payload))),
                 _ => {}
             }
@@ -736,15 +771,16 @@ async fn close_gracefully(mut stream: TcpStream) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wsframe::tests::server_frame;
 
+    /// A recorder that keeps everything; also used by the `nats` module's tests.
     #[derive(Default)]
-    struct Rec {
-        delivered: Vec<(u64, u64)>,
-        counts: Vec<(C, u64)>,
-        notes: Vec<String>,
+    pub(crate) struct Rec {
+        pub(crate) delivered: Vec<(u64, u64)>,
+        pub(crate) counts: Vec<(C, u64)>,
+        pub(crate) notes: Vec<String>,
     }
 
     impl Recorder for Rec {
@@ -760,7 +796,7 @@ mod tests {
     }
 
     impl Rec {
-        fn total(&self, c: C) -> u64 {
+        pub(crate) fn total(&self, c: C) -> u64 {
             self.counts
                 .iter()
                 .filter(|(k, _)| *k == c)
