@@ -60,6 +60,8 @@ pub struct Config {
     pub sse: SseConfig,
     /// WebSocket connections.
     pub websocket: WebSocketConfig,
+    /// How events are written to subscriber connections under load.
+    pub delivery: DeliveryConfig,
     /// Event delivery to subsystems' `subscriptions`.
     pub webhooks: WebhooksConfig,
     /// Graceful shutdown.
@@ -91,6 +93,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             sse: SseConfig::default(),
             websocket: WebSocketConfig::default(),
+            delivery: DeliveryConfig::default(),
             webhooks: WebhooksConfig::default(),
             shutdown: ShutdownConfig::default(),
             health: HealthConfig::default(),
@@ -290,6 +293,30 @@ impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
             heartbeat_ms: 25_000,
+        }
+    }
+}
+
+/// `[delivery]`: write pacing (see `crate::pacing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// The longest a subscriber connection that has just written waits before its next write
+    /// while the shard is busy, microseconds, <= 1000000; 0 = never wait. Default 8000: each
+    /// write then carries every event of the last few milliseconds, which is what keeps a
+    /// shard writing to thousands of busy subscribers out of its syscall limit, while p99
+    /// stays within 10 ms.
+    pub max_hold_us: u64,
+    /// Holds grow while the shard's thread is busier than this share of the time and shrink
+    /// below 0.6 of it, 10..=100. Default 70. A shard below it writes every event at once.
+    pub busy_percent: u32,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_hold_us: 8_000,
+            busy_percent: 70,
         }
     }
 }
@@ -806,6 +833,8 @@ const SETTINGS: &[Setting] = &[
     s("sse", "keepalive_s", U64),
     s("sse", "retry_ms", U64),
     s("websocket", "heartbeat_ms", U64),
+    s("delivery", "max_hold_us", U64),
+    s("delivery", "busy_percent", U32),
     s("webhooks", "queue_size", USIZE),
     s("webhooks", "batch_max", USIZE),
     s("webhooks", "max_attempts", U32),
@@ -1550,6 +1579,13 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     o.at_least("sse.retry_ms", c.sse.retry_ms, 1)?;
 
     o.at_least("websocket.heartbeat_ms", c.websocket.heartbeat_ms, 100)?;
+    o.between("delivery.max_hold_us", c.delivery.max_hold_us, 0, 1_000_000)?;
+    o.between(
+        "delivery.busy_percent",
+        c.delivery.busy_percent.into(),
+        10,
+        100,
+    )?;
     let w = &c.webhooks;
     o.at_least("webhooks.queue_size", n(w.queue_size), 1)?;
     o.at_least("webhooks.batch_max", n(w.batch_max), 1)?;
@@ -2176,6 +2212,11 @@ mod tests {
         assert_eq!(
             shown,
             "relay.toml:2: key `bus.ring_capacity`: must be at least 2"
+        );
+        let (_, shown) = file_error("[delivery]\nbusy_percent = 5\n");
+        assert_eq!(
+            shown,
+            "relay.toml:2: key `delivery.busy_percent`: must be between 10 and 100"
         );
         let (_, shown) = file_error("[limits]\nmax_frame_bytes = 124\n");
         assert_eq!(

@@ -10,6 +10,7 @@
 //! - [`api`]: routing and handlers of the HTTP API.
 //! - [`sse`]: Server-Sent Events streams with cursors and recovery.
 //! - [`ws`]: WebSocket connections: handshake, framing, the JSON protocol, presence.
+//! - [`pacing`]: under load, busy subscriber connections write every few ms, many events a write.
 //! - [`auth`]: JWT (WebSocket/SSE) and API keys (publish and admin endpoints).
 //! - [`registry`]: subsystems and instances, lifecycle, health, circuits, balancing, routing table.
 //! - [`proxy`]: routing HTTP requests to subsystem instances (balancing, circuits, retries).
@@ -28,6 +29,7 @@ pub mod http;
 pub mod mesh;
 pub mod metrics;
 pub mod names;
+pub mod pacing;
 pub mod proxy;
 pub mod query;
 pub mod ratelimit;

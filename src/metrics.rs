@@ -397,6 +397,10 @@ pub struct ShardStats {
     pub webhook_attempts_failed: Counter,
     /// Webhook events queued on this shard.
     pub webhook_queue_events: Gauge,
+    /// Subscriber writes held back by write pacing (`crate::pacing`) to carry more events.
+    pub writes_held: Counter,
+    /// The shard's current write-pacing hold, microseconds (0 while the shard is not busy).
+    pub write_hold_us: Gauge,
 }
 
 /// Close codes counted by name in `relay_ws_closes_total{code}`.
@@ -437,6 +441,8 @@ impl ShardStats {
             users_connected: Gauge::new(),
             ws_closes: [const { Counter::new() }; WS_CLOSE_CODES.len() + 1],
             ws_messages_received: Counter::new(),
+            writes_held: Counter::new(),
+            write_hold_us: Gauge::new(),
             auth_failures: Counter::new(),
             connections_refused_per_ip: Counter::new(),
             rate_limited: Counter::new(),
@@ -875,7 +881,29 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         |s| &s.ring_full,
     );
 
+    per_shard_counter(
+        out,
+        shards,
+        "relay_delivery_holds_total",
+        "Subscriber writes held back by write pacing so that they carry more events.",
+        |s| &s.writes_held,
+    );
+
     // --- per-shard gauges ---
+    family(
+        out,
+        "relay_delivery_hold_us",
+        "gauge",
+        "The shard's current write-pacing hold in microseconds (0 while it is not busy).",
+    );
+    for s in shards {
+        sample(
+            out,
+            "relay_delivery_hold_us",
+            &format!("{{shard=\"{}\"}}", s.shard),
+            s.write_hold_us.get(),
+        );
+    }
     family(
         out,
         "relay_shard_connections_active",
@@ -1369,6 +1397,9 @@ mod tests {
             "relay_ring_messages_sent_total{shard=\"1\"} 22",
             "relay_ring_full_total{shard=\"0\"} 0",
             "relay_ring_full_total{shard=\"1\"} 3",
+            "relay_delivery_holds_total{shard=\"1\"} 0",
+            "# TYPE relay_delivery_hold_us gauge",
+            "relay_delivery_hold_us{shard=\"0\"} 0",
             "# TYPE relay_shard_connections_active gauge",
             "relay_shard_connections_active{shard=\"0\"} 5",
             "relay_shard_connections_active{shard=\"1\"} 4",
@@ -1407,7 +1438,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 33);
+        assert_eq!(families, 35);
     }
 
     #[test]

@@ -249,6 +249,8 @@ async fn shard_main(
     monoio::spawn(shard.clone().flusher());
     monoio::spawn(shard.clone().maintenance());
     monoio::spawn(shard.clone().conn_timers());
+    monoio::spawn(shard.pacer.clone().run());
+    monoio::spawn(shard.clone().deliverer());
     monoio::spawn(shard.webhooks.clone().run(shard.clone()));
     if let Some(control) = shard.control.clone() {
         monoio::spawn(control.run(shard.clone()));

@@ -246,7 +246,8 @@ impl ConnCtl {
         }
     }
 
-    fn wake(&self) {
+    /// Wakes the connection's task, whatever it waits on through this `ConnCtl`.
+    pub fn wake(&self) {
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
@@ -311,6 +312,11 @@ pub struct Shard {
     pub webhooks: Rc<crate::webhook::Webhooks>,
     /// The registry's control task (shard 0 only).
     pub control: Option<Rc<crate::registry::control::Control>>,
+    /// Write pacing of this shard's subscriber connections.
+    pub pacer: Rc<crate::pacing::Pacer>,
+    /// Events for local subscribers, offered by [`Shard::deliverer`] once per round.
+    deliveries: RefCell<Vec<Arc<Event>>>,
+    deliverer_waker: Cell<Option<Waker>>,
     next_id: Cell<u64>,
     draining: Cell<bool>,
     drain_waker: Cell<Option<Waker>>,
@@ -357,8 +363,15 @@ impl Shard {
                     shared.table.clone(),
                 ))
             });
+        let pacer = Rc::new(crate::pacing::Pacer::new(
+            &config.delivery,
+            shared.stats[id].clone(),
+        ));
         Rc::new(Shard {
             id,
+            pacer,
+            deliveries: RefCell::new(Vec::new()),
+            deliverer_waker: Cell::new(None),
             stats: shared.stats[id].clone(),
             shared,
             outbox,
@@ -556,13 +569,12 @@ impl Shard {
         let now = Instant::now();
         let ts_ms = unix_ms();
         let mut owned = self.owned.borrow_mut();
-        let local = self.local.borrow();
         let table = self.shared.table.load();
         let mut out = Vec::with_capacity(drafts.len());
         for draft in &drafts {
             let published = owned.publish(draft, ts_ms, now, |shard, event| {
                 if shard == self.id {
-                    local.deliver(event);
+                    self.queue_delivery(event.clone());
                 } else {
                     self.outbox.send(shard, Msg::Deliver(event.clone()));
                 }
@@ -751,9 +763,7 @@ impl Shard {
 
     fn handle(&self, msg: Msg) {
         match msg {
-            Msg::Deliver(event) => {
-                self.local.borrow().deliver(&event);
-            }
+            Msg::Deliver(event) => self.queue_delivery(event),
             Msg::Publish { drafts, reply } => {
                 let _ = reply.send(self.publish_owned(drafts));
             }
@@ -831,6 +841,38 @@ impl Shard {
             if self.shared.is_draining() && !self.draining.get() {
                 self.begin_drain();
             }
+        }
+    }
+
+    /// Hands `event` to this shard's local subscribers, in the same scheduling round.
+    fn queue_delivery(&self, event: Arc<Event>) {
+        let mut pending = self.deliveries.borrow_mut();
+        pending.push(event);
+        if pending.len() == 1 {
+            if let Some(waker) = self.deliverer_waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Offers the events queued for local subscribers, all of a scheduling round at once
+    /// (see [`LocalSubs::deliver_batch`]). What is queued is bounded by what one round can
+    /// publish or take from the rings; it is emptied every round.
+    pub async fn deliverer(self: Rc<Self>) {
+        let mut batch: Vec<Arc<Event>> = Vec::new();
+        loop {
+            poll_fn(|cx| {
+                if self.deliveries.borrow().is_empty() {
+                    self.deliverer_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut *self.deliveries.borrow_mut(), &mut batch);
+            self.local.borrow().deliver_batch(&mut batch);
+            batch.clear();
         }
     }
 

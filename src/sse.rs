@@ -444,6 +444,20 @@ async fn write_loop(
     let mut last_write = Instant::now();
     let mut batch: Vec<(Arc<Event>, bool)> = Vec::new();
     loop {
+        let only_events = {
+            let out = sink.out.borrow();
+            !out.queue.is_empty() && out.gaps.is_empty() && !out.overflowed
+        };
+        // Closing (a drain): everything goes out at once, as it would without pacing.
+        if only_events && !ctl.is_closing() {
+            if let Some(due) = shard.pacer.due(last_write, Instant::now()) {
+                // Wrote a moment ago on a busy shard: let more events join the next write.
+                shard.pacer.hold(ctl, due);
+                ctl.wait_until(|| ctl.is_closing() || Instant::now() >= due)
+                    .await;
+                continue;
+            }
+        }
         buf.clear();
         {
             let mut out = sink.out.borrow_mut();

@@ -102,6 +102,9 @@ struct Outbound {
     gaps: Vec<(Arc<str>, u64, u64)>,
     /// The close this connection ends with, once decided.
     close: Option<(u16, &'static str)>,
+    /// Replies and pushes (`Item::Frame`) in `queue`: they are written at once, never held
+    /// by write pacing (a publisher waiting for its `published` must not wait on pacing).
+    frames_queued: usize,
 }
 
 /// One WebSocket connection as the bus and its two tasks see it.
@@ -158,6 +161,8 @@ impl WsConn {
 
     fn wake_for_close(&self) {
         self.ctl.notify();
+        // The writer may be held by write pacing, which waits on the connection's waker.
+        self.ctl.wake();
         if let Some(waker) = self.close_waker.take() {
             waker.wake();
         }
@@ -188,9 +193,16 @@ impl WsConn {
         if self.make_room(&mut out, frame.len()) {
             out.counted += 1;
             out.counted_bytes += frame.len();
+            out.frames_queued += 1;
             out.queue.push_back(Item::Frame(frame));
             self.ctl.notify();
         }
+    }
+
+    /// Whether the writer has something to send and all of it may wait for write pacing.
+    fn only_events_pending(&self) -> bool {
+        let out = self.out.borrow();
+        !out.queue.is_empty() && out.frames_queued == 0 && out.gaps.is_empty()
     }
 
     fn enqueue_event(&self, out: &mut Outbound, event: &Arc<Event>, live: bool) {
@@ -313,6 +325,7 @@ impl WsConn {
                     if self.make_room(out, frame.len()) {
                         out.counted += 1;
                         out.counted_bytes += frame.len();
+                        out.frames_queued += 1;
                         out.queue.push_back(Item::Frame(frame));
                     }
                 }
@@ -346,6 +359,7 @@ impl WsConn {
                 Item::Frame(frame) => {
                     out.counted -= 1;
                     out.counted_bytes -= frame.len();
+                    out.frames_queued -= 1;
                     batch.push(frame);
                 }
             }
@@ -377,6 +391,37 @@ impl Sink for WsConn {
                 sub.last_seq = event.seq;
                 self.enqueue_event(out, event, true);
             }
+        }
+    }
+
+    fn offer_many(&self, events: &[Arc<Event>]) {
+        let Some(channel) = events.first().map(|e| &e.channel) else {
+            return;
+        };
+        let mut guard = self.out.borrow_mut();
+        let out = &mut *guard;
+        let last = match out.subscriptions.get(channel) {
+            Some(Subscription {
+                phase: Phase::Live,
+                last_seq,
+            }) => *last_seq,
+            Some(_) => {
+                // Recovering: rare and short; the one-by-one path holds them in order.
+                drop(guard);
+                events.iter().for_each(|e| self.offer(e));
+                return;
+            }
+            None => return,
+        };
+        let mut high = last;
+        for event in events {
+            if event.seq > high {
+                high = event.seq;
+                self.enqueue_event(out, event, true);
+            }
+        }
+        if let Some(sub) = out.subscriptions.get_mut(channel) {
+            sub.last_seq = high;
         }
     }
 
@@ -673,6 +718,18 @@ async fn write_loop(
             }
             break;
         }
+        // Closing (a drain): everything goes out at once, as it would without pacing.
+        if conn.only_events_pending() && !conn.ctl.is_closing() {
+            let now = Instant::now();
+            if let Some(due) = shard.pacer.due(last_write, now) {
+                // Wrote a moment ago on a busy shard: let more events join the next write.
+                shard.pacer.hold(&conn.ctl, due);
+                let ctl = &conn.ctl;
+                ctl.wait_until(|| conn.closing() || ctl.is_closing() || Instant::now() >= due)
+                    .await;
+                continue;
+            }
+        }
         conn.take_batch(&mut batch, &mut live);
         if !batch.is_empty() {
             batch.seal();
@@ -902,6 +959,32 @@ mod tests {
             0,
             "the bound's count returns to zero"
         );
+    }
+
+    #[test]
+    fn a_run_of_events_is_taken_in_order_once_and_only_events_may_wait() {
+        let c = conn(&Config::default());
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        // Recovering: the run is held like single offers, in order.
+        c.offer_many(&[event("a", 2), event("a", 3)]);
+        c.recovered(&a, reply("subscribed"), &answer(2, false, Vec::new()), None);
+        assert!(
+            !c.only_events_pending(),
+            "a reply is queued: it goes at once"
+        );
+        assert_eq!(drain(&c), ["subscribed", "event a 3"]);
+        // Live: what was already delivered (seq <= 3) is skipped, the rest kept in order.
+        c.offer_many(&[event("a", 3), event("a", 4), event("a", 5)]);
+        assert!(c.only_events_pending(), "events alone may wait for pacing");
+        c.offer(&event("a", 5));
+        c.offer_many(&[event("a", 6)]);
+        assert_eq!(drain(&c), ["event a 4", "event a 5", "event a 6"]);
+        assert!(!c.only_events_pending(), "nothing queued");
+        c.send_frame(reply("pong"));
+        assert!(!c.only_events_pending());
+        assert_eq!(drain(&c), ["pong"]);
+        assert_eq!(c.out.borrow().frames_queued, 0);
     }
 
     #[test]
