@@ -308,7 +308,8 @@ pub struct DeliveryConfig {
     /// stays within 10 ms.
     pub max_hold_us: u64,
     /// Holds grow while the shard's thread is busier than this share of the time and shrink
-    /// below 0.6 of it, 10..=100. Default 70. A shard below it writes every event at once.
+    /// below 0.85 of it, 10..=100. Default 90: pacing is for a shard near saturation; one at
+    /// three quarters of a core still writes every event at once.
     pub busy_percent: u32,
 }
 
@@ -316,7 +317,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             max_hold_us: 8_000,
-            busy_percent: 70,
+            busy_percent: 90,
         }
     }
 }

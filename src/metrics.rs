@@ -705,7 +705,7 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         out,
         shards,
         "relay_connections_refused_total",
-        "Connections refused over max_connections or the per-IP limit.",
+        "Connections refused over limits.max_connections (per-IP refusals: relay_connections_refused_per_ip_total).",
         |s| &s.connections_refused,
     );
 

@@ -30,20 +30,27 @@ use crate::metrics::ShardStats;
 use crate::shard::ConnCtl;
 
 /// How often the busy level is measured (at most; lazily, by the writers that ask).
-const WINDOW: Duration = Duration::from_millis(10);
+const WINDOW: Duration = Duration::from_millis(50);
+/// Busy windows in a row before the hold grows: a burst (one batch publish, one hypervisor
+/// hiccup) is not load, and holding after it would only add latency.
+const BUSY_WINDOWS_TO_GROW: u32 = 3;
 /// The first non-zero hold, and the floor below which a shrinking hold becomes zero.
 const MIN_HOLD: Duration = Duration::from_micros(500);
 /// The release task's tick while writers are held (monoio's timer has 1 ms resolution).
 const TICK: Duration = Duration::from_millis(1);
 
 /// The adaptive hold interval: grows while the shard is busier than `busy_high`, shrinks while
-/// it is below `busy_low`, and stays put in between (the gap keeps it from oscillating).
+/// it is below `busy_low`, and stays put in the narrow band between. The band is narrow on
+/// purpose: a shard that is merely moderately loaded (a latency-sensitive workload at half a
+/// core, with the odd busy window) must drop back to zero, not keep a hold it grew in a burst.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldControl {
     max: Duration,
     busy_high: f64,
     busy_low: f64,
     hold: Duration,
+    /// Busy windows in a row so far.
+    busy_streak: u32,
 }
 
 impl HoldControl {
@@ -52,8 +59,9 @@ impl HoldControl {
         HoldControl {
             max: Duration::from_micros(config.max_hold_us),
             busy_high,
-            busy_low: busy_high * 0.6,
+            busy_low: busy_high * 0.85,
             hold: Duration::ZERO,
+            busy_streak: 0,
         }
     }
 
@@ -67,8 +75,14 @@ impl HoldControl {
             return;
         }
         if busy > self.busy_high {
-            self.hold = (self.hold * 3 / 2).clamp(MIN_HOLD, self.max);
-        } else if busy < self.busy_low {
+            self.busy_streak = self.busy_streak.saturating_add(1);
+            if self.busy_streak >= BUSY_WINDOWS_TO_GROW {
+                self.hold = (self.hold * 3 / 2).clamp(MIN_HOLD, self.max);
+            }
+            return;
+        }
+        self.busy_streak = 0;
+        if busy < self.busy_low {
             self.hold /= 2;
             if self.hold < MIN_HOLD {
                 self.hold = Duration::ZERO;
@@ -219,7 +233,7 @@ mod tests {
 
     #[test]
     fn idle_shard_never_holds() {
-        let mut c = control(8000, 70);
+        let mut c = control(8000, 90);
         for _ in 0..100 {
             c.observe(0.3);
             assert_eq!(c.hold(), Duration::ZERO);
@@ -228,7 +242,10 @@ mod tests {
 
     #[test]
     fn busy_shard_holds_up_to_the_maximum() {
-        let mut c = control(8000, 70);
+        let mut c = control(8000, 90);
+        c.observe(0.95);
+        c.observe(0.95);
+        assert_eq!(c.hold(), Duration::ZERO, "two busy windows are a burst");
         c.observe(0.95);
         assert_eq!(c.hold(), MIN_HOLD);
         let mut last = c.hold();
@@ -241,20 +258,33 @@ mod tests {
     }
 
     #[test]
+    fn bursts_between_quiet_windows_never_start_a_hold() {
+        let mut c = control(8000, 90);
+        for _ in 0..50 {
+            c.observe(1.0);
+            c.observe(1.0);
+            c.observe(0.5);
+            assert_eq!(c.hold(), Duration::ZERO);
+        }
+    }
+
+    #[test]
     fn between_the_thresholds_the_hold_stays() {
-        let mut c = control(8000, 70);
-        for _ in 0..4 {
-            c.observe(0.9);
+        let mut c = control(8000, 90);
+        for _ in 0..6 {
+            c.observe(0.95);
         }
         let held = c.hold();
         assert!(held > Duration::ZERO);
-        c.observe(0.5);
-        assert_eq!(c.hold(), held, "0.5 is between 0.42 and 0.7");
+        c.observe(0.8);
+        assert_eq!(c.hold(), held, "0.8 is between 0.765 and 0.9");
+        c.observe(0.6);
+        assert_eq!(c.hold(), held / 2, "a moderately loaded shard lets go");
     }
 
     #[test]
     fn quiet_shard_lets_go_of_the_hold() {
-        let mut c = control(8000, 70);
+        let mut c = control(8000, 90);
         for _ in 0..20 {
             c.observe(1.0);
         }
@@ -291,7 +321,7 @@ mod tests {
         let pacer = Pacer::new(
             &DeliveryConfig {
                 max_hold_us: 8000,
-                busy_percent: 70,
+                busy_percent: 90,
             },
             stats,
         );
