@@ -24,8 +24,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use crate::clock::now_ns;
@@ -633,19 +632,9 @@ async fn read_loop(
             Ok(f) => f,
             Err(e) => return (Err(e), sub.is_subscribed()),
         };
-        if fed.consumed == buf.len() {
-            buf.clear();
-        } else if fed.consumed > 0 {
-            buf.drain(..fed.consumed);
-        }
-        if !sub.ctrl.is_empty() {
-            std::mem::swap(&mut sub.ctrl, &mut ctrl_out);
-            let (r, back) = stream.write_all(ctrl_out).await;
-            ctrl_out = back;
-            ctrl_out.clear();
-            if let Err(e) = r {
-                return (Err(ConnError::Io(e)), sub.is_subscribed());
-            }
+        subscriber::discard_consumed(&mut buf, fed.consumed);
+        if let Err(e) = subscriber::flush_ctrl(&mut stream, &mut sub.ctrl, &mut ctrl_out).await {
+            return (Err(e), sub.is_subscribed());
         }
         if let Some(code) = sub.closed {
             return (Err(ConnError::Closed(code)), sub.is_subscribed());
@@ -653,18 +642,8 @@ async fn read_loop(
         if ctx.stopping() {
             return (Ok(()), sub.is_subscribed());
         }
-        let want = fed.want.unwrap_or(0).max(buf.len() + chunk / 4);
-        if buf.capacity() < want {
-            buf.reserve(want - buf.len());
-        }
-        let len = buf.len();
-        let (r, slice) = stream.read(buf.slice_mut(len..)).await;
-        buf = slice.into_inner();
-        let ended = match r {
-            Ok(0) => Some(ConnError::Closed(None)),
-            Ok(_) => None,
-            Err(e) => Some(ConnError::Io(e)),
-        };
+        let ended;
+        (buf, ended) = subscriber::read_onto(&mut stream, buf, fed.want, chunk).await;
         if let Some(e) = ended {
             let result = if ctx.stopping() { Ok(()) } else { Err(e) };
             return (result, sub.is_subscribed());

@@ -511,20 +511,10 @@ async fn read_loop(
             Ok(f) => f,
             Err(e) => return (Err(e), proto.subscribed()),
         };
-        if fed.consumed == buf.len() {
-            buf.clear();
-        } else if fed.consumed > 0 {
-            buf.drain(..fed.consumed);
-        }
+        discard_consumed(&mut buf, fed.consumed);
         if let Proto::Ws(ws) = &mut proto {
-            if !ws.ctrl.is_empty() {
-                std::mem::swap(&mut ws.ctrl, &mut ctrl_out);
-                let (r, back) = stream.write_all(ctrl_out).await;
-                ctrl_out = back;
-                ctrl_out.clear();
-                if let Err(e) = r {
-                    return (Err(ConnError::Io(e)), ws.is_subscribed());
-                }
+            if let Err(e) = flush_ctrl(&mut stream, &mut ws.ctrl, &mut ctrl_out).await {
+                return (Err(e), ws.is_subscribed());
             }
             if let Some(code) = ws.closed {
                 return (Err(ConnError::Closed(code)), ws.is_subscribed());
@@ -533,34 +523,61 @@ async fn read_loop(
         if ctx.stopping() {
             return (Ok(()), proto.subscribed());
         }
-        // Room for the next read: a whole announced frame, and never less than a quarter chunk.
-        let want = fed.want.unwrap_or(0).max(buf.len() + chunk / 4);
-        if buf.capacity() < want {
-            buf.reserve(want - buf.len());
-        }
-        let len = buf.len();
-        let (r, slice) = stream.read(buf.slice_mut(len..)).await;
-        buf = slice.into_inner();
-        match r {
-            Ok(0) => {
-                let result = if ctx.stopping() {
-                    Ok(())
-                } else {
-                    Err(ConnError::Closed(None))
-                };
-                return (result, proto.subscribed());
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let result = if ctx.stopping() {
-                    Ok(())
-                } else {
-                    Err(ConnError::Io(e))
-                };
-                return (result, proto.subscribed());
-            }
+        let ended;
+        (buf, ended) = read_onto(&mut stream, buf, fed.want, chunk).await;
+        if let Some(e) = ended {
+            let result = if ctx.stopping() { Ok(()) } else { Err(e) };
+            return (result, proto.subscribed());
         }
     }
+}
+
+/// Drops the bytes the parser is done with from the front of a subscriber's buffer.
+pub(crate) fn discard_consumed(buf: &mut Vec<u8>, consumed: usize) {
+    if consumed == buf.len() {
+        buf.clear();
+    } else if consumed > 0 {
+        buf.drain(..consumed);
+    }
+}
+
+/// Writes the control bytes a protocol queued (pongs, close replies), if any; `spare` is the
+/// buffer they swap with, so nothing is allocated per write.
+pub(crate) async fn flush_ctrl(
+    stream: &mut TcpStream,
+    ctrl: &mut Vec<u8>,
+    spare: &mut Vec<u8>,
+) -> Result<(), ConnError> {
+    if ctrl.is_empty() {
+        return Ok(());
+    }
+    std::mem::swap(ctrl, spare);
+    let (r, back) = stream.write_all(std::mem::take(spare)).await;
+    *spare = back;
+    spare.clear();
+    r.map(|_| ()).map_err(ConnError::Io)
+}
+
+/// Reads more onto the end of a subscriber's buffer, with room for a whole announced frame
+/// (`want`) and never less than a quarter chunk. The error says how the connection ended.
+pub(crate) async fn read_onto(
+    stream: &mut TcpStream,
+    mut buf: Vec<u8>,
+    want: Option<usize>,
+    chunk: usize,
+) -> (Vec<u8>, Option<ConnError>) {
+    let want = want.unwrap_or(0).max(buf.len() + chunk / 4);
+    if buf.capacity() < want {
+        buf.reserve(want - buf.len());
+    }
+    let len = buf.len();
+    let (r, slice) = stream.read(buf.slice_mut(len..)).await;
+    let ended = match r {
+        Ok(0) => Some(ConnError::Closed(None)),
+        Ok(_) => None,
+        Err(e) => Some(ConnError::Io(e)),
+    };
+    (slice.into_inner(), ended)
 }
 
 /// Reads until a whole response head is buffered.
