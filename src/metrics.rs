@@ -587,6 +587,19 @@ fn per_shard_counter(
     }
 }
 
+fn per_shard_gauge<V: fmt::Display>(
+    out: &mut String,
+    shards: &[&ShardStats],
+    name: &str,
+    help: &str,
+    f: impl Fn(&ShardStats) -> V,
+) {
+    family(out, name, "gauge", help);
+    for s in shards {
+        sample(out, name, &format!("{{shard=\"{}\"}}", s.shard), f(s));
+    }
+}
+
 /// Renders Prometheus text exposition format 0.0.4 for all shards,
 /// appending to `out` (which is not cleared).
 pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &ProcessInfo) {
@@ -890,52 +903,31 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
     );
 
     // --- per-shard gauges ---
-    family(
+    per_shard_gauge(
         out,
+        shards,
         "relay_delivery_hold_us",
-        "gauge",
         "The shard's current write-pacing hold in microseconds (0 while it is not busy).",
+        |s| s.write_hold_us.get(),
     );
-    for s in shards {
-        sample(
-            out,
-            "relay_delivery_hold_us",
-            &format!("{{shard=\"{}\"}}", s.shard),
-            s.write_hold_us.get(),
-        );
-    }
-    family(
+    per_shard_gauge(
         out,
+        shards,
         "relay_shard_connections_active",
-        "gauge",
         "Open connections on each shard (all transports).",
+        |s| {
+            s.connections_active
+                .iter()
+                .fold(0i64, |acc, g| acc.wrapping_add(g.get()))
+        },
     );
-    for s in shards {
-        let active = s
-            .connections_active
-            .iter()
-            .fold(0i64, |acc, g| acc.wrapping_add(g.get()));
-        sample(
-            out,
-            "relay_shard_connections_active",
-            &format!("{{shard=\"{}\"}}", s.shard),
-            active,
-        );
-    }
-    family(
+    per_shard_gauge(
         out,
+        shards,
         "relay_shard_heartbeat_ms",
-        "gauge",
         "Milliseconds since process start at which the shard's maintenance tick last ran.",
+        |s| s.loop_heartbeat_ms.load(Relaxed),
     );
-    for s in shards {
-        sample(
-            out,
-            "relay_shard_heartbeat_ms",
-            &format!("{{shard=\"{}\"}}", s.shard),
-            s.loop_heartbeat_ms.load(Relaxed),
-        );
-    }
 
     // --- process ---
     let uptime = if info.uptime_s.is_finite() && info.uptime_s > 0.0 {
