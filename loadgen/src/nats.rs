@@ -34,7 +34,7 @@ use crate::net;
 use crate::publisher::{AckSink, Inflight};
 use crate::scan;
 use crate::stats::{SeqTracker, C};
-use crate::subscriber::{self, Fed, Recorder, ThreadRecorder, MAX_FRAME_BYTES};
+use crate::subscriber::{self, Fed, Recorder, MAX_FRAME_BYTES};
 use crate::worker::Ctx;
 use crate::wsframe::{self, opcode, Masker};
 
@@ -598,57 +598,11 @@ pub async fn subscriber(ctx: Rc<Ctx>, stream: TcpStream, buf: Vec<u8>, sub: Nats
     let fd = stream.as_raw_fd();
     ctx.register_fd(fd, true);
     ctx.stats().add(C::SubsOpen, 1);
-    let (result, subscribed) = read_loop(&ctx, stream, buf, sub).await;
+    let (result, subscribed) =
+        subscriber::read_loop(&ctx, stream, buf, subscriber::Proto::Nats(sub)).await;
     ctx.stats().sub(C::SubsOpen, 1);
     ctx.deregister_fd(fd);
     subscriber::record_end(&ctx, result, subscribed);
-}
-
-/// Reads and handles until the connection ends; returns why, and whether it was subscribed.
-/// One large buffer, everything complete in it handled per read (coalesced reads).
-async fn read_loop(
-    ctx: &Rc<Ctx>,
-    mut stream: TcpStream,
-    mut buf: Vec<u8>,
-    mut sub: NatsSub,
-) -> (Result<(), ConnError>, bool) {
-    let chunk = ctx.shared.read_buf;
-    if buf.capacity() < chunk {
-        buf.reserve(chunk - buf.len());
-    }
-    let mut ctrl_out: Vec<u8> = Vec::new();
-    loop {
-        let now = now_ns();
-        let fed = {
-            let mut hists = ctx.hists.borrow_mut();
-            let mut rec = ThreadRecorder {
-                shared: &ctx.shared,
-                stats: ctx.stats(),
-                hists: &mut hists,
-            };
-            sub.feed(&buf, now, &mut rec)
-        };
-        let fed = match fed {
-            Ok(f) => f,
-            Err(e) => return (Err(e), sub.is_subscribed()),
-        };
-        subscriber::discard_consumed(&mut buf, fed.consumed);
-        if let Err(e) = subscriber::flush_ctrl(&mut stream, &mut sub.ctrl, &mut ctrl_out).await {
-            return (Err(e), sub.is_subscribed());
-        }
-        if let Some(code) = sub.closed {
-            return (Err(ConnError::Closed(code)), sub.is_subscribed());
-        }
-        if ctx.stopping() {
-            return (Ok(()), sub.is_subscribed());
-        }
-        let ended;
-        (buf, ended) = subscriber::read_onto(&mut stream, buf, fed.want, chunk).await;
-        if let Some(e) = ended {
-            let result = if ctx.stopping() { Ok(()) } else { Err(e) };
-            return (result, sub.is_subscribed());
-        }
-    }
 }
 
 #[cfg(test)]

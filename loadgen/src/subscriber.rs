@@ -339,9 +339,11 @@ impl SseSub {
     }
 }
 
-enum Proto {
+/// The protocol state one read loop drives.
+pub(crate) enum Proto {
     Ws(WsSub),
     Sse(SseSub),
+    Nats(crate::nats::NatsSub),
 }
 
 impl Proto {
@@ -349,6 +351,29 @@ impl Proto {
         match self {
             Proto::Ws(w) => w.is_subscribed(),
             Proto::Sse(_) => true,
+            Proto::Nats(n) => n.is_subscribed(),
+        }
+    }
+
+    fn feed(
+        &mut self,
+        buf: &[u8],
+        now: u64,
+        rec: &mut ThreadRecorder<'_>,
+    ) -> Result<Fed, ConnError> {
+        match self {
+            Proto::Ws(ws) => ws.feed(buf, now, rec),
+            Proto::Sse(sse) => sse.feed(buf, now, rec),
+            Proto::Nats(nats) => nats.feed(buf, now, rec),
+        }
+    }
+
+    /// The control bytes to send back and the server's close, for protocols that have them.
+    fn ctrl_and_close(&mut self) -> Option<(&mut Vec<u8>, Option<Option<u16>>)> {
+        match self {
+            Proto::Ws(ws) => Some((&mut ws.ctrl, ws.closed)),
+            Proto::Sse(_) => None,
+            Proto::Nats(nats) => Some((&mut nats.ctrl, nats.closed)),
         }
     }
 }
@@ -482,7 +507,8 @@ pub fn record_end(ctx: &Ctx, result: Result<(), ConnError>, subscribed: bool) {
 }
 
 /// Reads and handles until the connection ends; returns why, and whether it was subscribed.
-async fn read_loop(
+/// One large buffer, everything complete in it handled per read (coalesced reads).
+pub(crate) async fn read_loop(
     ctx: &Rc<Ctx>,
     mut stream: TcpStream,
     mut buf: Vec<u8>,
@@ -502,22 +528,19 @@ async fn read_loop(
                 stats: ctx.stats(),
                 hists: &mut hists,
             };
-            match &mut proto {
-                Proto::Ws(ws) => ws.feed(&buf, now, &mut rec),
-                Proto::Sse(sse) => sse.feed(&buf, now, &mut rec),
-            }
+            proto.feed(&buf, now, &mut rec)
         };
         let fed = match fed {
             Ok(f) => f,
             Err(e) => return (Err(e), proto.subscribed()),
         };
         discard_consumed(&mut buf, fed.consumed);
-        if let Proto::Ws(ws) = &mut proto {
-            if let Err(e) = flush_ctrl(&mut stream, &mut ws.ctrl, &mut ctrl_out).await {
-                return (Err(e), ws.is_subscribed());
+        if let Some((ctrl, closed)) = proto.ctrl_and_close() {
+            if let Err(e) = flush_ctrl(&mut stream, ctrl, &mut ctrl_out).await {
+                return (Err(e), proto.subscribed());
             }
-            if let Some(code) = ws.closed {
-                return (Err(ConnError::Closed(code)), ws.is_subscribed());
+            if let Some(code) = closed {
+                return (Err(ConnError::Closed(code)), proto.subscribed());
             }
         }
         if ctx.stopping() {
