@@ -131,8 +131,8 @@ fn bench_fanout(c: &mut Criterion) {
         let now = Instant::now();
         let events: Vec<Arc<Event>> = (0..256u64)
             .map(|seq| {
-                let id = format!("ev-{seq}").into_boxed_str();
-                Arc::new(Event::encode(&draft, &epoch, seq + 1, id, 0, now))
+                let id = format!("ev-{seq}");
+                Arc::new(Event::encode(&draft, &epoch, seq + 1, &id, 0, now))
             })
             .collect();
         let mut next = 0usize;

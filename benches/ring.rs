@@ -66,12 +66,12 @@ fn event_pool() -> Vec<Arc<Event>> {
     let now = Instant::now();
     (0..POOL as u64)
         .map(|seq| {
-            let id = format!("ev-{seq}").into_boxed_str();
+            let id = format!("ev-{seq}");
             Arc::new(Event::encode(
                 &draft,
                 &epoch,
                 seq + 1,
-                id,
+                &id,
                 1_742_000_000_000,
                 now,
             ))

@@ -636,7 +636,7 @@ fn push_published(out: &mut Vec<u8>, p: &Published) {
     out.extend_from_slice(b"\",\"seq\":");
     crate::bus::event::push_u64(out, p.seq);
     out.extend_from_slice(b",\"id\":\"");
-    json_escape_into(out, &p.id);
+    json_escape_into(out, p.id());
     out.extend_from_slice(if p.duplicate {
         b"\",\"duplicate\":true}"
     } else {
@@ -731,7 +731,7 @@ async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> R
         }
         Err(e) => return bus_error(shard, e),
     };
-    let mut out = Vec::with_capacity(64 + page.events.iter().map(|e| e.sse.len()).sum::<usize>());
+    let mut out = Vec::with_capacity(64 + page.events.iter().map(|e| e.sse().len()).sum::<usize>());
     let _ = write_bytes(
         &mut out,
         format_args!(
@@ -743,7 +743,7 @@ async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> R
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&event.envelope_json());
+        out.extend_from_slice(event.envelope());
     }
     out.extend_from_slice(b"]}");
     Response::json(200, out)
@@ -869,15 +869,10 @@ mod tests {
 
     #[test]
     fn publish_results_are_json() {
-        let results = vec![Published {
-            channel: Arc::from("c"),
-            seq: 3,
-            id: "i".into(),
-            duplicate: true,
-            event: None,
-        }];
+        let results = vec![Published::duplicate(Arc::from("c"), 3, "i".into())];
         let v: serde_json::Value = serde_json::from_slice(&publish_results(&results)).unwrap();
         assert_eq!(v["results"][0]["seq"], 3);
         assert_eq!(v["results"][0]["duplicate"], true);
+        assert_eq!(v["results"][0]["id"], "i");
     }
 }

@@ -229,13 +229,13 @@ impl Webhooks {
         let Some((instance, permit)) = chosen else {
             return Err(None);
         };
-        let mut body = Vec::with_capacity(2 + batch.iter().map(|e| e.sse.len()).sum::<usize>());
+        let mut body = Vec::with_capacity(2 + batch.iter().map(|e| e.sse().len()).sum::<usize>());
         body.push(b'[');
         for (i, event) in batch.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&event.envelope_json());
+            body.extend_from_slice(event.envelope());
         }
         body.push(b']');
         let idempotency_key = idempotency_key(batch);
@@ -320,7 +320,7 @@ impl Webhooks {
 fn idempotency_key(batch: &[Arc<Event>]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for event in batch {
-        for &b in event.id.as_bytes().iter().chain(b"\n") {
+        for &b in event.id().as_bytes().iter().chain(b"\n") {
             hash ^= u64::from(b);
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
         }

@@ -7,14 +7,20 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
+use hashbrown::HashTable;
 
 use super::event::Event;
 
 #[derive(Debug)]
 pub struct History {
     events: VecDeque<Arc<Event>>,
-    ids: AHashMap<Box<str>, u64>,
+    /// The seq of every retained event, found by its id's hash; the id itself is read from
+    /// the event, so the index holds 8 bytes per event and evicting compares seqs, not ids.
+    ids: HashTable<u64>,
+    /// The id hash of each event in `events`, in the same order: evicting finds the index
+    /// entry without reading the (long cold) evicted event's id.
+    id_hashes: VecDeque<u64>,
+    hasher: ahash::RandomState,
     size: usize,
     ttl: Duration,
 }
@@ -33,7 +39,9 @@ impl History {
         assert!(size >= 1, "history.size is validated to be at least 1");
         History {
             events: VecDeque::new(),
-            ids: AHashMap::new(),
+            ids: HashTable::new(),
+            id_hashes: VecDeque::new(),
+            hasher: ahash::RandomState::new(),
             size,
             ttl,
         }
@@ -49,7 +57,12 @@ impl History {
 
     /// The seq of an event with this id still in history.
     pub fn seq_of(&self, id: &str) -> Option<u64> {
-        self.ids.get(id).copied()
+        let hash = self.hasher.hash_one(id.as_bytes());
+        self.ids
+            .find(hash, |&seq| {
+                retained(&self.events, seq).is_some_and(|e| e.id_bytes() == id.as_bytes())
+            })
+            .copied()
     }
 
     /// Appends `event` (seq must follow the last one); returns how many events were evicted.
@@ -60,8 +73,15 @@ impl History {
             self.evict_front();
             evicted += 1;
         }
-        self.ids.insert(event.id.clone(), event.seq);
+        let hash = self.hasher.hash_one(event.id_bytes());
+        // A publisher's id is refused while it is retained, so it is never in the index twice.
+        let hasher = &self.hasher;
+        let events = &self.events;
+        self.ids.insert_unique(hash, event.seq, |&seq| {
+            hasher.hash_one(retained(events, seq).map_or(&[][..], |e| e.id_bytes()))
+        });
         self.events.push_back(event);
+        self.id_hashes.push_back(hash);
         evicted
     }
 
@@ -79,10 +99,9 @@ impl History {
     }
 
     fn evict_front(&mut self) {
-        if let Some(old) = self.events.pop_front() {
-            // Only forget the id if it still points at this event.
-            if self.ids.get(&*old.id) == Some(&old.seq) {
-                self.ids.remove(&*old.id);
+        if let (Some(old), Some(hash)) = (self.events.pop_front(), self.id_hashes.pop_front()) {
+            if let Ok(entry) = self.ids.find_entry(hash, |&seq| seq == old.seq) {
+                entry.remove();
             }
         }
     }
@@ -117,6 +136,12 @@ impl History {
     }
 }
 
+/// The retained event with this seq (seqs in the ring are consecutive).
+fn retained(events: &VecDeque<Arc<Event>>, seq: u64) -> Option<&Arc<Event>> {
+    let first = events.front()?.seq;
+    events.get(usize::try_from(seq.checked_sub(first)?).ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +164,24 @@ mod tests {
         assert_eq!(h.seq_of("id5"), Some(5));
         let seqs: Vec<u64> = h.after(0, 100).iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn the_id_index_survives_growth_and_wraparound() {
+        // Growing the index rehashes through the ring; evicting finds entries by seq.
+        let now = Instant::now();
+        let mut h = History::new(3000, Duration::from_secs(60));
+        for seq in 1..=10_000 {
+            h.push(ev(seq, &format!("id-{seq}"), now));
+        }
+        assert_eq!(h.ids.len(), 3000, "one index entry per retained event");
+        for seq in [1, 6999, 7000] {
+            assert_eq!(h.seq_of(&format!("id-{seq}")), None, "evicted {seq}");
+        }
+        for seq in [7001, 8500, 10_000] {
+            assert_eq!(h.seq_of(&format!("id-{seq}")), Some(seq));
+        }
+        assert_eq!(h.seq_of("id-10001"), None);
     }
 
     #[test]

@@ -48,10 +48,32 @@ pub struct Since {
 pub struct Published {
     pub channel: Arc<str>,
     pub seq: u64,
-    pub id: Box<str>,
     pub duplicate: bool,
     /// The sequenced event (not for duplicates): what the owner queues for webhooks.
     pub event: Option<Arc<Event>>,
+    /// A duplicate's id (a new event's id is read from the event).
+    duplicate_id: Box<str>,
+}
+
+impl Published {
+    /// A refused duplicate of the retained event `seq`.
+    pub fn duplicate(channel: Arc<str>, seq: u64, id: Box<str>) -> Published {
+        Published {
+            channel,
+            seq,
+            duplicate: true,
+            event: None,
+            duplicate_id: id,
+        }
+    }
+
+    /// The accepted event's id, or the duplicate's.
+    pub fn id(&self) -> &str {
+        match &self.event {
+            Some(event) => event.id(),
+            None => &self.duplicate_id,
+        }
+    }
 }
 
 /// The owner's answer to a subscribe.
@@ -190,28 +212,16 @@ impl Owned {
         let channel = self.channel(&draft.channel);
         if let Some(id) = &draft.id {
             if let Some(seq) = channel.history.seq_of(id) {
-                return Published {
-                    channel: draft.channel.clone(),
-                    seq,
-                    id: id.clone(),
-                    duplicate: true,
-                    event: None,
-                };
+                return Published::duplicate(draft.channel.clone(), seq, id.clone());
             }
         }
         let seq = channel.last_seq + 1;
-        let id: Box<str> = match &draft.id {
-            Some(id) => id.clone(),
-            None => uuid::Uuid::now_v7().hyphenated().to_string().into(),
+        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id: &str = match &draft.id {
+            Some(id) => id,
+            None => uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid),
         };
-        let event = Arc::new(Event::encode(
-            draft,
-            &channel.epoch,
-            seq,
-            id.clone(),
-            ts_ms,
-            now,
-        ));
+        let event = Arc::new(Event::encode(draft, &channel.epoch, seq, id, ts_ms, now));
         channel.last_seq = seq;
         let evicted = channel.history.push(event.clone());
         for &(shard, _) in &channel.interest {
@@ -221,9 +231,9 @@ impl Owned {
         Published {
             channel: draft.channel.clone(),
             seq,
-            id,
             duplicate: false,
             event: Some(event),
+            duplicate_id: Box::default(),
         }
     }
 
@@ -624,10 +634,10 @@ mod tests {
         let a = bus.publish(&draft("c", Some("x")), 0, now, |_, _| delivered += 1);
         assert_eq!((a.seq, a.duplicate), (1, false));
         let b = bus.publish(&draft("c", Some("x")), 0, now, |_, _| delivered += 1);
-        assert_eq!((b.seq, b.duplicate, &*b.id), (1, true, "x"));
+        assert_eq!((b.seq, b.duplicate, b.id()), (1, true, "x"));
         let c = bus.publish(&draft("c", None), 0, now, |_, _| delivered += 1);
         assert_eq!(c.seq, 2);
-        assert_eq!(c.id.len(), 36, "a generated UUID");
+        assert_eq!(c.id().len(), 36, "a generated UUID");
         assert_eq!(delivered, 0, "nobody subscribed");
     }
 

@@ -613,7 +613,7 @@ pub struct WebhookRoute {
 impl WebhookRoute {
     /// An empty list of globs matches everything (validation requires at least one list).
     pub fn matches(&self, event: &crate::bus::event::Event) -> bool {
-        (self.types.is_empty() || self.types.matches(&event.event_type))
+        (self.types.is_empty() || self.types.matches(event.event_type()))
             && (self.channels.is_empty() || self.channels.matches(&event.channel))
     }
 }

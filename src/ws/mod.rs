@@ -210,11 +210,11 @@ impl WsConn {
             return;
         }
         if live {
-            if !self.make_room(out, event.ws_frame.len()) {
+            if !self.make_room(out, event.ws_frame().len()) {
                 return;
             }
             out.counted += 1;
-            out.counted_bytes += event.ws_frame.len();
+            out.counted_bytes += event.ws_frame().len();
         }
         out.queue.push_back(Item::Event(event.clone(), live));
         self.ctl.notify();
@@ -246,7 +246,7 @@ impl WsConn {
         };
         if live {
             out.counted -= 1;
-            out.counted_bytes -= event.ws_frame.len();
+            out.counted_bytes -= event.ws_frame().len();
         }
         match out.gaps.iter_mut().find(|(c, _, _)| *c == event.channel) {
             Some(gap) => {
@@ -337,11 +337,12 @@ impl WsConn {
     }
 
     /// Takes the next slice of frames to write; gap announcements go first.
-    fn take_batch(&self, batch: &mut FrameBatch, live: &mut Vec<Arc<Event>>) {
+    /// `live` gets the acceptance time of each live event taken (its latency sample).
+    fn take_batch(&self, batch: &mut FrameBatch, live: &mut Vec<Instant>) {
         let mut out = self.out.borrow_mut();
         let out = &mut *out;
         for (channel, from, to) in out.gaps.drain(..) {
-            batch.push(protocol::gap_frame(&channel, from, to));
+            batch.push(Frame::Own(protocol::gap_frame(&channel, from, to)));
         }
         while batch.len() < WRITE_BATCH_FRAMES && batch.bytes < WRITE_BATCH_BYTES {
             let Some(item) = out.queue.pop_front() else {
@@ -351,16 +352,16 @@ impl WsConn {
                 Item::Event(event, is_live) => {
                     if is_live {
                         out.counted -= 1;
-                        out.counted_bytes -= event.ws_frame.len();
-                        live.push(event.clone());
+                        out.counted_bytes -= event.ws_frame().len();
+                        live.push(event.accepted_at);
                     }
-                    batch.push(event.ws_frame.clone());
+                    batch.push(Frame::Event(event));
                 }
                 Item::Frame(frame) => {
                     out.counted -= 1;
                     out.counted_bytes -= frame.len();
                     out.frames_queued -= 1;
-                    batch.push(frame);
+                    batch.push(Frame::Own(frame));
                 }
             }
         }
@@ -438,9 +439,25 @@ impl Sink for WsConn {
     }
 }
 
+/// One frame of a write: an event's own frame (the `Arc` moved out of the queue, so taking
+/// an event for a write touches no reference count), or a reply, push or control frame.
+enum Frame {
+    Event(Arc<Event>),
+    Own(Bytes),
+}
+
+impl Frame {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Frame::Event(event) => event.ws_frame(),
+            Frame::Own(bytes) => bytes,
+        }
+    }
+}
+
 /// Frames for one vectored write; owns the bytes the iovecs point at.
 struct FrameBatch {
-    frames: Vec<Bytes>,
+    frames: Vec<Frame>,
     iovecs: Vec<libc::iovec>,
     /// The first iovec not yet completely written.
     start: usize,
@@ -457,8 +474,8 @@ impl FrameBatch {
         }
     }
 
-    fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
+    fn push(&mut self, frame: Frame) {
+        self.bytes += frame.bytes().len();
         self.frames.push(frame);
     }
 
@@ -479,8 +496,8 @@ impl FrameBatch {
     fn seal(&mut self) {
         self.iovecs.clear();
         self.iovecs.extend(self.frames.iter().map(|f| libc::iovec {
-            iov_base: f.as_ptr() as *mut libc::c_void,
-            iov_len: f.len(),
+            iov_base: f.bytes().as_ptr() as *mut libc::c_void,
+            iov_len: f.bytes().len(),
         }));
     }
 
@@ -756,10 +773,8 @@ async fn write_loop(
             if !live.is_empty() {
                 let stats = &shard.stats;
                 stats.events_delivered.add(live.len() as u64);
-                for event in live.drain(..) {
-                    let ns = last_write
-                        .saturating_duration_since(event.accepted_at)
-                        .as_nanos();
+                for accepted_at in live.drain(..) {
+                    let ns = last_write.saturating_duration_since(accepted_at).as_nanos();
                     stats
                         .route_duration
                         .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
@@ -892,7 +907,8 @@ mod tests {
             .frames
             .iter()
             .map(|f| {
-                let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap_or_default();
+                let v: serde_json::Value =
+                    serde_json::from_slice(&f.bytes()[2..]).unwrap_or_default();
                 match v["op"].as_str() {
                     Some("event") => {
                         format!("event {} {}", v["channel"].as_str().unwrap_or(""), v["seq"])
@@ -1076,7 +1092,7 @@ mod tests {
     fn the_byte_bound_holds() {
         let mut config = Config::default();
         config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
-        let one = event("a", 1).ws_frame.len();
+        let one = event("a", 1).ws_frame().len();
         config.limits.outbound_queue_bytes = one * 3;
         let c = conn(&config);
         let a: Arc<str> = Arc::from("a");
@@ -1092,7 +1108,7 @@ mod tests {
     fn short_writes_resume_exactly_where_they_stopped() {
         let mut batch = FrameBatch::new();
         for part in [&b"abc"[..], b"defgh", b"ij"] {
-            batch.push(Bytes::copy_from_slice(part));
+            batch.push(Frame::Own(Bytes::copy_from_slice(part)));
         }
         batch.seal();
         let remaining = |b: &FrameBatch| -> Vec<u8> {

@@ -294,7 +294,7 @@ impl Session {
         let mut reply = Reply::new("published", request.reference);
         reply.str_field("channel", &p.channel);
         reply.num_field("seq", p.seq);
-        reply.str_field("id", &p.id);
+        reply.str_field("id", p.id());
         reply.raw_field("duplicate", if p.duplicate { "true" } else { "false" });
         Ok(reply.finish())
     }
