@@ -177,8 +177,9 @@ pub struct Principal {
 enum Scope {
     /// Every channel.
     All,
-    /// Channels matching any pattern; an empty set allows none.
-    Only(GlobSet),
+    /// Channels matching any pattern; an empty set allows none. Boxed: every connection holds
+    /// two scopes, and most are `All`.
+    Only(Box<GlobSet>),
 }
 
 impl Scope {
@@ -343,11 +344,15 @@ fn claims_to_principal(claims: RawClaims, now_s: u64) -> Result<Principal, AuthE
     }
     let subscribe = match claims.channels {
         None => Scope::All,
-        Some(v) => Scope::Only(glob_list(v).ok_or(AuthError::BadClaim("channels"))?),
+        Some(v) => Scope::Only(Box::new(
+            glob_list(v).ok_or(AuthError::BadClaim("channels"))?,
+        )),
     };
     let publish = match claims.publish {
-        None => Scope::Only(GlobSet::default()),
-        Some(v) => Scope::Only(glob_list(v).ok_or(AuthError::BadClaim("publish"))?),
+        None => Scope::Only(Box::default()),
+        Some(v) => Scope::Only(Box::new(
+            glob_list(v).ok_or(AuthError::BadClaim("publish"))?,
+        )),
     };
     Ok(Principal {
         user: Some(user),

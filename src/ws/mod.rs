@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytes::Bytes;
-use monoio::buf::{IoBufMut, IoVecBuf};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::buf::IoVecBuf;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
 // `writev` comes from AsyncWriteRent; `write_vectored_all` is deliberately not used (see
 // `FrameBatch::consume`).
 use monoio::net::TcpStream;
@@ -61,10 +61,8 @@ const WRITE_BATCH_FRAMES: usize = 512;
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// How long a closing connection waits for its close frame to leave and the client to answer.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-const READ_CHUNK: usize = 4096;
-/// The read buffer of a connection with nothing pending: a client's usual message (an op of a
-/// few dozen bytes) fits, and a full read switches to `READ_CHUNK`.
-const IDLE_READ: usize = 256;
+/// The shard's receive buffer: one `recv` takes at most this much.
+const READ_CHUNK: usize = 64 * 1024;
 /// A writer quiet this long gives its buffers back (a busy one keeps them between writes).
 const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
@@ -277,12 +275,18 @@ impl WsConn {
         );
     }
 
-    pub fn end_subscription(&self, channel: &str) -> bool {
-        self.out
-            .borrow_mut()
-            .subscriptions
-            .remove(channel)
-            .is_some()
+    /// Forgets `channel`; its name when it was subscribed.
+    pub fn end_subscription(&self, channel: &str) -> Option<Arc<str>> {
+        let mut out = self.out.borrow_mut();
+        out.subscriptions
+            .remove_entry(channel)
+            .map(|(name, _)| name)
+    }
+
+    /// Forgets every subscription; their names.
+    pub fn end_all_subscriptions(&self) -> Vec<Arc<str>> {
+        let mut out = self.out.borrow_mut();
+        out.subscriptions.drain().map(|(name, _)| name).collect()
     }
 
     /// Queues the `subscribed` reply, then the replay, then what arrived meanwhile.
@@ -587,8 +591,49 @@ pub async fn serve(
         fd,
         request.principal.expires_at_s,
     ));
-    let mut session = protocol::Session::new(shard.clone(), conn.clone(), request.principal);
-    read_loop(shard, &conn, &mut session, read_half, early).await;
+    let session = protocol::Session::new(shard.clone(), conn.clone(), request.principal);
+    let max = config.limits.max_frame_bytes;
+    let side = ReadSide {
+        shard: shard.clone(),
+        conn,
+        session,
+        read_half,
+        fd,
+        reader: FrameReader::new(codec::Limits {
+            max_frame_bytes: max,
+            max_message_bytes: max,
+        }),
+        input: early,
+        writer,
+    };
+    // The reading side lives as long as the connection, on a task of its own: this future is
+    // sized for the upgrade (the request, the stream, the 101's write) and ends here. Boxed,
+    // because an async fn keeps its arguments twice (as captured and as moved-in locals).
+    monoio::spawn(read_side(Box::new(side)));
+}
+
+/// What the reading side of a connection holds for its whole life.
+struct ReadSide {
+    shard: Rc<Shard>,
+    conn: Rc<WsConn>,
+    session: protocol::Session,
+    read_half: monoio::net::tcp::TcpOwnedReadHalf,
+    fd: RawFd,
+    reader: FrameReader,
+    /// Received bytes not yet parsed into whole messages; no buffer at all while idle.
+    input: Vec<u8>,
+    writer: monoio::task::JoinHandle<()>,
+}
+
+async fn read_side(mut side: Box<ReadSide>) {
+    read_loop(&mut side).await;
+    let ReadSide {
+        shard,
+        conn,
+        mut session,
+        writer,
+        ..
+    } = *side;
     conn.reader_done.set(true);
     writer.await;
 
@@ -596,81 +641,102 @@ pub async fn serve(
     shard.user_left(&conn.user);
     let code = conn.out.borrow().close.map(|(c, _)| c).unwrap_or(1006);
     shard.stats.ws_closes[ws_close_slot(code)].inc();
-    shard.close_conn(ctl);
+    shard.close_conn(&conn.ctl);
 }
 
-async fn read_loop(
-    shard: &Rc<Shard>,
-    conn: &Rc<WsConn>,
-    session: &mut protocol::Session,
-    mut read_half: monoio::net::tcp::TcpOwnedReadHalf,
-    early: Vec<u8>,
-) {
-    let config = shard.config();
-    let max = config.limits.max_frame_bytes;
-    let mut reader = FrameReader::new(codec::Limits {
-        max_frame_bytes: max,
-        max_message_bytes: max,
-    });
-    let idle = Duration::from_secs(config.limits.idle_timeout_s);
-    let mut input: Vec<u8> = early;
+/// What one `recv` gave.
+enum Received {
+    Data,
+    /// Nothing after all (readiness reported early); wait again.
+    Nothing,
+    /// The peer hung up, or the socket failed.
+    Gone,
+}
+
+thread_local! {
+    /// The shard's one receive buffer: connections read into it and keep only what they
+    /// have not parsed yet, so no connection holds a read buffer while it waits.
+    static RECEIVE_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// Reads what the socket has (without blocking) onto `input`.
+fn receive(fd: RawFd, input: &mut Vec<u8>) -> Received {
+    RECEIVE_BUFFER.with_borrow_mut(|buf| loop {
+        // SAFETY: `buf` is valid for writes of its length, and `fd` is the connection's socket,
+        // open while its read half lives.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        match usize::try_from(n) {
+            Ok(0) => return Received::Gone,
+            Ok(n) => {
+                input.extend_from_slice(buf.get(..n).unwrap_or_default());
+                return Received::Data;
+            }
+            Err(_) => match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Received::Nothing,
+                _ => return Received::Gone,
+            },
+        }
+    })
+}
+
+async fn read_loop(side: &mut ReadSide) {
+    let idle = Duration::from_secs(side.shard.config().limits.idle_timeout_s);
     let mut last_heard = Instant::now();
     loop {
         // Everything complete in the buffer first.
         loop {
-            match reader.read(&input) {
+            match side.reader.read(&side.input) {
                 Ok((used, decoded)) => {
-                    input.drain(..used);
+                    side.input.drain(..used);
                     match decoded {
                         codec::Decoded::Partial => break,
                         codec::Decoded::Message(message) => {
                             last_heard = Instant::now();
-                            if !Box::pin(handle_message(shard, conn, session, message)).await {
+                            let handled =
+                                handle_message(&side.shard, &side.conn, &mut side.session, message);
+                            if !Box::pin(handled).await {
                                 return;
                             }
                         }
                     }
                 }
                 Err(e) => {
-                    conn.close_with(e.close_code(), e.reason());
+                    side.conn.close_with(e.close_code(), e.reason());
                     return;
                 }
             }
         }
-        if conn.closing() {
+        if side.conn.closing() {
             return;
         }
-        if input.is_empty() {
-            // Waiting with nothing pending is what idle connections do all day: wait on a
-            // small buffer, so an idle connection holds no read buffer worth the name.
-            if input.capacity() != IDLE_READ {
-                input = Vec::with_capacity(IDLE_READ);
-            }
-        } else if input.capacity() - input.len() < READ_CHUNK / 4 {
-            input.reserve(READ_CHUNK);
+        if side.input.is_empty() && side.input.capacity() > 0 {
+            side.input = Vec::new();
         }
-        let len = input.len();
-        let buf = std::mem::take(&mut input);
+        // Waiting on readiness rather than with a read in flight is what lets an idle
+        // connection (what most connections are, most of the time) lend the kernel no buffer.
+        // SAFETY: the read half shares the stream with the write half, as monoio's own
+        // split halves do; `readable` only reads the descriptor.
+        let stream = unsafe { &*side.read_half.0.get() };
         monoio::select! {
-            (result, slice) = read_half.read(buf.slice_mut(len..)) => {
-                input = slice.into_inner();
-                match result {
-                    Ok(0) | Err(_) => {
-                        // Gone without a close frame: 1006, and the writer must stop too.
-                        conn.close_with(1006, "");
-                        return;
-                    }
-                    Ok(_) => {}
+            ready = stream.readable(false) => {
+                if ready.is_err() {
+                    side.conn.close_with(1006, "");
+                    return;
                 }
             }
-            _ = conn.ctl.read_timeout(last_heard + idle) => {
-                conn.close_with(close::NORMAL, "idle timeout");
+            _ = side.conn.ctl.read_timeout(last_heard + idle) => {
+                side.conn.close_with(close::NORMAL, "idle timeout");
                 return;
             }
         }
-        // A full small read means more is waiting: read the rest in large pieces.
-        if input.len() == input.capacity() && input.capacity() < READ_CHUNK {
-            input.reserve(READ_CHUNK);
+        match receive(side.fd, &mut side.input) {
+            Received::Data | Received::Nothing => {}
+            Received::Gone => {
+                // Gone without a close frame: 1006, and the writer must stop too.
+                side.conn.close_with(1006, "");
+                return;
+            }
         }
     }
 }
@@ -1011,7 +1077,7 @@ mod tests {
         c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
         c.offer(&event("b", 1));
         c.offer(&event("a", 1));
-        assert!(c.end_subscription("a"));
+        assert!(c.end_subscription("a").is_some());
         c.offer(&event("a", 2));
         assert_eq!(drain(&c), ["subscribed", "event a 1"]);
     }

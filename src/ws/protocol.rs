@@ -75,7 +75,6 @@ pub struct Session {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
     principal: Principal,
-    subscribed: Vec<Arc<str>>,
 }
 
 /// A reply error: code and message.
@@ -91,7 +90,6 @@ impl Session {
             shard,
             conn,
             principal,
-            subscribed: Vec::new(),
         }
     }
 
@@ -213,7 +211,6 @@ impl Session {
                 return Err(bus_refusal(e));
             }
         };
-        self.subscribed.push(channel.clone());
         let mut reply = Reply::new("subscribed", request.reference);
         reply.str_field("channel", &channel);
         reply.str_field("epoch", &answer.epoch);
@@ -232,14 +229,13 @@ impl Session {
 
     fn unsubscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
         let channel = self.channel(request)?;
-        let Some(pos) = self.subscribed.iter().position(|c| &**c == channel) else {
+        // Messages are handled one at a time, so no subscribe is half done here.
+        let Some(channel) = self.conn.end_subscription(channel) else {
             return Err(refuse(
                 code::BAD_REQUEST,
                 format!("not subscribed to {channel}"),
             ));
         };
-        let channel = self.subscribed.swap_remove(pos);
-        self.conn.end_subscription(&channel);
         self.shard.unsubscribe(
             &channel,
             self.conn_sink_id(),
@@ -326,8 +322,7 @@ impl Session {
 
     /// Unsubscribes everything (the connection is ending).
     pub fn unsubscribe_all(&mut self) {
-        for channel in std::mem::take(&mut self.subscribed) {
-            self.conn.end_subscription(&channel);
+        for channel in self.conn.end_all_subscriptions() {
             self.shard.unsubscribe(
                 &channel,
                 self.conn_sink_id(),
