@@ -93,6 +93,56 @@ async fn connect_inner(target: SocketAddr, source: Option<IpAddr>) -> Result<Tcp
     Ok(stream)
 }
 
+/// Connects for a handshake-only connection (the connect scenario) with as few system calls
+/// as the kernel allows; the caller bounds it with its own timeout. No TCP_NODELAY: such a
+/// connection writes once per round trip (the upgrade request, then the close frame after the
+/// server's reply), which Nagle never holds back.
+///
+/// From a chosen source address under io_uring: a non-blocking `socket`, `bind`, `connect`
+/// (`EINPROGRESS`) and blocking mode again for io_uring, where [`connect`] also waits for
+/// writability and reads `SO_ERROR` (and sets the mode with two `fcntl`s each way). The
+/// outcome is not awaited: the first write waits for the connection (io_uring polls) and
+/// reports a refused or failed one. Without a source address: monoio's io_uring connect.
+pub async fn connect_quick(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, ConnError> {
+    let Some(source) = source else {
+        return TcpStream::connect_addr(target)
+            .await
+            .map_err(ConnError::Connect);
+    };
+    if legacy_driver() {
+        return connect_inner(target, Some(source)).await;
+    }
+    let socket = Socket::new_raw(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(ConnError::Connect)?;
+    let fd = socket.as_raw_fd();
+    set_bind_address_no_port(fd);
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .map_err(|e| ConnError::Connect(io::Error::new(e.kind(), format!("bind {source}: {e}"))))?;
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(ConnError::Connect(e)),
+    }
+    // SAFETY: F_SETFL on a valid fd; of the flags it sets, a fresh socket has only O_NONBLOCK,
+    // which this clears.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, 0);
+    }
+    let std_stream = unsafe {
+        // SAFETY: `into_raw_fd` hands over sole ownership of a valid socket fd.
+        std::net::TcpStream::from_raw_fd(socket.into_raw_fd())
+    };
+    TcpStream::from_std(std_stream).map_err(ConnError::Connect)
+}
+
 fn set_bind_address_no_port(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid fd and a c_int option value of the right size.

@@ -661,32 +661,10 @@ pub async fn ws_handshake(
     let shared = &ctx.shared;
     let timeout = Duration::from_millis(shared.opts.connect_timeout_ms);
     let work = async {
-        let mut stream = net::connect(shared.opts.target, source, timeout).await?;
-        let mut req = Vec::with_capacity(256);
-        // nats-server takes its credentials in CONNECT, not in the upgrade.
-        let (path, token) = match shared.opts.target_kind {
-            TargetKind::Relay => (WS_PATH, shared.opts.token.as_deref()),
-            TargetKind::Nats => (nats::WS_PATH, None),
-        };
-        wsframe::write_upgrade_request(&mut req, &shared.host, path, token);
-        let (r, _) = stream.write_all(req).await;
-        r.map_err(ConnError::Io)?;
-        // Small: the read loop grows it to the connection's chunk; a handshake-only connection
-        // (connect scenario) never needs more.
-        let (head, mut buf) = read_head(&mut stream, Vec::with_capacity(4096)).await?;
-        if head.status != 101 {
-            let body = read_error_body(&mut stream, &head, buf).await;
-            return Err(ConnError::Refused {
-                status: head.status,
-                body,
-            });
-        }
-        if !head.accept_ok {
-            return Err(ConnError::Handshake(
-                "101 without the right Sec-WebSocket-Accept".into(),
-            ));
-        }
-        buf.drain(..head.head_len);
+        let stream = net::connect(shared.opts.target, source, timeout).await?;
+        // Small: the read loop grows it to the connection's chunk.
+        let mut buf = Vec::with_capacity(HANDSHAKE_BUF);
+        let stream = upgrade(stream, &Rc::new(upgrade_request(shared)), &mut buf).await?;
         Ok((stream, buf))
     };
     monoio::time::timeout(timeout, work)
@@ -703,10 +681,19 @@ pub fn goodbye(fd: std::os::fd::RawFd) {
 
 /// The connect scenario: connector `j` repeats connect, upgrade, read `welcome`, close, while
 /// `j` is below the current concurrency.
+///
+/// Everything that does not change between handshakes is made once per connector: the upgrade
+/// request (the same bytes every time, shared with the write), the read buffer (taken back
+/// after each handshake) and the masker of the close frames.
 pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
     let _live = ctx.task();
     let shared = ctx.shared.clone();
     let timeout = Duration::from_millis(shared.opts.connect_timeout_ms);
+    let nats = shared.opts.target_kind == TargetKind::Nats;
+    let request = Rc::new(upgrade_request(&shared));
+    let mut masker = Masker::new(now_ns() ^ (j as u64).rotate_left(32));
+    let mut buf = Vec::new();
+    let mut frame = Vec::with_capacity(8);
     let mut attempt = 0usize;
     loop {
         if ctx.stopping() {
@@ -724,11 +711,20 @@ pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
             .load(std::sync::atomic::Ordering::Relaxed);
         let source = net::source_ip(j.wrapping_add(attempt), shared.source_ips);
         attempt = attempt.wrapping_add(1);
+        if buf.capacity() < HANDSHAKE_BUF {
+            // The first handshake, or the buffer went with a read a timeout cancelled.
+            buf = Vec::with_capacity(HANDSHAKE_BUF);
+        }
         let t0 = now_ns();
         let result = async {
-            let (stream, buf) = ws_handshake(&ctx, source).await?;
-            let nats = shared.opts.target_kind == TargetKind::Nats;
-            monoio::time::timeout(timeout, wait_welcome(stream, buf, nats))
+            let connected = async {
+                let stream = net::connect_quick(shared.opts.target, source).await?;
+                upgrade(stream, &request, &mut buf).await
+            };
+            let stream = monoio::time::timeout(timeout, connected)
+                .await
+                .map_err(|_| ConnError::Timeout("the WebSocket upgrade"))??;
+            monoio::time::timeout(timeout, wait_welcome(stream, &mut buf, nats))
                 .await
                 .map_err(|_| ConnError::Timeout("the welcome message"))?
         }
@@ -744,7 +740,7 @@ pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
                 bump(&stats.step(step).delivered, 1);
                 raise(&stats.step(step).last_delivery_ns, t1);
                 stats.add(C::Handshakes, 1);
-                close_gracefully(stream).await;
+                close_gracefully(stream, &mut buf, &mut frame, masker.next_key()).await;
             }
             Err(e) => {
                 stats.add(C::HandshakeFailures, 1);
@@ -757,10 +753,56 @@ pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
     }
 }
 
+/// Read buffer of a handshake-only connection: a 101 head and a `welcome` frame, or an error
+/// response's head and the start of its body.
+const HANDSHAKE_BUF: usize = 4096;
+
+/// The upgrade request of this run (path and credentials by target kind).
+fn upgrade_request(shared: &Shared) -> Vec<u8> {
+    let mut req = Vec::with_capacity(256);
+    // nats-server takes its credentials in CONNECT, not in the upgrade.
+    let (path, token) = match shared.opts.target_kind {
+        TargetKind::Relay => (WS_PATH, shared.opts.token.as_deref()),
+        TargetKind::Nats => (nats::WS_PATH, None),
+    };
+    wsframe::write_upgrade_request(&mut req, &shared.host, path, token);
+    req
+}
+
+/// Upgrades a connected stream (the caller bounds it); on success `buf` holds what followed
+/// the 101 head. `buf` keeps its capacity and is handed back on every path except a cancelled
+/// read.
+async fn upgrade(
+    mut stream: TcpStream,
+    request: &Rc<Vec<u8>>,
+    buf: &mut Vec<u8>,
+) -> Result<TcpStream, ConnError> {
+    let (r, _) = stream.write_all(request.clone()).await;
+    r.map_err(ConnError::Io)?;
+    buf.clear();
+    let (head, mut got) = read_head(&mut stream, std::mem::take(buf)).await?;
+    if head.status != 101 {
+        let body = read_error_body(&mut stream, &head, got).await;
+        return Err(ConnError::Refused {
+            status: head.status,
+            body,
+        });
+    }
+    if !head.accept_ok {
+        *buf = got;
+        return Err(ConnError::Handshake(
+            "101 without the right Sec-WebSocket-Accept".into(),
+        ));
+    }
+    got.drain(..head.head_len);
+    *buf = got;
+    Ok(stream)
+}
+
 /// Reads frames until the `welcome` message (nats-server: its `INFO` line).
 async fn wait_welcome(
     mut stream: TcpStream,
-    mut buf: Vec<u8>,
+    buf: &mut Vec<u8>,
     nats: bool,
 ) -> Result<TcpStream, ConnError> {
     loop {
@@ -781,25 +823,30 @@ async fn wait_welcome(
             at += head.total_len();
         }
         buf.drain(..at);
-        buf = read_more(&mut stream, buf).await?;
+        *buf = read_more(&mut stream, std::mem::take(buf)).await?;
     }
 }
 
 /// Sends a close frame and waits (at most a second) for the server's close or EOF, so the
 /// server closes the TCP connection first and the TIME_WAIT stays on its side.
-async fn close_gracefully(mut stream: TcpStream) {
-    let mut frame = Vec::with_capacity(8);
-    wsframe::write_close(&mut frame, 1000, Masker::new(now_ns()).next_key());
-    let (r, _) = stream.write_all(frame).await;
+async fn close_gracefully(
+    mut stream: TcpStream,
+    buf: &mut Vec<u8>,
+    frame: &mut Vec<u8>,
+    key: [u8; 4],
+) {
+    frame.clear();
+    wsframe::write_close(frame, 1000, key);
+    let (r, back) = stream.write_all(std::mem::take(frame)).await;
+    *frame = back;
     if r.is_err() {
         return;
     }
     let wait = async {
-        let mut buf = Vec::with_capacity(256);
         loop {
             buf.clear();
-            let (r, back) = stream.read(buf).await;
-            buf = back;
+            let (r, back) = stream.read(std::mem::take(buf)).await;
+            *buf = back;
             match r {
                 Ok(0) | Err(_) => return,
                 // The close reply is the last frame relay sends; EOF follows.
