@@ -635,6 +635,7 @@ async fn read_side(mut side: Box<ReadSide>) {
         ..
     } = *side;
     conn.reader_done.set(true);
+    conn.ctl.notify();
     writer.await;
 
     session.unsubscribe_all();
@@ -898,15 +899,21 @@ async fn write_loop(
     unsafe {
         libc::shutdown(fd, libc::SHUT_WR);
     }
+    // The reader notifies when it is done; the shard's connection timer ends the wait.
     let deadline = Instant::now() + CLOSE_LINGER;
+    conn.ctl.set_timer(Some(deadline));
     while !conn.reader_done.get() && Instant::now() < deadline {
-        Box::pin(monoio::time::sleep(Duration::from_millis(10))).await;
+        conn.ctl.wait().await;
     }
-    // SAFETY: as above.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
+    conn.ctl.set_timer(None);
+    if !conn.reader_done.get() {
+        // The client neither answered nor hung up: end the reading side too.
+        // SAFETY: as above.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
     }
-    let _ = write_half.shutdown().await;
+    drop(write_half);
 }
 
 enum Written {
