@@ -35,6 +35,24 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    match relay::server::raise_open_file_limit() {
+        Ok(limit) => {
+            let wanted = config.limits.max_connections as u64
+                + relay::server::OPEN_FILES_BESIDES_CONNECTIONS;
+            if limit.soft < wanted {
+                tracing::warn!(
+                    "this process may open {} files (RLIMIT_NOFILE, hard limit {}), fewer than \
+                     limits.max_connections = {} needs (about {wanted}); connections past it are \
+                     refused when accepted. Raise the hard limit (systemd LimitNOFILE=, \
+                     ulimit -Hn) or lower limits.max_connections",
+                    limit.soft,
+                    limit.hard,
+                    config.limits.max_connections
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot read or raise RLIMIT_NOFILE: {e}"),
+    }
     let source = loaded
         .config_path
         .as_ref()

@@ -97,6 +97,47 @@ fn ensure_port_free(addr: SocketAddr) -> Result<(), StartError> {
 }
 
 /// Binds every shard's listener, starts the shard threads, and returns once all serve.
+/// The open-file limit after [`raise_open_file_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit, as servers holding many
+/// connections do (the soft default is often 1024; every connection is a descriptor).
+/// Lowering or raising the hard limit is the operator's call (systemd `LimitNOFILE=`,
+/// `ulimit -Hn`), never relay's.
+pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one `rlimit` through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(OpenFileLimit {
+        soft: limit.rlim_cur,
+        hard: limit.rlim_max,
+    })
+}
+
+/// Descriptors relay needs besides its connections (listeners, rings' eventfds, io_uring,
+/// upstream pools, logs): what `limits.max_connections` is compared against, with room.
+pub const OPEN_FILES_BESIDES_CONNECTIONS: u64 = 256;
+
 pub fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let shards = config.shard_count();
@@ -358,5 +399,16 @@ impl Running {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        let limit = super::raise_open_file_limit().expect("getrlimit works");
+        assert_eq!(limit.soft, limit.hard);
+        let again = super::raise_open_file_limit().expect("idempotent");
+        assert_eq!(again, limit);
     }
 }

@@ -26,6 +26,7 @@ both_drivers!(
     config_unknown_key_is_refused,
     print_config,
     bad_env_variable_is_refused,
+    raises_its_open_file_limit,
 );
 
 const LIMITS_TOML: &str =
@@ -503,4 +504,53 @@ fn bad_env_variable_is_refused(driver: &str) {
         err.contains("RELAY_SHARDS"),
         "stderr should name RELAY_SHARDS: {err}"
     );
+}
+
+/// relay raises its soft open-file limit to the hard one by itself, and says at start when
+/// even that is below what `limits.max_connections` needs.
+fn raises_its_open_file_limit(driver: &str) {
+    use std::os::unix::process::CommandExt;
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
+        0
+    );
+    let hard = ours.rlim_max;
+    let too_many = (hard + 1).to_string();
+    let server = Server::start_adjusted(driver, &[], |cmd| {
+        cmd.env("RELAY_LIMITS_MAX_CONNECTIONS", &too_many);
+        // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                limit.rlim_cur = limit.rlim_cur.min(256);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                Ok(())
+            });
+        }
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id()))
+        .expect("read /proc/PID/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, [hard.to_string(), hard.to_string()], "{line}");
+    let stderr = server.stderr();
+    assert!(
+        stderr.contains("RLIMIT_NOFILE")
+            && stderr.contains(&format!("max_connections = {too_many}")),
+        "a warning naming the limit and the setting: {stderr}"
+    );
+    // And it serves.
+    assert_eq!(server.get("/healthz").status, 200);
 }

@@ -143,8 +143,27 @@ impl Server {
         Self::spawn(driver, &["--config", &path], Some(dir))
     }
 
-    fn spawn(driver: &str, extra_args: &[&str], dir: Option<TempDir>) -> Server {
+    /// Like `start`, with the command adjusted first (its environment, its limits).
+    pub fn start_adjusted(
+        driver: &str,
+        extra_args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Server {
         let mut cmd = relay_command();
+        adjust(&mut cmd);
+        Self::spawn_command(cmd, driver, extra_args, None)
+    }
+
+    fn spawn(driver: &str, extra_args: &[&str], dir: Option<TempDir>) -> Server {
+        Self::spawn_command(relay_command(), driver, extra_args, dir)
+    }
+
+    fn spawn_command(
+        mut cmd: Command,
+        driver: &str,
+        extra_args: &[&str],
+        dir: Option<TempDir>,
+    ) -> Server {
         cmd.args([
             "--listen",
             "127.0.0.1:0",
