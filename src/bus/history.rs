@@ -60,14 +60,20 @@ impl History {
         let hash = self.hasher.hash_one(id.as_bytes());
         self.ids
             .find(hash, |&seq| {
-                retained(&self.events, seq).is_some_and(|e| e.id_bytes() == id.as_bytes())
+                slot(&self.events, seq)
+                    .and_then(|i| self.events.get(i))
+                    .is_some_and(|e| e.id_bytes() == id.as_bytes())
             })
             .copied()
     }
 
     /// Appends `event` (seq must follow the last one); returns how many events were evicted.
     pub fn push(&mut self, event: Arc<Event>) -> usize {
-        debug_assert!(self.events.back().is_none_or(|last| last.seq < event.seq));
+        // Consecutive seqs let an index entry find its event (and its hash) by position.
+        debug_assert!(self
+            .events
+            .back()
+            .is_none_or(|last| last.seq + 1 == event.seq));
         let mut evicted = 0;
         while self.events.len() >= self.size {
             self.evict_front();
@@ -75,10 +81,12 @@ impl History {
         }
         let hash = self.hasher.hash_one(event.id_bytes());
         // A publisher's id is refused while it is retained, so it is never in the index twice.
-        let hasher = &self.hasher;
-        let events = &self.events;
+        let (events, hashes) = (&self.events, &self.id_hashes);
         self.ids.insert_unique(hash, event.seq, |&seq| {
-            hasher.hash_one(retained(events, seq).map_or(&[][..], |e| e.id_bytes()))
+            slot(events, seq)
+                .and_then(|i| hashes.get(i))
+                .copied()
+                .unwrap_or_default()
         });
         self.events.push_back(event);
         self.id_hashes.push_back(hash);
@@ -136,10 +144,10 @@ impl History {
     }
 }
 
-/// The retained event with this seq (seqs in the ring are consecutive).
-fn retained(events: &VecDeque<Arc<Event>>, seq: u64) -> Option<&Arc<Event>> {
+/// Where the event with this seq is in the ring (seqs in it are consecutive).
+fn slot(events: &VecDeque<Arc<Event>>, seq: u64) -> Option<usize> {
     let first = events.front()?.seq;
-    events.get(usize::try_from(seq.checked_sub(first)?).ok()?)
+    usize::try_from(seq.checked_sub(first)?).ok()
 }
 
 #[cfg(test)]
