@@ -645,37 +645,29 @@ async fn read_side(mut side: Box<ReadSide>) {
     shard.close_conn(&conn.ctl);
 }
 
-/// What one `recv` gave.
-enum Received {
-    Data,
-    /// Nothing after all (readiness reported early); wait again.
-    Nothing,
-    /// The peer hung up, or the socket failed.
-    Gone,
-}
-
 thread_local! {
     /// The shard's one receive buffer: connections read into it and keep only what they
     /// have not parsed yet, so no connection holds a read buffer while it waits.
     static RECEIVE_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
-/// Reads what the socket has (without blocking) onto `input`.
-fn receive(fd: RawFd, input: &mut Vec<u8>) -> Received {
+/// Reads what the socket has (without blocking) onto `input`; false when the peer hung up or
+/// the socket failed. Nothing read (readiness reported early) is not an end.
+fn receive(fd: RawFd, input: &mut Vec<u8>) -> bool {
     RECEIVE_BUFFER.with_borrow_mut(|buf| loop {
         // SAFETY: `buf` is valid for writes of its length, and `fd` is the connection's socket,
         // open while its read half lives.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         match usize::try_from(n) {
-            Ok(0) => return Received::Gone,
+            Ok(0) => return false,
             Ok(n) => {
                 input.extend_from_slice(buf.get(..n).unwrap_or_default());
-                return Received::Data;
+                return true;
             }
             Err(_) => match std::io::Error::last_os_error().kind() {
                 std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => return Received::Nothing,
-                _ => return Received::Gone,
+                std::io::ErrorKind::WouldBlock => return true,
+                _ => return false,
             },
         }
     })
@@ -731,13 +723,10 @@ async fn read_loop(side: &mut ReadSide) {
                 return;
             }
         }
-        match receive(side.fd, &mut side.input) {
-            Received::Data | Received::Nothing => {}
-            Received::Gone => {
-                // Gone without a close frame: 1006, and the writer must stop too.
-                side.conn.close_with(1006, "");
-                return;
-            }
+        if !receive(side.fd, &mut side.input) {
+            // Gone without a close frame: 1006, and the writer must stop too.
+            side.conn.close_with(1006, "");
+            return;
         }
     }
 }
