@@ -10,6 +10,7 @@
 //! - [`api`]: routing and handlers of the HTTP API.
 //! - [`sse`]: Server-Sent Events streams with cursors and recovery.
 //! - [`ws`]: WebSocket connections: handshake, framing, the JSON protocol, presence.
+//! - [`park`]: wakers that resume an idle connection's parked side (no task while idle).
 //! - [`pacing`]: under load, busy subscriber connections write every few ms, many events a write.
 //! - [`auth`]: JWT (WebSocket/SSE) and API keys (publish and admin endpoints).
 //! - [`registry`]: subsystems and instances, lifecycle, health, circuits, balancing, routing table.
@@ -30,6 +31,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod names;
 pub mod pacing;
+pub mod park;
 pub mod proxy;
 pub mod query;
 pub mod ratelimit;

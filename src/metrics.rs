@@ -379,6 +379,8 @@ pub struct ShardStats {
     pub loop_heartbeat_ms: AtomicU64,
     /// Distinct users with a WebSocket on this shard (a user on two shards counts twice).
     pub users_connected: Gauge,
+    /// WebSocket sides parked without a task while idle, indexed by [`crate::park::Side`].
+    pub ws_parked: [Gauge; 2],
     /// WebSocket closes, indexed like [`WS_CLOSE_CODES`] (last slot: any other code).
     pub ws_closes: [Counter; WS_CLOSE_CODES.len() + 1],
     /// WebSocket messages (complete text messages) received from clients.
@@ -439,6 +441,7 @@ impl ShardStats {
             ring_full: Counter::new(),
             loop_heartbeat_ms: AtomicU64::new(0),
             users_connected: Gauge::new(),
+            ws_parked: [const { Gauge::new() }; 2],
             ws_closes: [const { Counter::new() }; WS_CLOSE_CODES.len() + 1],
             ws_messages_received: Counter::new(),
             writes_held: Counter::new(),
@@ -736,6 +739,23 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "Distinct users with a WebSocket, summed over shards.",
         |s| &s.users_connected,
     );
+    family(
+        out,
+        "relay_ws_sides_parked",
+        "gauge",
+        "WebSocket connection sides (reader, writer) parked without a task while idle.",
+    );
+    for (side, name) in [
+        (crate::park::Side::Reader, "reader"),
+        (crate::park::Side::Writer, "writer"),
+    ] {
+        sample(
+            out,
+            "relay_ws_sides_parked",
+            &format!("{{side=\"{name}\"}}"),
+            sum_gauge(shards, |s| &s.ws_parked[side as usize]),
+        );
+    }
     family(
         out,
         "relay_ws_closes_total",
@@ -1329,6 +1349,9 @@ mod tests {
         a.ring_messages_sent.add(21);
         b.ring_messages_sent.add(22);
         b.ring_full.add(3);
+        a.ws_parked[crate::park::Side::Reader as usize].add(5);
+        b.ws_parked[crate::park::Side::Reader as usize].add(2);
+        b.ws_parked[crate::park::Side::Writer as usize].add(4);
         a.loop_heartbeat_ms.store(1_000, Relaxed);
         b.loop_heartbeat_ms.store(1_250, Relaxed);
         (a, b)
@@ -1381,6 +1404,8 @@ mod tests {
             "relay_errors_total{kind=\"ring_full\"} 0",
             "relay_errors_total{kind=\"internal\"} 0",
             "relay_http_requests_total 42",
+            "relay_ws_sides_parked{side=\"reader\"} 7",
+            "relay_ws_sides_parked{side=\"writer\"} 4",
             "relay_ring_batches_sent_total{shard=\"0\"} 11",
             "relay_ring_batches_sent_total{shard=\"1\"} 12",
             "relay_ring_batches_received_total{shard=\"0\"} 13",
@@ -1430,7 +1455,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 35);
+        assert_eq!(families, 36);
     }
 
     #[test]

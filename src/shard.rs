@@ -27,6 +27,7 @@ use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Sin
 use crate::config::Config;
 use crate::mesh::{Mesh, Outbox};
 use crate::metrics::{ShardStats, Transport};
+use crate::park::{self, Resume};
 
 /// What shards say to each other.
 pub enum Msg {
@@ -173,6 +174,10 @@ pub struct ConnCtl {
     /// a socket read, not on [`ConnCtl::wait`].
     read_deadline: Cell<Option<Instant>>,
     read_waker: Cell<Option<Waker>>,
+    /// The sides of an idle connection, parked without a task (see [`crate::park`]); resumed
+    /// through `waker` (the writer) and `read_waker` (the reader).
+    parked_writer: Cell<Option<Box<dyn Resume>>>,
+    parked_reader: Cell<Option<Box<dyn Resume>>>,
 }
 
 impl ConnCtl {
@@ -188,6 +193,66 @@ impl ConnCtl {
             timer_at: Cell::new(None),
             read_deadline: Cell::new(None),
             read_waker: Cell::new(None),
+            parked_writer: Cell::new(None),
+            parked_reader: Cell::new(None),
+        }
+    }
+
+    /// Forgets a notification the caller is acting on already.
+    pub fn clear_notified(&self) {
+        self.notified.set(false);
+    }
+
+    /// Whether the writing side may park: nothing it must act on is pending.
+    pub fn may_park_writer(&self) -> bool {
+        !self.closing.get() && !self.notified.get()
+    }
+
+    /// Parks the writing side until the next notify, close or timer (check
+    /// [`ConnCtl::may_park_writer`] first).
+    pub fn park_writer(&self, side: Box<dyn Resume>) {
+        self.parked_writer.set(Some(side));
+        self.waker
+            .set(Some(park::waker(self.id, park::Side::Writer)));
+    }
+
+    /// Parks the reading side until `waker` (given to its readiness wait too) is woken, at the
+    /// latest at `deadline`.
+    pub fn park_reader(&self, side: Box<dyn Resume>, deadline: Instant, waker: Waker) {
+        self.parked_reader.set(Some(side));
+        self.read_deadline.set(Some(deadline));
+        self.read_waker.set(Some(waker));
+    }
+
+    /// Takes a parked side out, to resume it; `None` when it is not parked (woken twice).
+    pub fn take_parked(&self, side: park::Side) -> Option<Box<dyn Resume>> {
+        match side {
+            park::Side::Writer => self.parked_writer.take(),
+            park::Side::Reader => self.parked_reader.take(),
+        }
+    }
+
+    /// The reader's own wait, once it stopped reading: resolves when `condition` holds,
+    /// checked whenever [`ConnCtl::wake_reader`] is called.
+    pub fn reader_wait_until<'a>(
+        &'a self,
+        condition: impl Fn() -> bool + 'a,
+    ) -> impl Future<Output = ()> + 'a {
+        self.read_deadline.set(None);
+        poll_fn(move |cx| {
+            if condition() {
+                Poll::Ready(())
+            } else {
+                self.read_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Wakes the reader's own wait.
+    pub fn wake_reader(&self) {
+        if let Some(waker) = self.read_waker.take() {
+            waker.wake();
         }
     }
 
@@ -929,6 +994,25 @@ impl Shard {
             // Waking only schedules the woken tasks, so nothing re-enters `conns` meanwhile.
             for ctl in self.conns.borrow().values() {
                 ctl.fire_timers(now);
+            }
+        }
+    }
+
+    /// Resumes the parked connection sides that were woken (see [`crate::park`]).
+    pub async fn unparker(self: Rc<Self>) {
+        let mut woken = Vec::new();
+        loop {
+            park::woken(&mut woken).await;
+            for &(id, side) in &woken {
+                let parked = self
+                    .conns
+                    .borrow()
+                    .get(&id)
+                    .and_then(|ctl| ctl.take_parked(side));
+                if let Some(parked) = parked {
+                    self.stats.ws_parked[side as usize].add(-1);
+                    parked.resume();
+                }
             }
         }
     }

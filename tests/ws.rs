@@ -42,6 +42,7 @@ both_drivers!(
     bad_upgrades,
     server_pings_a_quiet_connection,
     idle_connection_is_closed,
+    idle_sides_park_and_wake,
     slow_consumer_is_closed_with_1013,
     slow_consumer_drop_oldest_sends_gap,
     stalled_reader_catches_up_intact,
@@ -1315,6 +1316,71 @@ fn idle_connection_is_closed(driver: &str) {
         ),
     }
     talker.assert_alive("the talker, after the silent client was closed");
+}
+
+/// Waits until both sides of `n` WebSocket connections are parked (no task while idle).
+fn wait_parked(server: &Server, n: f64, what: &str) {
+    let parked =
+        |side: &str| server.metric_sum(&format!("relay_ws_sides_parked{{side=\"{side}\"}}"));
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let (readers, writers) = (parked("reader"), parked("writer"));
+        if readers == n && writers == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: expected {n} parked readers and writers within {BOUND:?}, got {readers} and {writers}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn idle_sides_park_and_wake(driver: &str) {
+    let mut server = Server::start_with_config(driver, "[shutdown]\nclose_spread_ms = 0\n");
+    let mut a = WsClient::open(server.addr);
+    let mut b = WsClient::open(server.addr);
+    a.subscribe("park.c");
+    b.subscribe("park.c");
+    wait_parked(&server, 2.0, "two subscribers quiet for a second");
+
+    // An event resumes both writers.
+    let r = publish(
+        server.addr,
+        r#"{"channel":"park.c","type":"t","data":{"n":1}}"#,
+    );
+    assert_eq!(r["results"][0]["seq"], 1, "publish: {r}");
+    for c in [&mut a, &mut b] {
+        let (seq, event) = c.next_event("park.c", "a parked subscriber, after a publish");
+        assert_eq!(seq, 1, "{event}");
+    }
+    // A request resumes the reader (and the writer, for the reply).
+    a.assert_alive("a parked connection, sent a ping op");
+    b.send_frame(true, OP_PING, b"parked?");
+    let pong = b
+        .next_frame(READ_TIMEOUT)
+        .unwrap_or_else(|e| panic!("a parked connection should answer a ping frame: {e:?}"));
+    assert_eq!(
+        (pong.opcode, pong.payload.as_slice()),
+        (OP_PONG, &b"parked?"[..]),
+        "{pong:?}"
+    );
+    wait_parked(&server, 2.0, "the same subscribers, quiet again");
+
+    // A drain resumes parked writers to send 1001; the readers end on the client's answer.
+    server.signal(libc::SIGTERM);
+    for c in [&mut a, &mut b] {
+        let (code, _) = c.expect_close(BOUND, "a parked subscriber on SIGTERM");
+        assert_eq!(code, 1001, "a drain closes parked connections with 1001");
+        let _ = c.try_send_raw(&masked(true, 0, OP_CLOSE, &1001u16.to_be_bytes()));
+    }
+    let status = server.wait_exit(BOUND).unwrap_or_else(|| {
+        panic!(
+            "the relay should exit after closing parked connections; stderr:\n{}",
+            server.stderr()
+        )
+    });
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
 }
 
 // ---------------------------------------------------------------------------------------------

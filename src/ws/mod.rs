@@ -18,7 +18,9 @@ pub mod protocol;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +38,7 @@ use crate::bus::event::Event;
 use crate::bus::{Since, Sink, Subscribed};
 use crate::config::{Config, SlowConsumerPolicy};
 use crate::metrics::{ws_close_slot, ShardStats, Transport};
+use crate::park::{self, Resume};
 use crate::shard::{ConnCtl, Shard};
 use codec::{FrameReader, Message};
 
@@ -63,8 +66,12 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// The shard's receive buffer: one `recv` takes at most this much.
 const READ_CHUNK: usize = 64 * 1024;
-/// A writer quiet this long gives its buffers back (a busy one keeps them between writes).
+/// A writer quiet this long gives its buffers back (a busy one keeps them between writes) and
+/// parks (see [`crate::park`]).
 const RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// A chatty reader (messages less than this apart) that heard nothing this long parks; any
+/// other reader parks as soon as it has nothing to read.
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 enum Item {
     /// An event frame; `live` false for replays (no latency sample, not counted in the bound).
@@ -118,6 +125,7 @@ pub struct WsConn {
     policy: SlowConsumerPolicy,
     out: RefCell<Outbound>,
     reader_done: Cell<bool>,
+    writer_done: Cell<bool>,
     /// The writer, while it waits on a write: woken when a close is decided, so a write to a
     /// client that stopped reading does not hold the connection open.
     close_waker: Cell<Option<std::task::Waker>>,
@@ -143,6 +151,7 @@ impl WsConn {
             policy: config.limits.slow_consumer,
             out: RefCell::new(Outbound::default()),
             reader_done: Cell::new(false),
+            writer_done: Cell::new(false),
             close_waker: Cell::new(None),
         }
     }
@@ -195,6 +204,12 @@ impl WsConn {
             out.queue.push_back(Item::Frame(frame));
             self.ctl.notify();
         }
+    }
+
+    /// Whether the writer has anything to send.
+    fn has_pending(&self) -> bool {
+        let out = self.out.borrow();
+        !out.queue.is_empty() || !out.gaps.is_empty()
     }
 
     /// Whether the writer has something to send and all of it may wait for write pacing.
@@ -466,6 +481,8 @@ struct FrameBatch {
     /// The first iovec not yet completely written.
     start: usize,
     bytes: usize,
+    /// Bytes written so far.
+    sent: usize,
 }
 
 impl FrameBatch {
@@ -475,6 +492,7 @@ impl FrameBatch {
             iovecs: Vec::new(),
             start: 0,
             bytes: 0,
+            sent: 0,
         }
     }
 
@@ -485,11 +503,6 @@ impl FrameBatch {
 
     fn len(&self) -> usize {
         self.frames.len()
-    }
-
-    /// Frames the batch has room for without growing.
-    fn capacity(&self) -> usize {
-        self.frames.capacity()
     }
 
     fn is_empty(&self) -> bool {
@@ -510,6 +523,7 @@ impl FrameBatch {
         self.iovecs.clear();
         self.start = 0;
         self.bytes = 0;
+        self.sent = 0;
     }
 
     /// Whether every byte has been written.
@@ -517,10 +531,42 @@ impl FrameBatch {
         self.start >= self.iovecs.len()
     }
 
+    /// Whether a frame is on the wire in part: nothing else may be framed until it is done.
+    fn cut(&self) -> bool {
+        self.sent > 0 && !self.done()
+    }
+
+    /// Writes what it can without waiting (one `sendmsg`, `MSG_DONTWAIT`); false when the
+    /// socket failed.
+    fn send_now(&mut self, fd: RawFd) -> bool {
+        let iovecs = &self.iovecs[self.start.min(self.iovecs.len())..];
+        // SAFETY: an all-zero `msghdr` is valid (no name, no control data).
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_iov = iovecs.as_ptr().cast_mut();
+        message.msg_iovlen = iovecs.len() as _;
+        loop {
+            // SAFETY: the iovecs point into `frames`, alive for the call; `fd` is the
+            // connection's socket, open while its write half lives.
+            let n = unsafe { libc::sendmsg(fd, &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            match usize::try_from(n) {
+                Ok(n) => {
+                    self.consume(n);
+                    return true;
+                }
+                Err(_) => match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => return true,
+                    _ => return false,
+                },
+            }
+        }
+    }
+
     /// Advances past `written` bytes after a (possibly short) write. monoio 0.2.4's own
     /// `write_vectored_all` gets this wrong (it never moves `iov_base`), so relay drives
     /// `writev` itself.
     fn consume(&mut self, mut written: usize) {
+        self.sent += written;
         while written > 0 {
             let Some(iov) = self.iovecs.get_mut(self.start) else {
                 return;
@@ -584,13 +630,16 @@ pub async fn serve(
 
     let fd = stream.as_raw_fd();
     let (read_half, write_half) = stream.into_split();
-    let writer = monoio::spawn(write_loop(
-        shard.clone(),
-        conn.clone(),
+    monoio::spawn(write_side(Box::new(WriteSide {
+        shard: shard.clone(),
+        conn: conn.clone(),
         write_half,
         fd,
-        request.principal.expires_at_s,
-    ));
+        expires_at_s: request.principal.expires_at_s,
+        last_write: Instant::now(),
+        framing_intact: true,
+        unsent: None,
+    })));
     let session = protocol::Session::new(shard.clone(), conn.clone(), request.principal);
     let max = config.limits.max_frame_bytes;
     let side = ReadSide {
@@ -604,11 +653,13 @@ pub async fn serve(
             max_message_bytes: max,
         }),
         input: early,
-        writer,
+        last_message: None,
+        chatty: false,
+        ready: None,
     };
-    // The reading side lives as long as the connection, on a task of its own: this future is
-    // sized for the upgrade (the request, the stream, the 101's write) and ends here. Boxed,
-    // because an async fn keeps its arguments twice (as captured and as moved-in locals).
+    // Each side lives on a task of its own while it has work, and parked in the connection's
+    // `ConnCtl` (no task) while idle: this future is sized for the upgrade (the request, the
+    // stream, the 101's write) and ends here.
     monoio::spawn(read_side(Box::new(side)));
 }
 
@@ -622,27 +673,99 @@ struct ReadSide {
     reader: FrameReader,
     /// Received bytes not yet parsed into whole messages; no buffer at all while idle.
     input: Vec<u8>,
-    writer: monoio::task::JoinHandle<()>,
+    /// When the client last sent a whole message (the idle timeout counts from here, or from
+    /// the connection's start).
+    last_message: Option<Instant>,
+    /// Whether the last message came within `PARK_AFTER` of the one before: such a client
+    /// keeps its reading task through short pauses; any other parks as soon as it is quiet.
+    chatty: bool,
+    /// While parked: the readiness wait whose waker resumes this side.
+    ready: Option<Pin<Box<dyn Future<Output = std::io::Result<()>>>>>,
+}
+
+impl ReadSide {
+    /// When the connection is closed as idle (`limits.idle_timeout_s`) unless it speaks.
+    fn idle_at(&self) -> Instant {
+        let idle = Duration::from_secs(self.shard.config().limits.idle_timeout_s);
+        self.last_message.unwrap_or(self.conn.ctl.opened_at) + idle
+    }
+
+    /// Notes a whole message from the client.
+    fn heard(&mut self) {
+        let now = Instant::now();
+        self.chatty = self
+            .last_message
+            .is_some_and(|last| now.saturating_duration_since(last) < PARK_AFTER);
+        self.last_message = Some(now);
+    }
+}
+
+impl Resume for ReadSide {
+    fn resume(self: Box<Self>) {
+        monoio::spawn(read_side(self));
+    }
+}
+
+/// How the reading side stopped.
+enum Stopped {
+    /// The connection ends.
+    Closed,
+    /// Nothing heard for [`PARK_AFTER`]: park until the socket is readable.
+    Quiet,
 }
 
 async fn read_side(mut side: Box<ReadSide>) {
-    read_loop(&mut side).await;
+    // Resumed from the lot: readable, or its idle deadline came; either way read first.
+    let mut receive_first = side.ready.take().is_some();
+    loop {
+        match read_loop(&mut side, receive_first).await {
+            Stopped::Closed => break,
+            Stopped::Quiet => match park_reader(side) {
+                Ok(()) => return,
+                Err(back) => {
+                    side = back;
+                    receive_first = true;
+                }
+            },
+        }
+    }
     let ReadSide {
         shard,
         conn,
         mut session,
-        writer,
         ..
     } = *side;
     conn.reader_done.set(true);
     conn.ctl.notify();
-    writer.await;
+    conn.ctl.reader_wait_until(|| conn.writer_done.get()).await;
 
     session.unsubscribe_all();
     shard.user_left(&conn.user);
     let code = conn.out.borrow().close.map(|(c, _)| c).unwrap_or(1006);
     shard.stats.ws_closes[ws_close_slot(code)].inc();
     shard.close_conn(&conn.ctl);
+}
+
+/// Parks a quiet reading side in its `ConnCtl`, with a readiness wait that resumes it;
+/// gives it back when the socket is readable already.
+fn park_reader(mut side: Box<ReadSide>) -> Result<(), Box<ReadSide>> {
+    let stream = side.read_half.0.clone();
+    let mut ready: Pin<Box<dyn Future<Output = std::io::Result<()>>>> = Box::pin(async move {
+        // SAFETY: as in `read_loop`: `readable` only reads the descriptor.
+        let stream = unsafe { &*stream.get() };
+        stream.readable(false).await
+    });
+    let waker = park::waker(side.conn.ctl.id, park::Side::Reader);
+    let mut cx = std::task::Context::from_waker(&waker);
+    if ready.as_mut().poll(&mut cx).is_ready() {
+        return Err(side);
+    }
+    side.ready = Some(ready);
+    let deadline = side.idle_at();
+    let ctl = side.conn.ctl.clone();
+    side.shard.stats.ws_parked[park::Side::Reader as usize].add(1);
+    ctl.park_reader(side, deadline, waker);
+    Ok(())
 }
 
 thread_local! {
@@ -673,10 +796,14 @@ fn receive(fd: RawFd, input: &mut Vec<u8>) -> bool {
     })
 }
 
-async fn read_loop(side: &mut ReadSide) {
-    let idle = Duration::from_secs(side.shard.config().limits.idle_timeout_s);
-    let mut last_heard = Instant::now();
+async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
     loop {
+        if receive_first && !receive(side.fd, &mut side.input) {
+            // Gone without a close frame: 1006, and the writer must stop too.
+            side.conn.close_with(1006, "");
+            return Stopped::Closed;
+        }
+        receive_first = true;
         // Everything complete in the buffer first.
         loop {
             match side.reader.read(&side.input) {
@@ -685,48 +812,52 @@ async fn read_loop(side: &mut ReadSide) {
                     match decoded {
                         codec::Decoded::Partial => break,
                         codec::Decoded::Message(message) => {
-                            last_heard = Instant::now();
+                            side.heard();
                             let handled =
                                 handle_message(&side.shard, &side.conn, &mut side.session, message);
                             if !Box::pin(handled).await {
-                                return;
+                                return Stopped::Closed;
                             }
                         }
                     }
                 }
                 Err(e) => {
                     side.conn.close_with(e.close_code(), e.reason());
-                    return;
+                    return Stopped::Closed;
                 }
             }
         }
         if side.conn.closing() {
-            return;
+            return Stopped::Closed;
         }
         if side.input.is_empty() && side.input.capacity() > 0 {
             side.input = Vec::new();
         }
-        // Waiting on readiness rather than with a read in flight is what lets an idle
-        // connection (what most connections are, most of the time) lend the kernel no buffer.
+        let idle_at = side.idle_at();
+        if Instant::now() >= idle_at {
+            side.conn.close_with(close::NORMAL, "idle timeout");
+            return Stopped::Closed;
+        }
+        if !side.chatty {
+            return Stopped::Quiet;
+        }
+        // A chatty client: wait on readiness here for a while before parking. Waiting on
+        // readiness rather than with a read in flight is what lets a quiet connection lend the
+        // kernel no buffer.
         // SAFETY: the read half shares the stream with the write half, as monoio's own
         // split halves do; `readable` only reads the descriptor.
         let stream = unsafe { &*side.read_half.0.get() };
+        let park_at = Instant::now() + PARK_AFTER;
         monoio::select! {
             ready = stream.readable(false) => {
                 if ready.is_err() {
                     side.conn.close_with(1006, "");
-                    return;
+                    return Stopped::Closed;
                 }
             }
-            _ = side.conn.ctl.read_timeout(last_heard + idle) => {
-                side.conn.close_with(close::NORMAL, "idle timeout");
-                return;
+            _ = side.conn.ctl.read_timeout(idle_at.min(park_at)) => {
+                side.chatty = false;
             }
-        }
-        if !receive(side.fd, &mut side.input) {
-            // Gone without a close frame: 1006, and the writer must stop too.
-            side.conn.close_with(1006, "");
-            return;
         }
     }
 }
@@ -769,120 +900,130 @@ async fn handle_message(
     }
 }
 
-async fn write_loop(
+/// What the writing side of a connection holds for its whole life.
+struct WriteSide {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
-    mut write_half: monoio::net::tcp::TcpOwnedWriteHalf,
+    write_half: monoio::net::tcp::TcpOwnedWriteHalf,
     fd: RawFd,
     expires_at_s: Option<u64>,
-) {
-    let config = shard.config();
-    let heartbeat = Duration::from_millis(config.websocket.heartbeat_ms);
-    let spread_ms = config.shutdown.close_spread_ms;
-    let mut batch = FrameBatch::new();
-    let mut live = Vec::new();
-    let mut last_write = Instant::now();
-    let mut framing_intact = true;
-    loop {
-        if conn.closing() {
-            let close = conn.out.borrow().close;
-            if let (Some((code, reason)), true) = (close, framing_intact) {
-                Box::pin(send_close(&mut write_half, code, reason)).await;
-            }
-            break;
-        }
-        // Closing (a drain): everything goes out at once, as it would without pacing.
-        if conn.only_events_pending() && !conn.ctl.is_closing() {
-            let now = Instant::now();
-            if let Some(due) = shard.pacer.due(last_write, now) {
-                // Wrote a moment ago on a busy shard: let more events join the next write.
-                shard.pacer.hold(&conn.ctl, due);
-                let ctl = &conn.ctl;
-                ctl.wait_until(|| conn.closing() || ctl.is_closing() || Instant::now() >= due)
-                    .await;
-                continue;
+    /// When the last write finished: pacing, pings and releasing buffers count from here.
+    last_write: Instant,
+    /// False once a write was cut mid-frame: nothing more can be framed after it.
+    framing_intact: bool,
+    /// What a write done at once (see [`WriteSide::write_at_once`]) left for the task, with
+    /// its latency samples.
+    unsent: Option<Box<(FrameBatch, Vec<Instant>)>>,
+}
+
+impl Resume for WriteSide {
+    fn resume(mut self: Box<Self>) {
+        if self.write_at_once() {
+            let ctl = self.conn.ctl.clone();
+            if ctl.may_park_writer() {
+                ctl.set_timer(Some(self.wake_at(false)));
+                self.shard.stats.ws_parked[park::Side::Writer as usize].add(1);
+                ctl.park_writer(self);
+                return;
             }
         }
-        conn.take_batch(&mut batch, &mut live);
-        if !batch.is_empty() {
-            batch.seal();
-            let outcome;
-            // Boxed: inline, the write's state would add ~380 bytes to every connection's
-            // writer future for good; one allocation per `writev` (which carries every pending
-            // frame) costs well under 1% of the syscall.
-            (outcome, batch) = Box::pin(write_all(&mut write_half, batch, &conn)).await;
-            batch.clear();
-            match outcome {
-                Written::All => {}
-                Written::Failed => {
-                    conn.close_with(1006, "");
-                    break;
-                }
-                Written::Abandoned => {
-                    // Part of a frame may be on the wire: nothing more can be framed after it.
-                    framing_intact = false;
-                    live.clear();
-                    continue;
-                }
-            }
-            last_write = Instant::now();
-            if !live.is_empty() {
-                let stats = &shard.stats;
-                stats.events_delivered.add(live.len() as u64);
-                for accepted_at in live.drain(..) {
-                    let ns = last_write.saturating_duration_since(accepted_at).as_nanos();
-                    stats
-                        .route_duration
-                        .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
-                }
-            }
-            continue;
+        monoio::spawn(write_side(self));
+    }
+}
+
+impl WriteSide {
+    /// When a quiet writer must run again: a heartbeat ping, the token's expiry, and while
+    /// `streaming`, the release of its buffers.
+    fn wake_at(&self, streaming: bool) -> Instant {
+        let heartbeat = Duration::from_millis(self.shard.config().websocket.heartbeat_ms);
+        let mut wake_at = self.last_write + heartbeat;
+        if streaming {
+            wake_at = wake_at.min(self.last_write + RELEASE_AFTER);
         }
-        if conn.ctl.is_closing() {
-            // Draining: spread the going-away closes so clients do not all reconnect at once.
-            // A multiplicative hash of the connection id spreads closes evenly over the window.
-            let delay = match spread_ms {
-                0 => 0,
-                spread => conn.ctl.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) % spread,
-            };
-            // Boxed: a timer held inline would make every connection's future 640 bytes
-            // larger for a wait that happens once, at shutdown.
-            Box::pin(monoio::time::sleep(Duration::from_millis(delay))).await;
-            conn.close_with(close::GOING_AWAY, "server shutting down");
-            continue;
-        }
-        if expires_at_s.is_some_and(|exp| crate::shard::unix_ms() / 1000 >= exp) {
-            conn.close_with(close::POLICY, "token expired");
-            continue;
-        }
-        // Quiet for a while with nothing to write: give back what the last writes grew, so an
-        // idle connection holds no write buffers (a busy one keeps them between writes).
-        let holding = batch.capacity() > 0 || live.capacity() > 0;
-        if holding && last_write.elapsed() >= RELEASE_AFTER {
-            batch = FrameBatch::new();
-            live = Vec::new();
-            conn.out.borrow_mut().queue.shrink_to(0);
-        }
-        if last_write.elapsed() >= heartbeat {
-            let mut ping = Vec::with_capacity(2);
-            codec::write_ping(&mut ping, b"");
-            conn.send_frame(Bytes::from(ping));
-            continue;
-        }
-        // Woken by a frame to write, a close, or the shard's connection timer (no timer of
-        // our own: see `ConnCtl::set_timer`).
-        let mut wake_at = last_write + heartbeat;
-        if batch.capacity() > 0 || live.capacity() > 0 {
-            wake_at = wake_at.min(last_write + RELEASE_AFTER);
-        }
-        if let Some(exp) = expires_at_s {
+        if let Some(exp) = self.expires_at_s {
             let left_ms = (exp * 1000).saturating_sub(crate::shard::unix_ms());
             wake_at = wake_at.min(Instant::now() + Duration::from_millis(left_ms));
         }
-        conn.ctl.set_timer(Some(wake_at));
-        conn.ctl.wait().await;
-        conn.ctl.set_timer(None);
+        wake_at
     }
+
+    /// Whether a heartbeat ping is due or the token has expired (the task acts on both).
+    fn ping_or_expiry_due(&self, now: Instant) -> bool {
+        let heartbeat = Duration::from_millis(self.shard.config().websocket.heartbeat_ms);
+        now >= self.last_write + heartbeat || token_expired(self.expires_at_s)
+    }
+
+    /// A parked writer is mostly woken for a few frames that its idle socket takes at once:
+    /// writes them here, with one non-blocking `sendmsg`, so that they need no task (whose
+    /// allocation would cost more than the write). True when it did and nothing else is left
+    /// to do; false leaves the rest (a full socket, a close, a ping, pacing) to the task.
+    fn write_at_once(&mut self) -> bool {
+        let conn = &self.conn;
+        let now = Instant::now();
+        if conn.closing()
+            || conn.ctl.is_closing()
+            || !self.framing_intact
+            || self.unsent.is_some()
+            || self.ping_or_expiry_due(now)
+            || (conn.only_events_pending() && self.shard.pacer.due(self.last_write, now).is_some())
+        {
+            return false;
+        }
+        conn.ctl.clear_notified();
+        let mut batch = FrameBatch::new();
+        let mut live = Vec::new();
+        conn.take_batch(&mut batch, &mut live);
+        if batch.is_empty() {
+            return true;
+        }
+        batch.seal();
+        if !batch.send_now(self.fd) {
+            conn.close_with(1006, "");
+            return false;
+        }
+        if !batch.done() {
+            self.unsent = Some(Box::new((batch, live)));
+            return false;
+        }
+        self.last_write = Instant::now();
+        record_delivered(&self.shard.stats, &mut live, self.last_write);
+        conn.out.borrow_mut().queue.shrink_to(0);
+        !conn.has_pending()
+    }
+}
+
+fn token_expired(expires_at_s: Option<u64>) -> bool {
+    expires_at_s.is_some_and(|exp| crate::shard::unix_ms() / 1000 >= exp)
+}
+
+/// Counts delivered live events and records their latency, as of `written_at`.
+fn record_delivered(stats: &ShardStats, live: &mut Vec<Instant>, written_at: Instant) {
+    if live.is_empty() {
+        return;
+    }
+    stats.events_delivered.add(live.len() as u64);
+    for accepted_at in live.drain(..) {
+        let ns = written_at.saturating_duration_since(accepted_at).as_nanos();
+        stats
+            .route_duration
+            .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
+    }
+}
+
+async fn write_side(mut side: Box<WriteSide>) {
+    side.conn.ctl.set_timer(None);
+    if let Stopped::Quiet = write_loop(&mut side).await {
+        let ctl = side.conn.ctl.clone();
+        side.shard.stats.ws_parked[park::Side::Writer as usize].add(1);
+        ctl.park_writer(side);
+        return;
+    }
+    let WriteSide {
+        conn,
+        write_half,
+        fd,
+        ..
+    } = *side;
     // Let the client answer the close (or hang up) briefly, then end both directions.
     // SAFETY: `fd` is the socket both halves own; it stays open until they are dropped.
     unsafe {
@@ -903,6 +1044,112 @@ async fn write_loop(
         }
     }
     drop(write_half);
+    conn.writer_done.set(true);
+    conn.ctl.wake_reader();
+}
+
+/// Writes what is queued until the connection closes, or until it is quiet and parks.
+async fn write_loop(side: &mut WriteSide) -> Stopped {
+    let (shard, conn) = (side.shard.clone(), side.conn.clone());
+    let expires_at_s = side.expires_at_s;
+    let config = shard.config();
+    let heartbeat = Duration::from_millis(config.websocket.heartbeat_ms);
+    let spread_ms = config.shutdown.close_spread_ms;
+    let (mut batch, mut live) = match side.unsent.take() {
+        Some(unsent) => *unsent,
+        None => (FrameBatch::new(), Vec::new()),
+    };
+    loop {
+        if conn.closing() {
+            let close = conn.out.borrow().close;
+            if let (Some((code, reason)), true) = (close, side.framing_intact && !batch.cut()) {
+                Box::pin(send_close(&mut side.write_half, code, reason)).await;
+            }
+            return Stopped::Closed;
+        }
+        // Closing (a drain): everything goes out at once, as it would without pacing.
+        if batch.is_empty() && conn.only_events_pending() && !conn.ctl.is_closing() {
+            let now = Instant::now();
+            if let Some(due) = shard.pacer.due(side.last_write, now) {
+                // Wrote a moment ago on a busy shard: let more events join the next write.
+                shard.pacer.hold(&conn.ctl, due);
+                let ctl = &conn.ctl;
+                ctl.wait_until(|| conn.closing() || ctl.is_closing() || Instant::now() >= due)
+                    .await;
+                continue;
+            }
+        }
+        if batch.is_empty() {
+            conn.take_batch(&mut batch, &mut live);
+            batch.seal();
+        }
+        if !batch.is_empty() {
+            let outcome;
+            // Boxed: inline, the write's state would add ~380 bytes to every connection's
+            // writer future for good; one allocation per `writev` (which carries every pending
+            // frame) costs well under 1% of the syscall.
+            (outcome, batch) = Box::pin(write_all(&mut side.write_half, batch, &conn)).await;
+            batch.clear();
+            match outcome {
+                Written::All => {}
+                Written::Failed => {
+                    conn.close_with(1006, "");
+                    return Stopped::Closed;
+                }
+                Written::Abandoned => {
+                    // Part of a frame may be on the wire: nothing more can be framed after it.
+                    side.framing_intact = false;
+                    live.clear();
+                    continue;
+                }
+            }
+            side.last_write = Instant::now();
+            record_delivered(&shard.stats, &mut live, side.last_write);
+            continue;
+        }
+        if conn.ctl.is_closing() {
+            // Draining: spread the going-away closes so clients do not all reconnect at once.
+            // A multiplicative hash of the connection id spreads closes evenly over the window.
+            let delay = match spread_ms {
+                0 => 0,
+                spread => conn.ctl.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) % spread,
+            };
+            // Boxed: a timer held inline would make every connection's future 640 bytes
+            // larger for a wait that happens once, at shutdown.
+            Box::pin(monoio::time::sleep(Duration::from_millis(delay))).await;
+            conn.close_with(close::GOING_AWAY, "server shutting down");
+            continue;
+        }
+        if token_expired(expires_at_s) {
+            conn.close_with(close::POLICY, "token expired");
+            continue;
+        }
+        // Nothing to write. A writer that wrote live events lately keeps its buffers for
+        // `RELEASE_AFTER` (the next event is likely near); one that wrote only replies, or has
+        // been quiet that long, gives them back and parks: an idle connection holds no write
+        // buffers and no task.
+        let streaming = live.capacity() > 0 && side.last_write.elapsed() < RELEASE_AFTER;
+        if !streaming {
+            batch = FrameBatch::new();
+            live = Vec::new();
+            conn.out.borrow_mut().queue.shrink_to(0);
+        }
+        if side.last_write.elapsed() >= heartbeat {
+            let mut ping = Vec::with_capacity(2);
+            codec::write_ping(&mut ping, b"");
+            conn.send_frame(Bytes::from(ping));
+            continue;
+        }
+        // Woken by a frame to write, a close, or the shard's connection timer (no timer of
+        // our own: see `ConnCtl::set_timer`).
+        conn.ctl.set_timer(Some(side.wake_at(streaming)));
+        if !streaming && conn.ctl.may_park_writer() {
+            // The timer stays set and resumes the parked side.
+            return Stopped::Quiet;
+        }
+        conn.ctl.wait().await;
+        conn.ctl.set_timer(None);
+    }
 }
 
 enum Written {
@@ -1211,5 +1458,49 @@ mod tests {
         batch.seal();
         assert_eq!(batch.read_iovec_len(), WRITE_BATCH_FRAMES);
         assert!(live.is_empty(), "replays are not latency samples");
+    }
+
+    #[test]
+    fn send_now_resumes_a_cut_batch_where_it_stopped() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let small: libc::c_int = 4096;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let frames: Vec<Vec<u8>> = (0..64u8).map(|k| vec![k; 3000]).collect();
+        let mut batch = FrameBatch::new();
+        for frame in &frames {
+            batch.push(Frame::Own(Bytes::from(frame.clone())));
+        }
+        batch.seal();
+        assert!(batch.send_now(ours.as_raw_fd()));
+        assert!(
+            batch.cut() && !batch.done(),
+            "192 KB do not fit a 4 KB send buffer: the batch is cut, sent {}",
+            batch.sent
+        );
+        let expected: Vec<u8> = frames.concat();
+        let mut received = vec![0; expected.len()];
+        let mut at = 0;
+        let mut rounds = 0;
+        while at < expected.len() {
+            let n = theirs.read(&mut received[at..]).expect("read");
+            at += n;
+            assert!(batch.send_now(ours.as_raw_fd()));
+            rounds += 1;
+            assert!(rounds < 100_000, "no progress");
+        }
+        assert!(batch.done() && !batch.cut());
+        assert_eq!(batch.sent, expected.len());
+        assert!(received == expected, "every byte once, in order");
     }
 }
