@@ -212,6 +212,12 @@ impl WsConn {
         !out.queue.is_empty() || !out.gaps.is_empty()
     }
 
+    /// Whether events are queued.
+    fn events_pending(&self) -> bool {
+        let out = self.out.borrow();
+        out.queue.len() > out.frames_queued
+    }
+
     /// Whether the writer has something to send and all of it may wait for write pacing.
     fn only_events_pending(&self) -> bool {
         let out = self.out.borrow();
@@ -953,10 +959,13 @@ impl WriteSide {
         now >= self.last_write + heartbeat || token_expired(self.expires_at_s)
     }
 
-    /// A parked writer is mostly woken for a few frames that its idle socket takes at once:
-    /// writes them here, with one non-blocking `sendmsg`, so that they need no task (whose
-    /// allocation would cost more than the write). True when it did and nothing else is left
-    /// to do; false leaves the rest (a full socket, a close, a ping, pacing) to the task.
+    /// A parked writer is mostly woken for a reply or a push that its idle socket takes at
+    /// once: writes it here, with one non-blocking `sendmsg`, so that it needs no task (whose
+    /// allocation would cost more than the write; a burst of subscribes would otherwise hold a
+    /// task per connection at once). True when it did and nothing else is left to do; false
+    /// leaves the rest to the task: a full socket, a close, a ping, and events, which tasks
+    /// write through the ring, batched and paced, for a fraction of a `sendmsg` each (measured:
+    /// written here, events took 14% more CPU and doubled p99 latency).
     fn write_at_once(&mut self) -> bool {
         let conn = &self.conn;
         let now = Instant::now();
@@ -965,7 +974,7 @@ impl WriteSide {
             || !self.framing_intact
             || self.unsent.is_some()
             || self.ping_or_expiry_due(now)
-            || (conn.only_events_pending() && self.shard.pacer.due(self.last_write, now).is_some())
+            || conn.events_pending()
         {
             return false;
         }
