@@ -25,7 +25,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
 use bytes::Bytes;
 use monoio::buf::IoVecBuf;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
@@ -96,13 +95,74 @@ struct Subscription {
     last_seq: u64,
 }
 
+/// A connection's subscriptions, sorted by channel: a connection has one or a few, so a
+/// sorted vector sized to them (48 bytes each) beats a hash table (a one-entry table takes
+/// 212), and a binary search over a few names beats hashing the name; at the bound
+/// (`limits.max_subscriptions_per_connection`, 1,024 by default) a lookup is 10 comparisons.
+#[derive(Default)]
+struct Subscriptions(Vec<(Arc<str>, Subscription)>);
+
+impl Subscriptions {
+    fn find(&self, channel: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(name, _)| (**name).cmp(channel))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn contains_key(&self, channel: &str) -> bool {
+        self.find(channel).is_ok()
+    }
+
+    fn get(&self, channel: &str) -> Option<&Subscription> {
+        self.find(channel).ok().map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, channel: &str) -> Option<&mut Subscription> {
+        self.find(channel).ok().map(|i| &mut self.0[i].1)
+    }
+
+    /// Adds or replaces the subscription to `channel`.
+    fn insert(&mut self, channel: Arc<str>, subscription: Subscription) {
+        match self.find(&channel) {
+            Ok(i) => self.0[i].1 = subscription,
+            Err(i) => {
+                if self.0.len() == self.0.capacity() {
+                    // Doubling from one, not from four: most connections have one.
+                    self.0.reserve_exact(self.0.capacity().max(1));
+                }
+                self.0.insert(i, (channel, subscription));
+            }
+        }
+    }
+
+    /// Removes the subscription to `channel`; its name when there was one.
+    fn remove(&mut self, channel: &str) -> Option<Arc<str>> {
+        let i = self.find(channel).ok()?;
+        let (name, _) = self.0.remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(name)
+    }
+
+    /// Removes every subscription; their names.
+    fn drain(&mut self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
 #[derive(Default)]
 struct Outbound {
     queue: VecDeque<Item>,
     /// Live events and frames queued: what the slow-consumer bound counts.
     counted: usize,
     counted_bytes: usize,
-    subscriptions: AHashMap<Arc<str>, Subscription>,
+    subscriptions: Subscriptions,
     /// (channel, first dropped seq, last dropped seq) to announce with `{"op":"gap"}`.
     gaps: Vec<(Arc<str>, u64, u64)>,
     /// The close this connection ends with, once decided.
@@ -299,15 +359,13 @@ impl WsConn {
     /// Forgets `channel`; its name when it was subscribed.
     pub fn end_subscription(&self, channel: &str) -> Option<Arc<str>> {
         let mut out = self.out.borrow_mut();
-        out.subscriptions
-            .remove_entry(channel)
-            .map(|(name, _)| name)
+        out.subscriptions.remove(channel)
     }
 
     /// Forgets every subscription; their names.
     pub fn end_all_subscriptions(&self) -> Vec<Arc<str>> {
         let mut out = self.out.borrow_mut();
-        out.subscriptions.drain().map(|(name, _)| name).collect()
+        out.subscriptions.drain()
     }
 
     /// Queues the `subscribed` reply, then the replay, then what arrived meanwhile.
@@ -1511,5 +1569,43 @@ mod tests {
         assert!(batch.done() && !batch.cut());
         assert_eq!(batch.sent, expected.len());
         assert!(received == expected, "every byte once, in order");
+    }
+
+    #[test]
+    fn subscriptions_stay_sorted_and_sized_to_what_they_hold() {
+        let live = |seq| Subscription {
+            phase: Phase::Live,
+            last_seq: seq,
+        };
+        let mut subs = Subscriptions::default();
+        subs.insert(Arc::from("b"), live(1));
+        assert_eq!(subs.0.capacity(), 1, "one subscription, one slot");
+        for (name, seq) in [("d", 2), ("a", 3), ("c", 4), ("b", 5)] {
+            subs.insert(Arc::from(name), live(seq));
+        }
+        let names: Vec<&str> = subs.0.iter().map(|(n, _)| &**n).collect();
+        assert_eq!(
+            names,
+            ["a", "b", "c", "d"],
+            "sorted, and `b` replaced, not doubled"
+        );
+        assert_eq!(subs.len(), 4);
+        assert_eq!(subs.get("b").map(|s| s.last_seq), Some(5));
+        assert!(subs.contains_key("c") && !subs.contains_key("e"));
+        if let Some(sub) = subs.get_mut("a") {
+            sub.last_seq = 9;
+        }
+        assert_eq!(subs.get("a").map(|s| s.last_seq), Some(9));
+        assert_eq!(subs.remove("c").as_deref(), Some("c"));
+        assert_eq!(subs.remove("c"), None);
+        assert_eq!(subs.drain().len(), 3);
+        assert_eq!(
+            (subs.len(), subs.0.capacity()),
+            (0, 0),
+            "nothing held once empty"
+        );
+        subs.insert(Arc::from("x"), live(1));
+        assert_eq!(subs.remove("x").as_deref(), Some("x"));
+        assert_eq!(subs.0.capacity(), 0);
     }
 }
