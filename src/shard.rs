@@ -371,6 +371,8 @@ pub struct Shard {
     per_ip: RefCell<AHashMap<std::net::IpAddr, u32>>,
     /// WebSocket connections per user on this shard (`relay_users_connected`).
     users: RefCell<AHashMap<Arc<str>, u32>>,
+    /// WebSocket connections without a JWT on this shard: each is its own user.
+    anonymous_users: Cell<u32>,
     /// Upstream client, circuits, balancers and rate limits of this shard.
     pub proxy: crate::proxy::ProxyState,
     /// Webhook queues of the events this shard sequences.
@@ -445,6 +447,7 @@ impl Shard {
             conns: RefCell::new(AHashMap::new()),
             per_ip: RefCell::new(AHashMap::new()),
             users: RefCell::new(AHashMap::new()),
+            anonymous_users: Cell::new(0),
             proxy,
             webhooks: Rc::new(crate::webhook::Webhooks::new(config.webhooks.clone())),
             control,
@@ -503,23 +506,38 @@ impl Shard {
         Ok(ctl)
     }
 
-    /// A WebSocket user arrived on this shard.
-    pub fn user_joined(&self, user: &Arc<str>) {
-        let mut users = self.users.borrow_mut();
-        *users.entry(user.clone()).or_insert(0) += 1;
-        self.stats.users_connected.set(users.len() as i64);
+    /// A WebSocket user arrived on this shard; `None`: a connection without a JWT, its own
+    /// user (counted, not kept in the table: most connections of an open relay are these).
+    pub fn user_joined(&self, user: Option<&Arc<str>>) {
+        match user {
+            Some(user) => *self.users.borrow_mut().entry(user.clone()).or_insert(0) += 1,
+            None => self.anonymous_users.set(self.anonymous_users.get() + 1),
+        }
+        self.count_users();
     }
 
-    /// A WebSocket user's connection left this shard.
-    pub fn user_left(&self, user: &str) {
-        let mut users = self.users.borrow_mut();
-        if let Some(n) = users.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
-                users.remove(user);
+    /// A WebSocket user's connection left this shard (`None` as in [`Shard::user_joined`]).
+    pub fn user_left(&self, user: Option<&str>) {
+        match user {
+            Some(user) => {
+                let mut users = self.users.borrow_mut();
+                if let Some(n) = users.get_mut(user) {
+                    *n -= 1;
+                    if *n == 0 {
+                        users.remove(user);
+                    }
+                }
             }
+            None => self
+                .anonymous_users
+                .set(self.anonymous_users.get().saturating_sub(1)),
         }
-        self.stats.users_connected.set(users.len() as i64);
+        self.count_users();
+    }
+
+    fn count_users(&self) {
+        let users = self.users.borrow().len() + self.anonymous_users.get() as usize;
+        self.stats.users_connected.set(users as i64);
     }
 
     /// Moves a connection to another transport (an HTTP request that became an SSE stream).

@@ -24,6 +24,7 @@ both_drivers!(
     open_endpoints_stay_open,
     jwt_and_api_keys_are_separate,
     open_mode_needs_no_credentials,
+    users_connected_counts_users_and_anonymous_connections,
 );
 
 const SECRET: &str = "test-secret";
@@ -581,4 +582,49 @@ fn open_mode_needs_no_credentials(driver: &str) {
         let r = get_with(&server, path, None);
         assert_eq!(r.status, 200, "open mode: GET {path} needs no key: {r}");
     }
+}
+
+/// Waits until `relay_users_connected` reads `want`.
+fn wait_users(server: &Server, want: f64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let users = server.metric_sum("relay_users_connected");
+        if users == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: relay_users_connected should be {want}, is {users}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn users_connected_counts_users_and_anonymous_connections(driver: &str) {
+    // One shard: a user with connections on two shards counts once per shard.
+    let server = Server::start_with_config(driver, &format!("shards = 1\n{JWT_ONLY}"));
+    let alice = token("alice", json!({}));
+    let mut a1 = WsClient::open_with(server.addr, &ws_path(&alice), &[]);
+    let mut a2 = WsClient::open_with(server.addr, &ws_path(&alice), &[]);
+    let mut bob = WsClient::open_with(server.addr, &ws_path(&token("bob", json!({}))), &[]);
+    for c in [&mut a1, &mut a2, &mut bob] {
+        c.welcome();
+    }
+    wait_users(&server, 2.0, "alice twice and bob");
+    drop(bob);
+    wait_users(&server, 1.0, "alice twice, bob gone");
+    drop(a1);
+    wait_users(&server, 1.0, "alice once");
+    drop(a2);
+    wait_users(&server, 0.0, "nobody");
+
+    // Without a JWT every connection is its own user.
+    let open = Server::start_with_config(driver, "shards = 1\n");
+    let mut c1 = WsClient::open(open.addr);
+    let mut c2 = WsClient::open(open.addr);
+    c1.welcome();
+    c2.welcome();
+    wait_users(&open, 2.0, "two connections without a JWT");
+    drop(c1);
+    wait_users(&open, 1.0, "one left");
 }

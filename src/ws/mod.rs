@@ -216,6 +216,11 @@ impl WsConn {
         }
     }
 
+    /// The JWT's user; `None` for a connection without one (its own user).
+    pub fn named_user(&self) -> Option<&Arc<str>> {
+        (!Arc::ptr_eq(&self.user, &self.conn_id)).then_some(&self.user)
+    }
+
     /// Asks the writer to send this close frame and end the connection (first request wins).
     pub fn close_with(&self, code: u16, reason: &'static str) {
         let mut out = self.out.borrow_mut();
@@ -690,7 +695,7 @@ pub async fn serve(
         return;
     }
     shard.set_transport(ctl, Transport::Ws);
-    shard.user_joined(&conn.user);
+    shard.user_joined(conn.named_user());
 
     let fd = stream.as_raw_fd();
     let (read_half, write_half) = stream.into_split();
@@ -804,7 +809,7 @@ async fn read_side(mut side: Box<ReadSide>) {
     conn.ctl.reader_wait_until(|| conn.writer_done.get()).await;
 
     session.unsubscribe_all();
-    shard.user_left(&conn.user);
+    shard.user_left(conn.named_user().map(|u| &**u));
     let code = conn.out.borrow().close.map(|(c, _)| c).unwrap_or(1006);
     shard.stats.ws_closes[ws_close_slot(code)].inc();
     shard.close_conn(&conn.ctl);
