@@ -7,14 +7,20 @@
 //! takes from this thread's woken list and resumes by spawning the side's task again. So an idle
 //! connection holds no task at all, only its state.
 //!
-//! Owns only the woken list of this thread. Must never: hold a connection's state (that is the
-//! `ConnCtl`'s), or allocate per wake-up once the list has grown to the shard's busiest round.
+//! A parked reader waits in the shard's [`Readiness`] set: one epoll instance in which its
+//! socket is registered one-shot, so that the wait costs the process nothing (the kernel keeps
+//! the entry); the set's task turns each ready socket into a wake of its reader.
+//!
+//! Owns only the woken list of this thread and the shard's readiness set. Must never: hold a
+//! connection's state (that is the `ConnCtl`'s), or allocate per wake-up once the list has
+//! grown to the shard's busiest round.
 //! Bound: the list holds at most two entries per connection of the shard between two rounds of
 //! the unparker (a side that is woken again before it ran adds a duplicate, which the unparker
 //! skips: a side is taken out of its slot once).
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::task::{Poll, RawWaker, RawWakerVTable, Waker};
 
 /// Which side of a connection a waker resumes.
@@ -98,6 +104,92 @@ pub fn woken(into: &mut Vec<(u64, Side)>) -> impl Future<Output = ()> + '_ {
             Poll::Ready(())
         })
     })
+}
+
+/// Ready sockets taken from the epoll set per `epoll_wait`.
+const READY_BATCH: usize = 256;
+
+/// The shard's readiness set for parked readers: an epoll instance; each parked reader's
+/// socket is in it, one-shot, with its connection id.
+pub struct Readiness {
+    epoll: OwnedFd,
+}
+
+impl Readiness {
+    pub fn new() -> std::io::Result<Readiness> {
+        // SAFETY: plain syscall; the descriptor it returns is owned below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(Readiness {
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Wakes the reader of connection `id` (see [`waker`]) once `socket` is readable or hung
+    /// up. One-shot: each park registers again.
+    pub fn watch(&self, socket: RawFd, id: u64) -> std::io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            u64: id,
+        };
+        let epoll = self.epoll.as_raw_fd();
+        // SAFETY: valid descriptors and a valid event; the kernel copies it.
+        let mut rc = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_MOD, socket, &mut event) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+            // SAFETY: as above.
+            rc = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, socket, &mut event) };
+        }
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Turns ready sockets into wakes of their readers, for the shard's life. The epoll
+    /// descriptor itself is awaited through the runtime (io_uring poll, or epoll), wrapped as a
+    /// stream only to be polled for readability.
+    pub async fn run(&self) -> std::io::Result<()> {
+        // SAFETY: `dup` of a descriptor we own; the copy is owned by the stream below.
+        let copy = unsafe { libc::dup(self.epoll.as_raw_fd()) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `copy` is a fresh descriptor nothing else owns.
+        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(copy) };
+        let waitable = monoio::net::TcpStream::from_std(std_stream)?;
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
+        loop {
+            waitable.readable(false).await?;
+            // Until the set is empty: the runtime may report readiness by its edges only.
+            loop {
+                // SAFETY: `events` is valid for READY_BATCH entries; timeout 0 never blocks.
+                let n = unsafe {
+                    libc::epoll_wait(
+                        self.epoll.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        READY_BATCH as libc::c_int,
+                        0,
+                    )
+                };
+                let Ok(n) = usize::try_from(n) else {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(std::io::Error::last_os_error());
+                };
+                for event in events.iter().take(n) {
+                    let id = event.u64;
+                    waker(id, Side::Reader).wake();
+                }
+                if n < READY_BATCH {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

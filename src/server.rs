@@ -291,6 +291,7 @@ async fn shard_main(
     monoio::spawn(shard.clone().maintenance());
     monoio::spawn(shard.clone().conn_timers());
     monoio::spawn(shard.clone().unparker());
+    monoio::spawn(shard.clone().watch_readiness());
     monoio::spawn(shard.pacer.clone().run());
     monoio::spawn(shard.clone().deliverer());
     monoio::spawn(shard.webhooks.clone().run(shard.clone()));

@@ -381,6 +381,9 @@ pub struct Shard {
     pub control: Option<Rc<crate::registry::control::Control>>,
     /// Write pacing of this shard's subscriber connections.
     pub pacer: Rc<crate::pacing::Pacer>,
+    /// Where parked WebSocket readers wait for their sockets (`None`: readers do not park).
+    readiness: Option<park::Readiness>,
+    readiness_failed: Cell<bool>,
     /// Events for local subscribers, offered by [`Shard::deliverer`] once per round.
     deliveries: RefCell<Vec<Arc<Event>>>,
     deliverer_waker: Cell<Option<Waker>>,
@@ -434,9 +437,19 @@ impl Shard {
             &config.delivery,
             shared.stats[id].clone(),
         ));
+        let readiness = park::Readiness::new()
+            .map_err(|e| {
+                tracing::warn!(
+                    shard = id,
+                    "no epoll set for idle readers ({e}): each keeps a task"
+                )
+            })
+            .ok();
         Rc::new(Shard {
             id,
             pacer,
+            readiness,
+            readiness_failed: Cell::new(false),
             deliveries: RefCell::new(Vec::new()),
             deliverer_waker: Cell::new(None),
             stats: shared.stats[id].clone(),
@@ -1031,6 +1044,38 @@ impl Shard {
                     self.stats.ws_parked[side as usize].add(-1);
                     parked.resume();
                 }
+            }
+        }
+    }
+
+    /// The readiness set parked readers wait in, while it works.
+    pub fn readiness(&self) -> Option<&park::Readiness> {
+        self.readiness
+            .as_ref()
+            .filter(|_| !self.readiness_failed.get())
+    }
+
+    /// Runs the readiness set (see [`park::Readiness::run`]). Should it fail, readers stop
+    /// parking and the parked ones are resumed, to wait on their own tasks.
+    pub async fn watch_readiness(self: Rc<Self>) {
+        let Some(readiness) = &self.readiness else {
+            return;
+        };
+        if let Err(e) = readiness.run().await {
+            tracing::error!(
+                shard = self.id,
+                "the idle readers' epoll set failed ({e}); each now keeps a task"
+            );
+            self.readiness_failed.set(true);
+            let parked: Vec<_> = self
+                .conns
+                .borrow()
+                .values()
+                .filter_map(|ctl| ctl.take_parked(park::Side::Reader))
+                .collect();
+            for side in parked {
+                self.stats.ws_parked[park::Side::Reader as usize].add(-1);
+                side.resume();
             }
         }
     }

@@ -601,15 +601,12 @@ fn wait_users(server: &Server, want: f64, what: &str) {
 }
 
 fn users_connected_counts_users_and_anonymous_connections(driver: &str) {
-    // One shard: a user with connections on two shards counts once per shard.
-    let server = Server::start_with_config(driver, &format!("shards = 1\n{JWT_ONLY}"));
-    let alice = token("alice", json!({}));
-    let mut a1 = WsClient::open_with(server.addr, &ws_path(&alice), &[]);
-    let mut a2 = WsClient::open_with(server.addr, &ws_path(&alice), &[]);
-    let mut bob = WsClient::open_with(server.addr, &ws_path(&token("bob", json!({}))), &[]);
-    for c in [&mut a1, &mut a2, &mut bob] {
-        c.welcome();
-    }
+    // All on shard 0: a user with connections on two shards counts once per shard.
+    let server = Server::start_with_config(driver, JWT_ONLY);
+    let alice = ws_path(&token("alice", json!({})));
+    let a1 = WsClient::open_on_shard(server.addr, 0, &alice, &[]);
+    let a2 = WsClient::open_on_shard(server.addr, 0, &alice, &[]);
+    let bob = WsClient::open_on_shard(server.addr, 0, &ws_path(&token("bob", json!({}))), &[]);
     wait_users(&server, 2.0, "alice twice and bob");
     drop(bob);
     wait_users(&server, 1.0, "alice twice, bob gone");
@@ -619,11 +616,9 @@ fn users_connected_counts_users_and_anonymous_connections(driver: &str) {
     wait_users(&server, 0.0, "nobody");
 
     // Without a JWT every connection is its own user.
-    let open = Server::start_with_config(driver, "shards = 1\n");
-    let mut c1 = WsClient::open(open.addr);
-    let mut c2 = WsClient::open(open.addr);
-    c1.welcome();
-    c2.welcome();
+    let open = Server::start(driver, &[]);
+    let c1 = WsClient::open_on_shard(open.addr, 0, WS_PATH, &[]);
+    let _c2 = WsClient::open_on_shard(open.addr, 0, WS_PATH, &[]);
     wait_users(&open, 2.0, "two connections without a JWT");
     drop(c1);
     wait_users(&open, 1.0, "one left");

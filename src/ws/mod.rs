@@ -18,9 +18,7 @@ pub mod protocol;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -724,7 +722,7 @@ pub async fn serve(
         input: early,
         last_message: None,
         chatty: false,
-        ready: None,
+        parked: false,
     };
     // Each side lives on a task of its own while it has work, and parked in the connection's
     // `ConnCtl` (no task) while idle: this future is sized for the upgrade (the request, the
@@ -748,8 +746,8 @@ struct ReadSide {
     /// Whether the last message came within `PARK_AFTER` of the one before: such a client
     /// keeps its reading task through short pauses; any other parks as soon as it is quiet.
     chatty: bool,
-    /// While parked: the readiness wait whose waker resumes this side.
-    ready: Option<Pin<Box<dyn Future<Output = std::io::Result<()>>>>>,
+    /// Parked, so that it reads first when resumed.
+    parked: bool,
 }
 
 impl ReadSide {
@@ -784,8 +782,8 @@ enum Stopped {
 }
 
 async fn read_side(mut side: Box<ReadSide>) {
-    // Resumed from the lot: readable, or its idle deadline came; either way read first.
-    let mut receive_first = side.ready.take().is_some();
+    // Resumed: readable, or its idle deadline came; either way read first.
+    let mut receive_first = std::mem::replace(&mut side.parked, false);
     loop {
         match read_loop(&mut side, receive_first).await {
             Stopped::Closed => break,
@@ -815,25 +813,23 @@ async fn read_side(mut side: Box<ReadSide>) {
     shard.close_conn(&conn.ctl);
 }
 
-/// Parks a quiet reading side in its `ConnCtl`, with a readiness wait that resumes it;
-/// gives it back when the socket is readable already.
+/// Parks a quiet reading side in its `ConnCtl`, its socket in the shard's readiness set;
+/// gives it back, to wait on its task for a while, when the set cannot take it.
 fn park_reader(mut side: Box<ReadSide>) -> Result<(), Box<ReadSide>> {
-    let stream = side.read_half.0.clone();
-    let mut ready: Pin<Box<dyn Future<Output = std::io::Result<()>>>> = Box::pin(async move {
-        // SAFETY: as in `read_loop`: `readable` only reads the descriptor.
-        let stream = unsafe { &*stream.get() };
-        stream.readable(false).await
-    });
-    let waker = park::waker(side.conn.ctl.id, park::Side::Reader);
-    let mut cx = std::task::Context::from_waker(&waker);
-    if ready.as_mut().poll(&mut cx).is_ready() {
+    let id = side.conn.ctl.id;
+    let watched = side
+        .shard
+        .readiness()
+        .is_some_and(|readiness| readiness.watch(side.fd, id).is_ok());
+    if !watched {
+        side.chatty = true;
         return Err(side);
     }
-    side.ready = Some(ready);
+    side.parked = true;
     let deadline = side.idle_at();
     let ctl = side.conn.ctl.clone();
     side.shard.stats.ws_parked[park::Side::Reader as usize].add(1);
-    ctl.park_reader(side, deadline, waker);
+    ctl.park_reader(side, deadline, park::waker(id, park::Side::Reader));
     Ok(())
 }
 
