@@ -130,7 +130,12 @@ pub struct Member {
 /// Who is on one channel: members by connection, and how many connections each user has.
 #[derive(Debug, Default)]
 struct Presence {
-    by_conn: AHashMap<Arc<str>, Member>,
+    /// Members, found by the hash of their connection id: each member once, its connection id
+    /// the key (a map would keep the id twice).
+    by_conn: hashbrown::HashTable<Member>,
+    hasher: ahash::RandomState,
+    /// Connections per user with a JWT; a connection without one is its own user (its
+    /// `user` is its `conn`), always one connection, so it is not counted here.
     conns_per_user: AHashMap<Arc<str>, u32>,
 }
 
@@ -347,7 +352,7 @@ impl Owned {
             None => Ok(Vec::new()),
             Some(c) if !c.settings.presence => Err(()),
             Some(c) => {
-                let mut members: Vec<Member> = c.presence.by_conn.values().cloned().collect();
+                let mut members: Vec<Member> = c.presence.members().cloned().collect();
                 members.sort_by(|a, b| (a.since_ms, &a.conn).cmp(&(b.since_ms, &b.conn)));
                 Ok(members)
             }
@@ -396,17 +401,23 @@ impl Owned {
 impl Presence {
     /// Returns whether this is the user's first connection on the channel.
     fn join(&mut self, user: &Arc<str>, conn: &Arc<str>, now_ms: u64) -> bool {
-        if self.by_conn.contains_key(conn) {
-            return false;
-        }
-        self.by_conn.insert(
-            conn.clone(),
-            Member {
-                user: user.clone(),
-                conn: conn.clone(),
-                since_ms: now_ms,
-            },
+        let hasher = &self.hasher;
+        let entry = self.by_conn.entry(
+            hasher.hash_one(&**conn),
+            |m| m.conn == *conn,
+            |m| hasher.hash_one(&*m.conn),
         );
+        let hashbrown::hash_table::Entry::Vacant(vacant) = entry else {
+            return false;
+        };
+        vacant.insert(Member {
+            user: user.clone(),
+            conn: conn.clone(),
+            since_ms: now_ms,
+        });
+        if Arc::ptr_eq(user, conn) {
+            return true;
+        }
         let count = self.conns_per_user.entry(user.clone()).or_insert(0);
         *count += 1;
         *count == 1
@@ -414,7 +425,14 @@ impl Presence {
 
     /// Returns the member and whether it was the user's last connection.
     fn leave(&mut self, conn: &str) -> Option<(Member, bool)> {
-        let member = self.by_conn.remove(conn)?;
+        let (member, _) = self
+            .by_conn
+            .find_entry(self.hasher.hash_one(conn), |m| &*m.conn == conn)
+            .ok()?
+            .remove();
+        if Arc::ptr_eq(&member.user, &member.conn) {
+            return Some((member, true));
+        }
         let last = match self.conns_per_user.get_mut(&member.user) {
             Some(count) if *count > 1 => {
                 *count -= 1;
@@ -426,6 +444,10 @@ impl Presence {
             }
         };
         Some((member, last))
+    }
+
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        self.by_conn.iter()
     }
 }
 
@@ -814,6 +836,32 @@ mod tests {
             .contains("presence.leave"));
         assert!(bus.members("room").unwrap().is_empty());
         assert!(bus.interested("room").is_empty());
+    }
+
+    #[test]
+    fn presence_of_connections_without_a_user_and_repeated_joins() {
+        let mut presence = Presence::default();
+        // Without a JWT a connection is its own user: the same `Arc` as user and conn.
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a1"), Arc::from("b2"));
+        assert!(presence.join(&a, &a, 1));
+        assert!(presence.join(&b, &b, 2));
+        assert!(!presence.join(&a, &a, 3), "joining twice is no new join");
+        assert!(
+            presence.conns_per_user.is_empty(),
+            "own users are not counted"
+        );
+        // A JWT user named like a connection id is still a user with its own count.
+        let named: Arc<str> = Arc::from("a1");
+        let c: Arc<str> = Arc::from("c3");
+        assert!(presence.join(&named, &c, 4));
+        assert_eq!(presence.members().count(), 3);
+        let (member, last) = presence.leave("a1").expect("a1 is a member");
+        assert_eq!((&*member.user, member.since_ms, last), ("a1", 1, true));
+        assert!(presence.leave("a1").is_none());
+        assert_eq!(presence.leave("c3").map(|(_, last)| last), Some(true));
+        assert_eq!(presence.leave("b2").map(|(m, _)| m.since_ms), Some(2));
+        assert_eq!(presence.members().count(), 0);
+        assert!(presence.conns_per_user.is_empty());
     }
 
     #[test]
