@@ -216,8 +216,8 @@ impl ConnCtl {
             .set(Some(park::waker(self.id, park::Side::Writer)));
     }
 
-    /// Parks the reading side until `waker` (given to its readiness wait too) is woken, at the
-    /// latest at `deadline`.
+    /// Parks the reading side until its socket is ready (the shard's readiness set wakes it
+    /// by id) or, at the latest, `deadline` (through `waker`).
     pub fn park_reader(&self, side: Box<dyn Resume>, deadline: Instant, waker: Waker) {
         self.parked_reader.set(Some(side));
         self.read_deadline.set(Some(deadline));
@@ -239,14 +239,7 @@ impl ConnCtl {
         condition: impl Fn() -> bool + 'a,
     ) -> impl Future<Output = ()> + 'a {
         self.read_deadline.set(None);
-        poll_fn(move |cx| {
-            if condition() {
-                Poll::Ready(())
-            } else {
-                self.read_waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
+        wait_in(&self.read_waker, condition)
     }
 
     /// Wakes the reader's own wait.
@@ -335,27 +328,28 @@ impl ConnCtl {
         &'a self,
         condition: impl Fn() -> bool + 'a,
     ) -> impl Future<Output = ()> + 'a {
-        poll_fn(move |cx| {
-            if condition() {
-                Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
+        wait_in(&self.waker, condition)
     }
 
     /// Resolves only when closing.
     pub fn closed(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |cx| {
-            if self.closing.get() {
-                Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
+        wait_in(&self.waker, || self.closing.get())
     }
+}
+
+/// Resolves when `condition` holds, checked whenever the waker left in `slot` is woken.
+fn wait_in<'a>(
+    slot: &'a Cell<Option<Waker>>,
+    condition: impl Fn() -> bool + 'a,
+) -> impl Future<Output = ()> + 'a {
+    poll_fn(move |cx| {
+        if condition() {
+            Poll::Ready(())
+        } else {
+            slot.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    })
 }
 
 /// The per-thread state of one shard.

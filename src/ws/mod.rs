@@ -1,10 +1,12 @@
 //! WebSocket connections (API.md section 3): after the upgrade, the JSON protocol over RFC 6455.
 //!
-//! Owns one connection's life: a reader (frames in, ops handled in order) and a writer (one
-//! vectored write per batch of pending frames, pings on a quiet line, the close handshake), its
-//! subscriptions with their recovery state, and its bounded outbound queue. Event frames are the
-//! shared `Bytes` the owner shard encoded once; a connection adds nothing per event but a
-//! pointer in its queue.
+//! Owns one connection's life: a reading side (frames in, ops handled in order) and a writing
+//! side (one vectored write per batch of pending frames, pings on a quiet line, the close
+//! handshake), its subscriptions with their recovery state, and its bounded outbound queue.
+//! Event frames are the shared bytes the owner shard encoded once; a connection adds nothing
+//! per event but a pointer in its queue. A side runs on a task only while it has work; a quiet
+//! side parks in the connection's `ConnCtl` (see [`crate::park`]), so an idle connection holds
+//! its state and nothing else.
 //!
 //! Bounds: `limits.outbound_queue_messages` / `limits.outbound_queue_bytes` count live events
 //! and replies (replays are bounded by history); past them `limits.slow_consumer` closes with
