@@ -1,8 +1,9 @@
-//! The `relay` binary: load the config, start the shards, drain on SIGTERM/SIGINT.
+//! The `relay` binary: load the config, start the shards, drain on SIGTERM/SIGINT (SIGHUP,
+//! which asks for a reload relay does not offer, is logged and ignored).
 
 use std::process::ExitCode;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 fn main() -> ExitCode {
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         .init();
 
     // Register before starting so a signal during start-up is not lost.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("relay: cannot install signal handlers: {e}");
@@ -85,16 +86,25 @@ fn main() -> ExitCode {
         running.driver,
         source
     );
-    if let Some(signal) = signals.forever().next() {
-        let name = if signal == SIGTERM {
-            "SIGTERM"
-        } else {
-            "SIGINT"
+    for signal in signals.forever() {
+        let name = match signal {
+            SIGTERM => "SIGTERM",
+            SIGINT => "SIGINT",
+            _ => {
+                // A terminal hang-up or `systemctl reload` must not end the process unannounced
+                // (SIGHUP's default) and relay has no live reload: say so and keep serving.
+                tracing::warn!(
+                    "SIGHUP: relay does not reload its config; ignored (a restart applies a new \
+                     config, and SIGTERM drains first)"
+                );
+                continue;
+            }
         };
         tracing::info!(
             "{name}: draining (deadline {}s)",
             running.shared.config.shutdown.deadline_s
         );
+        break;
     }
     running.drain();
     running.join();

@@ -1,4 +1,5 @@
-//! Black-box tests of draining on SIGTERM / SIGINT (API.md section 9), once per I/O driver.
+//! Black-box tests of draining on SIGTERM / SIGINT (API.md section 9), and of SIGHUP being
+//! ignored, once per I/O driver.
 
 mod common;
 
@@ -11,6 +12,7 @@ both_drivers!(
     sigint_drains_too,
     sigterm_when_idle,
     readiness_is_503_while_draining,
+    sighup_is_ignored_and_said_so,
 );
 
 const DRAIN_BOUND: Duration = Duration::from_secs(15);
@@ -137,5 +139,37 @@ fn readiness_is_503_while_draining(driver: &str) {
         status.code(),
         Some(0),
         "exit status after the drain: {status}"
+    );
+}
+
+/// SIGHUP's default would end the process without a drain; relay has no reload, so it says
+/// so and keeps serving, and a later SIGTERM still drains and exits 0.
+fn sighup_is_ignored_and_said_so(driver: &str) {
+    let mut server = Server::start(driver, &[]);
+    server.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server
+        .stderr()
+        .contains("SIGHUP: relay does not reload its config; ignored")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a SIGHUP should be logged as ignored; stderr:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        server.wait_exit(Duration::from_millis(300)),
+        None,
+        "SIGHUP must not end the relay"
+    );
+    let r = server.get("/readyz");
+    assert_eq!(r.status, 200, "still ready after SIGHUP: {r}");
+    let status = server.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM after SIGHUP drains and exits 0"
     );
 }
