@@ -171,9 +171,12 @@ pub struct ConnCtl {
     /// 640 bytes in every connection's future; the shard's one timer scans instead.
     timer_at: Cell<Option<Instant>>,
     /// The reader's deadline (WebSocket idle timeout) and the reader's own waker: it waits on
-    /// a socket read, not on [`ConnCtl::wait`].
+    /// its socket's readiness, not on [`ConnCtl::wait`].
     read_deadline: Cell<Option<Instant>>,
     read_waker: Cell<Option<Waker>>,
+    /// Set when the shard's readiness set reports the socket readable while the reader waits
+    /// on its task (not parked); see [`ConnCtl::readable_or_timeout`].
+    read_ready: Cell<bool>,
     /// The sides of an idle connection, parked without a task (see [`crate::park`]); resumed
     /// through `waker` (the writer) and `read_waker` (the reader).
     parked_writer: Cell<Option<Box<dyn Resume>>>,
@@ -193,6 +196,7 @@ impl ConnCtl {
             timer_at: Cell::new(None),
             read_deadline: Cell::new(None),
             read_waker: Cell::new(None),
+            read_ready: Cell::new(false),
             parked_writer: Cell::new(None),
             parked_reader: Cell::new(None),
         }
@@ -254,14 +258,29 @@ impl ConnCtl {
         self.timer_at.set(at);
     }
 
-    /// Resolves once `deadline` has passed, checked when the shard's timer ticks. One waiter
-    /// at a time (the connection's reader).
-    pub fn read_timeout(&self, deadline: Instant) -> impl Future<Output = ()> + '_ {
+    /// Forgets an earlier readiness report, before the socket is watched again.
+    pub fn expect_readable(&self) {
+        self.read_ready.set(false);
+    }
+
+    /// The readiness set reported the socket while the reader is on its task: wakes its wait.
+    pub fn mark_readable(&self) {
+        self.read_ready.set(true);
+        self.wake_reader();
+    }
+
+    /// Resolves with true once the socket is reported readable (see
+    /// [`ConnCtl::mark_readable`]), or with false once `deadline` has passed (checked when the
+    /// shard's timer ticks). One waiter at a time (the connection's reader).
+    pub fn readable_or_timeout(&self, deadline: Instant) -> impl Future<Output = bool> + '_ {
         self.read_deadline.set(Some(deadline));
         poll_fn(move |cx| {
-            if Instant::now() >= deadline {
+            if self.read_ready.replace(false) {
                 self.read_deadline.set(None);
-                Poll::Ready(())
+                Poll::Ready(true)
+            } else if Instant::now() >= deadline {
+                self.read_deadline.set(None);
+                Poll::Ready(false)
             } else {
                 self.read_waker.set(Some(cx.waker().clone()));
                 Poll::Pending
@@ -1029,14 +1048,17 @@ impl Shard {
         loop {
             park::woken(&mut woken).await;
             for &(id, side) in &woken {
-                let parked = self
-                    .conns
-                    .borrow()
-                    .get(&id)
-                    .and_then(|ctl| ctl.take_parked(side));
-                if let Some(parked) = parked {
-                    self.stats.ws_parked[side as usize].add(-1);
-                    parked.resume();
+                let Some(ctl) = self.conns.borrow().get(&id).cloned() else {
+                    continue;
+                };
+                match ctl.take_parked(side) {
+                    Some(parked) => {
+                        self.stats.ws_parked[side as usize].add(-1);
+                        parked.resume();
+                    }
+                    // A reader waiting on its task for the socket it watched.
+                    None if side == park::Side::Reader => ctl.mark_readable(),
+                    None => {}
                 }
             }
         }

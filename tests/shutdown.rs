@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::ws::WsClient;
 use common::*;
 
 both_drivers!(
@@ -13,6 +14,7 @@ both_drivers!(
     sigterm_when_idle,
     readiness_is_503_while_draining,
     sighup_is_ignored_and_said_so,
+    silent_websocket_clients_do_not_hold_the_drain_in_turn,
 );
 
 const DRAIN_BOUND: Duration = Duration::from_secs(15);
@@ -172,4 +174,34 @@ fn sighup_is_ignored_and_said_so(driver: &str) {
         Some(0),
         "SIGTERM after SIGHUP drains and exits 0"
     );
+}
+
+/// WebSocket clients that never answer the going-away close each cost the drain one close
+/// linger (1 s), all at once, not one after the other: an earlier writer waited for its reader
+/// by spinning on its shard's thread for the whole linger, so 40 such clients held a drain for
+/// about 20 s per shard.
+fn silent_websocket_clients_do_not_hold_the_drain_in_turn(driver: &str) {
+    let mut server = Server::start_with_config(driver, "[shutdown]\nclose_spread_ms = 0\n");
+    let mut clients: Vec<WsClient> = (0..40)
+        .map(|_| {
+            let mut client = WsClient::open(server.addr);
+            client.welcome();
+            client
+        })
+        .collect();
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "a drain with 40 silent WebSocket clients should end within 10 s (about one 1 s \
+             linger); stderr:\n{}",
+                server.stderr()
+            )
+        });
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
+    for (i, client) in clients.iter_mut().enumerate() {
+        let (code, _) = client.expect_close(READ_TIMEOUT, &format!("silent client {i}"));
+        assert_eq!(code, 1001, "silent client {i} should get going-away");
+    }
 }

@@ -20,14 +20,14 @@ pub mod protocol;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use monoio::buf::IoVecBuf;
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 // `writev` comes from AsyncWriteRent; `write_vectored_all` is deliberately not used (see
 // `FrameBatch::consume`).
 use monoio::net::TcpStream;
@@ -179,6 +179,13 @@ pub struct WsConn {
     pub conn_id: Arc<str>,
     pub user: Arc<str>,
     ctl: Rc<ConnCtl>,
+    /// The connection's socket. Both sides use it by number: the reader with `recv` and the
+    /// shard's readiness set, the writer through a runtime stream it builds on it while its
+    /// task runs (see [`WsConn::lend_stream`]). The writer closes it, last of all.
+    socket: RawFd,
+    /// Set if the socket was closed early (the runtime could not take it): nothing may use the
+    /// number any more.
+    socket_lost: Cell<bool>,
     stats: Arc<ShardStats>,
     max_messages: usize,
     max_bytes: usize,
@@ -197,6 +204,7 @@ impl WsConn {
         stats: Arc<ShardStats>,
         user: Option<&str>,
         config: &Config,
+        socket: RawFd,
     ) -> WsConn {
         let conn_id: Arc<str> = Arc::from(format!("{:x}", ctl.id));
         let user = user.map(Arc::from).unwrap_or_else(|| conn_id.clone());
@@ -205,6 +213,8 @@ impl WsConn {
             conn_id,
             user,
             ctl,
+            socket,
+            socket_lost: Cell::new(false),
             stats,
             max_messages: config.limits.outbound_queue_messages.max(1),
             max_bytes: config.limits.outbound_queue_bytes.max(1),
@@ -219,6 +229,26 @@ impl WsConn {
     /// The JWT's user; `None` for a connection without one (its own user).
     pub fn named_user(&self) -> Option<&Arc<str>> {
         (!Arc::ptr_eq(&self.user, &self.conn_id)).then_some(&self.user)
+    }
+
+    /// The socket, while it is open.
+    fn socket(&self) -> Option<RawFd> {
+        (!self.socket_lost.get()).then_some(self.socket)
+    }
+
+    /// The socket as a runtime stream, for the writer's task: one at a time, given back with
+    /// `into_raw_fd` before the writer parks, or dropped (closing the socket) at its end. An
+    /// idle connection so holds no stream at all, only the socket's number. Should the runtime
+    /// refuse it (only the epoll driver registers sockets), the socket is closed, and marked so.
+    fn lend_stream(&self) -> std::io::Result<TcpStream> {
+        // SAFETY: the socket is open (only the writer closes it, at its end), and no other
+        // stream owns it now: the writer lends it out once at a time.
+        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(self.socket) };
+        let lent = TcpStream::from_std(std_stream);
+        if lent.is_err() {
+            self.socket_lost.set(true);
+        }
+        lent
     }
 
     /// Asks the writer to send this close frame and end the connection (first request wins).
@@ -687,6 +717,7 @@ pub async fn serve(
         shard.stats.clone(),
         request.principal.user.as_deref(),
         config,
+        stream.as_raw_fd(),
     ));
     protocol::write_welcome(&mut head, &conn.conn_id, config.websocket.heartbeat_ms);
     let (result, _) = stream.write_all(head).await;
@@ -697,26 +728,21 @@ pub async fn serve(
     shard.set_transport(ctl, Transport::Ws);
     shard.user_joined(conn.named_user());
 
-    let fd = stream.as_raw_fd();
-    let (read_half, write_half) = stream.into_split();
-    monoio::spawn(write_side(Box::new(WriteSide {
+    let writer = Box::new(WriteSide {
         shard: shard.clone(),
         conn: conn.clone(),
-        write_half,
-        fd,
         expires_at_s: request.principal.expires_at_s,
         last_write: Instant::now(),
         framing_intact: true,
         unsent: None,
-    })));
+    });
+    monoio::spawn(write_side(writer, Some(stream)));
     let session = protocol::Session::new(shard.clone(), conn.clone(), request.principal);
     let max = config.limits.max_frame_bytes;
     let side = ReadSide {
         shard: shard.clone(),
         conn,
         session,
-        read_half,
-        fd,
         reader: FrameReader::new(codec::Limits {
             max_frame_bytes: max,
             max_message_bytes: max,
@@ -737,8 +763,6 @@ struct ReadSide {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
     session: protocol::Session,
-    read_half: monoio::net::tcp::TcpOwnedReadHalf,
-    fd: RawFd,
     reader: FrameReader,
     /// Received bytes not yet parsed into whole messages; no buffer at all while idle.
     input: Vec<u8>,
@@ -805,7 +829,8 @@ async fn read_side(mut side: Box<ReadSide>) {
         ..
     } = *side;
     conn.reader_done.set(true);
-    conn.ctl.notify();
+    // The writer is waiting for this, or must see the close it was not told of yet.
+    conn.wake_for_close();
     conn.ctl.reader_wait_until(|| conn.writer_done.get()).await;
 
     session.unsubscribe_all();
@@ -819,11 +844,7 @@ async fn read_side(mut side: Box<ReadSide>) {
 /// gives it back, to wait on its task for a while, when the set cannot take it.
 fn park_reader(mut side: Box<ReadSide>) -> Result<(), Box<ReadSide>> {
     let id = side.conn.ctl.id;
-    let watched = side
-        .shard
-        .readiness()
-        .is_some_and(|readiness| readiness.watch(side.fd, id).is_ok());
-    if !watched {
+    if !watch(&side) {
         side.chatty = true;
         return Err(side);
     }
@@ -841,12 +862,66 @@ thread_local! {
     static RECEIVE_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
+/// Puts the socket in the shard's readiness set (one-shot): its next readiness wakes the
+/// reader, parked or waiting on its task. False when the set cannot take it.
+fn watch(side: &ReadSide) -> bool {
+    let ctl = &side.conn.ctl;
+    ctl.expect_readable();
+    match (side.shard.readiness(), side.conn.socket()) {
+        (Some(readiness), Some(socket)) => readiness.watch(socket, ctl.id).is_ok(),
+        _ => false,
+    }
+}
+
+/// How a reader's wait on its task ended.
+enum Wait {
+    Readable,
+    TimedOut,
+    Failed,
+}
+
+/// Waits on the reader's task until the socket is readable or `until`. Through the readiness
+/// set; should the set not take the socket, through a runtime stream on a copy of the socket,
+/// held for this wait only (the writer may hold the socket's own stream).
+async fn wait_readable(side: &ReadSide, until: Instant) -> Wait {
+    let ctl = &side.conn.ctl;
+    if watch(side) {
+        return match ctl.readable_or_timeout(until).await {
+            true => Wait::Readable,
+            false => Wait::TimedOut,
+        };
+    }
+    let Some(socket) = side.conn.socket() else {
+        return Wait::Failed;
+    };
+    // SAFETY: plain syscall on the open socket; the copy is owned by the stream below.
+    let copy = unsafe { libc::dup(socket) };
+    if copy < 0 {
+        return Wait::Failed;
+    }
+    // SAFETY: `copy` is a fresh descriptor nothing else owns.
+    let std_stream = unsafe { std::net::TcpStream::from_raw_fd(copy) };
+    let Ok(stream) = TcpStream::from_std(std_stream) else {
+        return Wait::Failed;
+    };
+    monoio::select! {
+        ready = stream.readable(false) => match ready {
+            Ok(()) => Wait::Readable,
+            Err(_) => Wait::Failed,
+        },
+        _ = ctl.readable_or_timeout(until) => Wait::TimedOut,
+    }
+}
+
 /// Reads what the socket has (without blocking) onto `input`; false when the peer hung up or
 /// the socket failed. Nothing read (readiness reported early) is not an end.
-fn receive(fd: RawFd, input: &mut Vec<u8>) -> bool {
+fn receive(socket: Option<RawFd>, input: &mut Vec<u8>) -> bool {
+    let Some(fd) = socket else {
+        return false;
+    };
     RECEIVE_BUFFER.with_borrow_mut(|buf| loop {
         // SAFETY: `buf` is valid for writes of its length, and `fd` is the connection's socket,
-        // open while its read half lives.
+        // open until the writer's end, which waits for the reader's.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         match usize::try_from(n) {
             Ok(0) => return false,
@@ -865,7 +940,7 @@ fn receive(fd: RawFd, input: &mut Vec<u8>) -> bool {
 
 async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
     loop {
-        if receive_first && !receive(side.fd, &mut side.input) {
+        if receive_first && !receive(side.conn.socket(), &mut side.input) {
             // Gone without a close frame: 1006, and the writer must stop too.
             side.conn.close_with(1006, "");
             return Stopped::Closed;
@@ -911,19 +986,13 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
         // A chatty client: wait on readiness here for a while before parking. Waiting on
         // readiness rather than with a read in flight is what lets a quiet connection lend the
         // kernel no buffer.
-        // SAFETY: the read half shares the stream with the write half, as monoio's own
-        // split halves do; `readable` only reads the descriptor.
-        let stream = unsafe { &*side.read_half.0.get() };
         let park_at = Instant::now() + PARK_AFTER;
-        monoio::select! {
-            ready = stream.readable(false) => {
-                if ready.is_err() {
-                    side.conn.close_with(1006, "");
-                    return Stopped::Closed;
-                }
-            }
-            _ = side.conn.ctl.read_timeout(idle_at.min(park_at)) => {
-                side.chatty = false;
+        match wait_readable(side, idle_at.min(park_at)).await {
+            Wait::Readable => {}
+            Wait::TimedOut => side.chatty = false,
+            Wait::Failed => {
+                side.conn.close_with(1006, "");
+                return Stopped::Closed;
             }
         }
     }
@@ -971,8 +1040,6 @@ async fn handle_message(
 struct WriteSide {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
-    write_half: monoio::net::tcp::TcpOwnedWriteHalf,
-    fd: RawFd,
     expires_at_s: Option<u64>,
     /// When the last write finished: pacing, pings and releasing buffers count from here.
     last_write: Instant,
@@ -994,7 +1061,7 @@ impl Resume for WriteSide {
                 return;
             }
         }
-        monoio::spawn(write_side(self));
+        monoio::spawn(write_side(self, None));
     }
 }
 
@@ -1048,7 +1115,7 @@ impl WriteSide {
             return true;
         }
         batch.seal();
-        if !batch.send_now(self.fd) {
+        if !batch.send_now(conn.socket) {
             conn.close_with(1006, "");
             return false;
         }
@@ -1080,46 +1147,63 @@ fn record_delivered(stats: &ShardStats, live: &mut Vec<Instant>, written_at: Ins
     }
 }
 
-async fn write_side(mut side: Box<WriteSide>) {
-    side.conn.ctl.set_timer(None);
-    if let Stopped::Quiet = write_loop(&mut side).await {
-        let ctl = side.conn.ctl.clone();
+/// Runs the writing side until it parks or the connection ends. `stream` is the socket's
+/// runtime stream when the upgrade hands it over; a resumed writer borrows it anew.
+async fn write_side(mut side: Box<WriteSide>, stream: Option<TcpStream>) {
+    let conn = side.conn.clone();
+    conn.ctl.set_timer(None);
+    let lent = stream.map_or_else(|| conn.lend_stream(), Ok);
+    let mut stream = match lent {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(
+                conn = conn.ctl.id,
+                "the runtime refused the socket ({e}); closed"
+            );
+            conn.close_with(1006, "");
+            conn.writer_done.set(true);
+            conn.ctl.wake_reader();
+            return;
+        }
+    };
+    if let Stopped::Quiet = write_loop(&mut side, &mut stream).await {
+        // Every write has completed (only a close cancels one), so nothing else holds the
+        // stream and the socket goes back to being a number.
+        let _ = stream.into_raw_fd();
         side.shard.stats.ws_parked[park::Side::Writer as usize].add(1);
-        ctl.park_writer(side);
+        conn.ctl.clone().park_writer(side);
         return;
     }
-    let WriteSide {
-        conn,
-        write_half,
-        fd,
-        ..
-    } = *side;
+    drop(side);
     // Let the client answer the close (or hang up) briefly, then end both directions.
-    // SAFETY: `fd` is the socket both halves own; it stays open until they are dropped.
+    // SAFETY: the socket is open: `stream` owns it.
     unsafe {
-        libc::shutdown(fd, libc::SHUT_WR);
+        libc::shutdown(conn.socket, libc::SHUT_WR);
     }
-    // The reader notifies when it is done; the shard's connection timer ends the wait.
+    // The reader wakes this wait when it is done; the shard's connection timer ends it.
     let deadline = Instant::now() + CLOSE_LINGER;
     conn.ctl.set_timer(Some(deadline));
-    while !conn.reader_done.get() && Instant::now() < deadline {
-        conn.ctl.wait().await;
-    }
+    conn.ctl
+        .wait_until(|| conn.reader_done.get() || Instant::now() >= deadline)
+        .await;
     conn.ctl.set_timer(None);
     if !conn.reader_done.get() {
-        // The client neither answered nor hung up: end the reading side too.
+        // The client neither answered nor hung up: end the reading side too, which then
+        // finds the socket hung up.
         // SAFETY: as above.
         unsafe {
-            libc::shutdown(fd, libc::SHUT_RDWR);
+            libc::shutdown(conn.socket, libc::SHUT_RDWR);
         }
+        conn.ctl.wait_until(|| conn.reader_done.get()).await;
     }
-    drop(write_half);
+    // The reader is done with the socket: close it.
+    drop(stream);
     conn.writer_done.set(true);
     conn.ctl.wake_reader();
 }
 
 /// Writes what is queued until the connection closes, or until it is quiet and parks.
-async fn write_loop(side: &mut WriteSide) -> Stopped {
+async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
     let (shard, conn) = (side.shard.clone(), side.conn.clone());
     let expires_at_s = side.expires_at_s;
     let config = shard.config();
@@ -1134,7 +1218,7 @@ async fn write_loop(side: &mut WriteSide) -> Stopped {
         if conn.closing() {
             let close = conn.out.borrow().close;
             if let (Some((code, reason)), true) = (close, side.framing_intact && !batch.cut()) {
-                Box::pin(send_close(&mut side.write_half, code, reason)).await;
+                Box::pin(send_close(stream, code, reason)).await;
             }
             return Stopped::Closed;
         }
@@ -1159,7 +1243,7 @@ async fn write_loop(side: &mut WriteSide) -> Stopped {
             // Boxed: inline, the write's state would add ~380 bytes to every connection's
             // writer future for good; one allocation per `writev` (which carries every pending
             // frame) costs well under 1% of the syscall.
-            (outcome, batch) = Box::pin(write_all(&mut side.write_half, batch, &conn)).await;
+            (outcome, batch) = Box::pin(write_all(stream, batch, &conn)).await;
             batch.clear();
             match outcome {
                 Written::All => {}
@@ -1234,13 +1318,13 @@ enum Written {
 /// decided meanwhile (then the write is cancelled; the runtime keeps the batch alive until the
 /// kernel lets go of it).
 async fn write_all(
-    write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf,
+    stream: &mut TcpStream,
     mut batch: FrameBatch,
     conn: &WsConn,
 ) -> (Written, FrameBatch) {
     while !batch.done() {
         monoio::select! {
-            (result, returned) = write_half.writev(batch) => {
+            (result, returned) = stream.writev(batch) => {
                 batch = returned;
                 match result {
                     Ok(0) => return (Written::Failed, batch),
@@ -1255,14 +1339,14 @@ async fn write_all(
     (Written::All, batch)
 }
 
-async fn send_close(write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf, code: u16, reason: &str) {
+async fn send_close(stream: &mut TcpStream, code: u16, reason: &str) {
     if code == 1006 {
         return;
     }
     let mut frame = Vec::with_capacity(4 + reason.len());
     codec::write_close(&mut frame, code, reason);
     // A client that stopped reading cannot take even this frame; do not wait for it forever.
-    let _ = monoio::time::timeout(CLOSE_LINGER, write_half.write_all(frame)).await;
+    let _ = monoio::time::timeout(CLOSE_LINGER, stream.write_all(frame)).await;
 }
 
 #[cfg(test)]
@@ -1275,7 +1359,7 @@ mod tests {
 
     fn conn(config: &Config) -> WsConn {
         let ctl = Rc::new(ConnCtl::new(0x2a, "127.0.0.1:1".parse().unwrap(), false));
-        WsConn::new(ctl, Arc::new(ShardStats::new(0)), None, config)
+        WsConn::new(ctl, Arc::new(ShardStats::new(0)), None, config, -1)
     }
 
     /// What the writer would send, as (kind, channel or op, seq).
