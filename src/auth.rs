@@ -168,8 +168,27 @@ pub struct Principal {
     /// The JWT `exp`, seconds since the epoch; the connection is closed (1008) once the clock
     /// reaches it. `None` when open.
     pub expires_at_s: Option<u64>,
+    pub grants: Grants,
+}
+
+/// The channels a principal may subscribe and publish to: what a connection keeps of its
+/// principal for its whole life.
+#[derive(Debug, Clone)]
+pub struct Grants {
     subscribe: Scope,
     publish: Scope,
+}
+
+impl Grants {
+    /// Whether `channel` may be subscribed to.
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        self.subscribe.allows(channel)
+    }
+
+    /// Whether `channel` may be published to.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        self.publish.allows(channel)
+    }
 }
 
 /// The channels one kind of action is allowed on.
@@ -197,19 +216,21 @@ impl Principal {
         Principal {
             user: None,
             expires_at_s: None,
-            subscribe: Scope::All,
-            publish: Scope::All,
+            grants: Grants {
+                subscribe: Scope::All,
+                publish: Scope::All,
+            },
         }
     }
 
     /// Whether this principal may subscribe to `channel`.
     pub fn may_subscribe(&self, channel: &str) -> bool {
-        self.subscribe.allows(channel)
+        self.grants.may_subscribe(channel)
     }
 
     /// Whether this principal may publish to `channel`.
     pub fn may_publish(&self, channel: &str) -> bool {
-        self.publish.allows(channel)
+        self.grants.may_publish(channel)
     }
 }
 
@@ -357,8 +378,7 @@ fn claims_to_principal(claims: RawClaims, now_s: u64) -> Result<Principal, AuthE
     Ok(Principal {
         user: Some(user),
         expires_at_s: Some(exp),
-        subscribe,
-        publish,
+        grants: Grants { subscribe, publish },
     })
 }
 

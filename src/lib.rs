@@ -18,11 +18,12 @@
 //! - [`webhook`]: at-least-once event delivery to subsystems' subscriptions.
 //! - [`ratelimit`]: per-client token buckets.
 //! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
-//! - [`names`], [`glob`], [`query`], [`cursor`]: small pure helpers.
+//! - [`names`], [`glob`], [`query`], [`cursor`], [`clock`]: small pure helpers.
 
 pub mod api;
 pub mod auth;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod cursor;
 pub mod glob;

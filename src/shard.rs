@@ -24,6 +24,7 @@ use futures_channel::oneshot;
 
 use crate::bus::event::{Draft, Event};
 use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Since, Subscribed};
+use crate::clock::Stamp;
 use crate::config::Config;
 use crate::mesh::{Mesh, Outbox};
 use crate::metrics::{ShardStats, Transport};
@@ -161,7 +162,7 @@ impl Shared {
 pub struct ConnCtl {
     pub id: u64,
     pub peer: SocketAddr,
-    pub opened_at: Instant,
+    opened: Stamp,
     transport: Cell<Transport>,
     closing: Cell<bool>,
     notified: Cell<bool>,
@@ -169,10 +170,10 @@ pub struct ConnCtl {
     /// When the task waiting in [`ConnCtl::wait`] wants waking by the shard's connection
     /// timers (WebSocket heartbeat, token expiry). A per-connection monoio timer would cost
     /// 640 bytes in every connection's future; the shard's one timer scans instead.
-    timer_at: Cell<Option<Instant>>,
+    timer_at: Cell<Stamp>,
     /// The reader's deadline (WebSocket idle timeout) and the reader's own waker: it waits on
     /// its socket's readiness, not on [`ConnCtl::wait`].
-    read_deadline: Cell<Option<Instant>>,
+    read_deadline: Cell<Stamp>,
     read_waker: Cell<Option<Waker>>,
     /// Set when the shard's readiness set reports the socket readable while the reader waits
     /// on its task (not parked); see [`ConnCtl::readable_or_timeout`].
@@ -188,18 +189,23 @@ impl ConnCtl {
         ConnCtl {
             id,
             peer,
-            opened_at: Instant::now(),
+            opened: Stamp::now(),
             transport: Cell::new(Transport::Http),
             closing: Cell::new(closing),
             notified: Cell::new(false),
             waker: Cell::new(None),
-            timer_at: Cell::new(None),
-            read_deadline: Cell::new(None),
+            timer_at: Cell::new(Stamp::NONE),
+            read_deadline: Cell::new(Stamp::NONE),
             read_waker: Cell::new(None),
             read_ready: Cell::new(false),
             parked_writer: Cell::new(None),
             parked_reader: Cell::new(None),
         }
+    }
+
+    /// When the connection was accepted.
+    pub fn opened_at(&self) -> Instant {
+        self.opened.instant().unwrap_or_else(Instant::now)
     }
 
     /// Forgets a notification the caller is acting on already.
@@ -224,7 +230,7 @@ impl ConnCtl {
     /// by id) or, at the latest, `deadline` (through `waker`).
     pub fn park_reader(&self, side: Box<dyn Resume>, deadline: Instant, waker: Waker) {
         self.parked_reader.set(Some(side));
-        self.read_deadline.set(Some(deadline));
+        self.read_deadline.set(Stamp::deadline(deadline));
         self.read_waker.set(Some(waker));
     }
 
@@ -242,7 +248,7 @@ impl ConnCtl {
         &'a self,
         condition: impl Fn() -> bool + 'a,
     ) -> impl Future<Output = ()> + 'a {
-        self.read_deadline.set(None);
+        self.read_deadline.set(Stamp::NONE);
         wait_in(&self.read_waker, condition)
     }
 
@@ -255,7 +261,7 @@ impl ConnCtl {
 
     /// Wakes [`ConnCtl::wait`] at `at` (or soon after: the shard's timer ticks), once.
     pub fn set_timer(&self, at: Option<Instant>) {
-        self.timer_at.set(at);
+        self.timer_at.set(Stamp::deadline_of(at));
     }
 
     /// Forgets an earlier readiness report, before the socket is watched again.
@@ -273,13 +279,13 @@ impl ConnCtl {
     /// [`ConnCtl::mark_readable`]), or with false once `deadline` has passed (checked when the
     /// shard's timer ticks). One waiter at a time (the connection's reader).
     pub fn readable_or_timeout(&self, deadline: Instant) -> impl Future<Output = bool> + '_ {
-        self.read_deadline.set(Some(deadline));
+        self.read_deadline.set(Stamp::deadline(deadline));
         poll_fn(move |cx| {
             if self.read_ready.replace(false) {
-                self.read_deadline.set(None);
+                self.read_deadline.set(Stamp::NONE);
                 Poll::Ready(true)
             } else if Instant::now() >= deadline {
-                self.read_deadline.set(None);
+                self.read_deadline.set(Stamp::NONE);
                 Poll::Ready(false)
             } else {
                 self.read_waker.set(Some(cx.waker().clone()));
@@ -289,13 +295,13 @@ impl ConnCtl {
     }
 
     /// Fires the timers due at `now` (called by the shard's timer task).
-    pub fn fire_timers(&self, now: Instant) {
-        if self.timer_at.get().is_some_and(|at| at <= now) {
-            self.timer_at.set(None);
+    pub fn fire_timers(&self, now: Stamp) {
+        if self.timer_at.get().passed_by(now) {
+            self.timer_at.set(Stamp::NONE);
             self.notified.set(true);
             self.wake();
         }
-        if self.read_deadline.get().is_some_and(|at| at <= now) {
+        if self.read_deadline.get().passed_by(now) {
             if let Some(waker) = self.read_waker.take() {
                 waker.wake();
             }
@@ -1034,7 +1040,7 @@ impl Shard {
         let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
         loop {
             monoio::time::sleep(tick).await;
-            let now = Instant::now();
+            let now = Stamp::now();
             // Waking only schedules the woken tasks, so nothing re-enters `conns` meanwhile.
             for ctl in self.conns.borrow().values() {
                 ctl.fire_timers(now);

@@ -394,7 +394,10 @@ enum Step {
 /// consumed bytes, and repeat while it returns a message; on `Partial` wait for more bytes.
 #[derive(Debug)]
 pub struct FrameReader {
-    limits: Limits,
+    /// The [`Limits`], each kept as a `u32` (the reader lives as long as its connection, and no
+    /// frame or message may come near 4 GiB).
+    max_frame_bytes: u32,
+    max_message_bytes: u32,
     /// The fragmented data message in progress, if any.
     open: Option<Kind>,
     /// Unmasked payload of the fragments of `open` received so far.
@@ -406,8 +409,10 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(limits: Limits) -> Self {
+        let as_u32 = |max: usize| u32::try_from(max).unwrap_or(u32::MAX);
         FrameReader {
-            limits,
+            max_frame_bytes: as_u32(limits.max_frame_bytes),
+            max_message_bytes: as_u32(limits.max_message_bytes),
             open: None,
             message: Vec::new(),
             utf8_valid: 0,
@@ -464,18 +469,18 @@ impl FrameReader {
         // Size checks use the announced length only, before any payload is touched.
         let frame_too_large = ProtocolError::FrameTooLarge {
             size: len,
-            max: self.limits.max_frame_bytes,
+            max: self.max_frame_bytes as usize,
         };
         let len = match usize::try_from(len) {
-            Ok(n) if n <= self.limits.max_frame_bytes => n,
+            Ok(n) if n <= self.max_frame_bytes as usize => n,
             _ => return Err(frame_too_large),
         };
         if let OpCode::Data(_) = opcode {
             let size = self.message.len().saturating_add(len);
-            if size > self.limits.max_message_bytes {
+            if size > self.max_message_bytes as usize {
                 return Err(ProtocolError::MessageTooLarge {
                     size,
-                    max: self.limits.max_message_bytes,
+                    max: self.max_message_bytes as usize,
                 });
             }
         }
@@ -581,7 +586,7 @@ impl FrameReader {
                 .capacity()
                 .saturating_mul(2)
                 .max(needed)
-                .min(self.limits.max_message_bytes.max(needed));
+                .min((self.max_message_bytes as usize).max(needed));
             self.message
                 .reserve_exact(target.saturating_sub(self.message.len()));
         }

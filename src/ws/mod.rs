@@ -35,6 +35,7 @@ use monoio::net::TcpStream;
 use crate::auth::Principal;
 use crate::bus::event::Event;
 use crate::bus::{Since, Sink, Subscribed};
+use crate::clock::Stamp;
 use crate::config::{Config, SlowConsumerPolicy};
 use crate::metrics::{ws_close_slot, ShardStats, Transport};
 use crate::park::{self, Resume};
@@ -174,8 +175,6 @@ struct Outbound {
 
 /// One WebSocket connection as the bus and its two tasks see it.
 pub struct WsConn {
-    /// The id this connection's sink has in the shard's local subscriptions.
-    pub sink_id: u64,
     pub conn_id: Arc<str>,
     pub user: Arc<str>,
     ctl: Rc<ConnCtl>,
@@ -187,8 +186,10 @@ pub struct WsConn {
     /// number any more.
     socket_lost: Cell<bool>,
     stats: Arc<ShardStats>,
-    max_messages: usize,
-    max_bytes: usize,
+    /// `limits.outbound_queue_messages` and `limits.outbound_queue_bytes`, each a `u32` (past
+    /// 4 GiB per connection a bound means nothing), as a connection keeps them for life.
+    max_messages: u32,
+    max_bytes: u32,
     policy: SlowConsumerPolicy,
     out: RefCell<Outbound>,
     reader_done: Cell<bool>,
@@ -209,21 +210,26 @@ impl WsConn {
         let conn_id: Arc<str> = Arc::from(format!("{:x}", ctl.id));
         let user = user.map(Arc::from).unwrap_or_else(|| conn_id.clone());
         WsConn {
-            sink_id: ctl.id,
             conn_id,
             user,
             ctl,
             socket,
             socket_lost: Cell::new(false),
             stats,
-            max_messages: config.limits.outbound_queue_messages.max(1),
-            max_bytes: config.limits.outbound_queue_bytes.max(1),
+            max_messages: u32::try_from(config.limits.outbound_queue_messages.max(1))
+                .unwrap_or(u32::MAX),
+            max_bytes: u32::try_from(config.limits.outbound_queue_bytes.max(1)).unwrap_or(u32::MAX),
             policy: config.limits.slow_consumer,
             out: RefCell::new(Outbound::default()),
             reader_done: Cell::new(false),
             writer_done: Cell::new(false),
             close_waker: Cell::new(None),
         }
+    }
+
+    /// The id this connection's sink has in the shard's local subscriptions.
+    pub fn sink_id(&self) -> u64 {
+        self.ctl.id
     }
 
     /// The JWT's user; `None` for a connection without one (its own user).
@@ -338,7 +344,8 @@ impl WsConn {
     /// connection is being closed instead.
     fn make_room(&self, out: &mut Outbound, len: usize) -> bool {
         while out.counted > 0
-            && (out.counted >= self.max_messages || out.counted_bytes + len > self.max_bytes)
+            && (out.counted >= self.max_messages as usize
+                || out.counted_bytes + len > self.max_bytes as usize)
         {
             self.stats.slow_consumer_drops.inc();
             if self.policy == SlowConsumerPolicy::Close || !self.drop_oldest_event(out) {
@@ -495,7 +502,7 @@ impl Sink for WsConn {
         };
         match &mut sub.phase {
             Phase::Recovering(held) => {
-                if held.len() < self.max_messages {
+                if held.len() < self.max_messages as usize {
                     held.push(Held::Event(event.clone()));
                 } else {
                     self.stats.slow_consumer_drops.inc();
@@ -732,23 +739,21 @@ pub async fn serve(
         shard: shard.clone(),
         conn: conn.clone(),
         expires_at_s: request.principal.expires_at_s,
-        last_write: Instant::now(),
+        last_write: Stamp::now(),
         framing_intact: true,
         unsent: None,
     });
     monoio::spawn(write_side(writer, Some(stream)));
-    let session = protocol::Session::new(shard.clone(), conn.clone(), request.principal);
+    let session = protocol::Session::new(shard.clone(), conn, request.principal.grants);
     let max = config.limits.max_frame_bytes;
     let side = ReadSide {
-        shard: shard.clone(),
-        conn,
         session,
         reader: FrameReader::new(codec::Limits {
             max_frame_bytes: max,
             max_message_bytes: max,
         }),
         input: early,
-        last_message: None,
+        last_message: Stamp::NONE,
         chatty: false,
         parked: false,
     };
@@ -760,15 +765,14 @@ pub async fn serve(
 
 /// What the reading side of a connection holds for its whole life.
 struct ReadSide {
-    shard: Rc<Shard>,
-    conn: Rc<WsConn>,
+    /// Also holds the shard and the connection, for both sides of the session.
     session: protocol::Session,
     reader: FrameReader,
     /// Received bytes not yet parsed into whole messages; no buffer at all while idle.
     input: Vec<u8>,
     /// When the client last sent a whole message (the idle timeout counts from here, or from
     /// the connection's start).
-    last_message: Option<Instant>,
+    last_message: Stamp,
     /// Whether the last message came within `PARK_AFTER` of the one before: such a client
     /// keeps its reading task through short pauses; any other parks as soon as it is quiet.
     chatty: bool,
@@ -777,19 +781,27 @@ struct ReadSide {
 }
 
 impl ReadSide {
+    fn shard(&self) -> &Rc<Shard> {
+        self.session.shard()
+    }
+
+    fn conn(&self) -> &Rc<WsConn> {
+        self.session.conn()
+    }
+
     /// When the connection is closed as idle (`limits.idle_timeout_s`) unless it speaks.
     fn idle_at(&self) -> Instant {
-        let idle = Duration::from_secs(self.shard.config().limits.idle_timeout_s);
-        self.last_message.unwrap_or(self.conn.ctl.opened_at) + idle
+        let idle = Duration::from_secs(self.shard().config().limits.idle_timeout_s);
+        let since = self.last_message.instant();
+        since.unwrap_or_else(|| self.conn().ctl.opened_at()) + idle
     }
 
     /// Notes a whole message from the client.
     fn heard(&mut self) {
         let now = Instant::now();
-        self.chatty = self
-            .last_message
+        self.chatty = (self.last_message.instant())
             .is_some_and(|last| now.saturating_duration_since(last) < PARK_AFTER);
-        self.last_message = Some(now);
+        self.last_message = Stamp::reading(now);
     }
 }
 
@@ -822,12 +834,8 @@ async fn read_side(mut side: Box<ReadSide>) {
             },
         }
     }
-    let ReadSide {
-        shard,
-        conn,
-        mut session,
-        ..
-    } = *side;
+    let ReadSide { mut session, .. } = *side;
+    let (shard, conn) = (session.shard().clone(), session.conn().clone());
     conn.reader_done.set(true);
     // The writer is waiting for this, or must see the close it was not told of yet.
     conn.wake_for_close();
@@ -843,15 +851,15 @@ async fn read_side(mut side: Box<ReadSide>) {
 /// Parks a quiet reading side in its `ConnCtl`, its socket in the shard's readiness set;
 /// gives it back, to wait on its task for a while, when the set cannot take it.
 fn park_reader(mut side: Box<ReadSide>) -> Result<(), Box<ReadSide>> {
-    let id = side.conn.ctl.id;
+    let id = side.conn().ctl.id;
     if !watch(&side) {
         side.chatty = true;
         return Err(side);
     }
     side.parked = true;
     let deadline = side.idle_at();
-    let ctl = side.conn.ctl.clone();
-    side.shard.stats.ws_parked[park::Side::Reader as usize].add(1);
+    let ctl = side.conn().ctl.clone();
+    side.shard().stats.ws_parked[park::Side::Reader as usize].add(1);
     ctl.park_reader(side, deadline, park::waker(id, park::Side::Reader));
     Ok(())
 }
@@ -865,9 +873,9 @@ thread_local! {
 /// Puts the socket in the shard's readiness set (one-shot): its next readiness wakes the
 /// reader, parked or waiting on its task. False when the set cannot take it.
 fn watch(side: &ReadSide) -> bool {
-    let ctl = &side.conn.ctl;
+    let ctl = &side.conn().ctl;
     ctl.expect_readable();
-    match (side.shard.readiness(), side.conn.socket()) {
+    match (side.shard().readiness(), side.conn().socket()) {
         (Some(readiness), Some(socket)) => readiness.watch(socket, ctl.id).is_ok(),
         _ => false,
     }
@@ -884,14 +892,14 @@ enum Wait {
 /// set; should the set not take the socket, through a runtime stream on a copy of the socket,
 /// held for this wait only (the writer may hold the socket's own stream).
 async fn wait_readable(side: &ReadSide, until: Instant) -> Wait {
-    let ctl = &side.conn.ctl;
+    let ctl = &side.conn().ctl;
     if watch(side) {
         return match ctl.readable_or_timeout(until).await {
             true => Wait::Readable,
             false => Wait::TimedOut,
         };
     }
-    let Some(socket) = side.conn.socket() else {
+    let Some(socket) = side.conn().socket() else {
         return Wait::Failed;
     };
     // SAFETY: plain syscall on the open socket; the copy is owned by the stream below.
@@ -940,9 +948,9 @@ fn receive(socket: Option<RawFd>, input: &mut Vec<u8>) -> bool {
 
 async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
     loop {
-        if receive_first && !receive(side.conn.socket(), &mut side.input) {
+        if receive_first && !receive(side.conn().socket(), &mut side.input) {
             // Gone without a close frame: 1006, and the writer must stop too.
-            side.conn.close_with(1006, "");
+            side.conn().close_with(1006, "");
             return Stopped::Closed;
         }
         receive_first = true;
@@ -955,8 +963,7 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
                         codec::Decoded::Partial => break,
                         codec::Decoded::Message(message) => {
                             side.heard();
-                            let handled =
-                                handle_message(&side.shard, &side.conn, &mut side.session, message);
+                            let handled = handle_message(&mut side.session, message);
                             if !Box::pin(handled).await {
                                 return Stopped::Closed;
                             }
@@ -964,12 +971,12 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
                     }
                 }
                 Err(e) => {
-                    side.conn.close_with(e.close_code(), e.reason());
+                    side.conn().close_with(e.close_code(), e.reason());
                     return Stopped::Closed;
                 }
             }
         }
-        if side.conn.closing() {
+        if side.conn().closing() {
             return Stopped::Closed;
         }
         if side.input.is_empty() && side.input.capacity() > 0 {
@@ -977,7 +984,7 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
         }
         let idle_at = side.idle_at();
         if Instant::now() >= idle_at {
-            side.conn.close_with(close::NORMAL, "idle timeout");
+            side.conn().close_with(close::NORMAL, "idle timeout");
             return Stopped::Closed;
         }
         if !side.chatty {
@@ -991,7 +998,7 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
             Wait::Readable => {}
             Wait::TimedOut => side.chatty = false,
             Wait::Failed => {
-                side.conn.close_with(1006, "");
+                side.conn().close_with(1006, "");
                 return Stopped::Closed;
             }
         }
@@ -999,15 +1006,11 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
 }
 
 /// Handles one complete message; false when the connection must end.
-async fn handle_message(
-    shard: &Rc<Shard>,
-    conn: &Rc<WsConn>,
-    session: &mut protocol::Session,
-    message: Message,
-) -> bool {
+async fn handle_message(session: &mut protocol::Session, message: Message) -> bool {
+    let conn = session.conn().clone();
     match message {
         Message::Text(text) => {
-            shard.stats.ws_messages_received.inc();
+            session.shard().stats.ws_messages_received.inc();
             session.handle(text).await;
             true
         }
@@ -1042,7 +1045,7 @@ struct WriteSide {
     conn: Rc<WsConn>,
     expires_at_s: Option<u64>,
     /// When the last write finished: pacing, pings and releasing buffers count from here.
-    last_write: Instant,
+    last_write: Stamp,
     /// False once a write was cut mid-frame: nothing more can be framed after it.
     framing_intact: bool,
     /// What a write done at once (see [`WriteSide::write_at_once`]) left for the task: replies
@@ -1066,13 +1069,18 @@ impl Resume for WriteSide {
 }
 
 impl WriteSide {
+    fn last_write(&self) -> Instant {
+        self.last_write.instant().unwrap_or_else(Instant::now)
+    }
+
     /// When a quiet writer must run again: a heartbeat ping, the token's expiry, and while
     /// `streaming`, the release of its buffers.
     fn wake_at(&self, streaming: bool) -> Instant {
         let heartbeat = Duration::from_millis(self.shard.config().websocket.heartbeat_ms);
-        let mut wake_at = self.last_write + heartbeat;
+        let last_write = self.last_write();
+        let mut wake_at = last_write + heartbeat;
         if streaming {
-            wake_at = wake_at.min(self.last_write + RELEASE_AFTER);
+            wake_at = wake_at.min(last_write + RELEASE_AFTER);
         }
         if let Some(exp) = self.expires_at_s {
             let left_ms = (exp * 1000).saturating_sub(crate::shard::unix_ms());
@@ -1084,7 +1092,7 @@ impl WriteSide {
     /// Whether a heartbeat ping is due or the token has expired (the task acts on both).
     fn ping_or_expiry_due(&self, now: Instant) -> bool {
         let heartbeat = Duration::from_millis(self.shard.config().websocket.heartbeat_ms);
-        now >= self.last_write + heartbeat || token_expired(self.expires_at_s)
+        now >= self.last_write() + heartbeat || token_expired(self.expires_at_s)
     }
 
     /// A parked writer is mostly woken for a reply or a push that its idle socket takes at
@@ -1123,7 +1131,7 @@ impl WriteSide {
             self.unsent = Some(Box::new(batch));
             return false;
         }
-        self.last_write = Instant::now();
+        self.last_write = Stamp::now();
         conn.out.borrow_mut().queue.shrink_to(0);
         !conn.has_pending()
     }
@@ -1225,7 +1233,7 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
         // Closing (a drain): everything goes out at once, as it would without pacing.
         if batch.is_empty() && conn.only_events_pending() && !conn.ctl.is_closing() {
             let now = Instant::now();
-            if let Some(due) = shard.pacer.due(side.last_write, now) {
+            if let Some(due) = shard.pacer.due(side.last_write(), now) {
                 // Wrote a moment ago on a busy shard: let more events join the next write.
                 shard.pacer.hold(&conn.ctl, due);
                 let ctl = &conn.ctl;
@@ -1258,8 +1266,9 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
                     continue;
                 }
             }
-            side.last_write = Instant::now();
-            record_delivered(&shard.stats, &mut live, side.last_write);
+            let written_at = Instant::now();
+            side.last_write = Stamp::reading(written_at);
+            record_delivered(&shard.stats, &mut live, written_at);
             continue;
         }
         if conn.ctl.is_closing() {
@@ -1283,13 +1292,13 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
         // `RELEASE_AFTER` (the next event is likely near); one that wrote only replies, or has
         // been quiet that long, gives them back and parks: an idle connection holds no write
         // buffers and no task.
-        let streaming = live.capacity() > 0 && side.last_write.elapsed() < RELEASE_AFTER;
+        let streaming = live.capacity() > 0 && side.last_write().elapsed() < RELEASE_AFTER;
         if !streaming {
             batch = FrameBatch::new();
             live = Vec::new();
             conn.out.borrow_mut().queue.shrink_to(0);
         }
-        if side.last_write.elapsed() >= heartbeat {
+        if side.last_write().elapsed() >= heartbeat {
             let mut ping = Vec::with_capacity(2);
             codec::write_ping(&mut ping, b"");
             conn.send_frame(Bytes::from(ping));

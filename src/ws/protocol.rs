@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{codec, WsConn};
-use crate::auth::Principal;
+use crate::auth::Grants;
 use crate::bus::event::push_u64;
 use crate::bus::{Member, Since};
 use crate::http::codec::json_escape_into;
@@ -74,7 +74,7 @@ struct RefOnly<'a> {
 pub struct Session {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
-    principal: Principal,
+    grants: Grants,
 }
 
 /// A reply error: code and message.
@@ -85,12 +85,20 @@ fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
 }
 
 impl Session {
-    pub fn new(shard: Rc<Shard>, conn: Rc<WsConn>, principal: Principal) -> Session {
+    pub fn new(shard: Rc<Shard>, conn: Rc<WsConn>, grants: Grants) -> Session {
         Session {
             shard,
             conn,
-            principal,
+            grants,
         }
+    }
+
+    pub fn shard(&self) -> &Rc<Shard> {
+        &self.shard
+    }
+
+    pub fn conn(&self) -> &Rc<WsConn> {
+        &self.conn
     }
 
     /// Handles one text message (valid UTF-8, at most `limits.max_frame_bytes`).
@@ -168,7 +176,7 @@ impl Session {
 
     async fn subscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
         let channel = self.channel(request)?;
-        if !self.principal.may_subscribe(channel) {
+        if !self.grants.may_subscribe(channel) {
             return Err(refuse(
                 code::FORBIDDEN,
                 format!("your token does not allow subscribing to {channel}"),
@@ -224,7 +232,7 @@ impl Session {
     }
 
     fn conn_sink_id(&self) -> u64 {
-        self.conn.sink_id
+        self.conn.sink_id()
     }
 
     fn unsubscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
@@ -252,7 +260,7 @@ impl Session {
         text: &Bytes,
     ) -> Result<Option<Bytes>, Refusal> {
         let channel = self.channel(request)?;
-        if !self.principal.may_publish(channel) {
+        if !self.grants.may_publish(channel) {
             return Err(refuse(
                 code::FORBIDDEN,
                 format!("your token does not allow publishing to {channel}"),
@@ -297,7 +305,7 @@ impl Session {
 
     async fn presence(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
         let channel = self.channel(request)?;
-        if !self.principal.may_subscribe(channel) {
+        if !self.grants.may_subscribe(channel) {
             return Err(refuse(
                 code::FORBIDDEN,
                 format!("your token does not allow subscribing to {channel}"),
