@@ -7,9 +7,10 @@
 //! takes from this thread's woken list and resumes by spawning the side's task again. So an idle
 //! connection holds no task at all, only its state.
 //!
-//! A parked reader waits in the shard's [`Readiness`] set: one epoll instance in which its
-//! socket is registered one-shot, so that the wait costs the process nothing (the kernel keeps
-//! the entry); the set's task turns each ready socket into a wake of its reader.
+//! A reader waits in the shard's [`Readiness`] set, parked or on its task: one epoll instance
+//! in which each WebSocket's socket is registered once, edge-triggered, so that waiting costs
+//! the process nothing and no syscall (the kernel keeps the entry); the set's task turns each
+//! ready socket into a wake of its reader.
 //!
 //! Owns only the woken list of this thread and the shard's readiness set. Must never: hold a
 //! connection's state (that is the `ConnCtl`'s), or allocate per wake-up once the list has
@@ -109,8 +110,8 @@ pub fn woken(into: &mut Vec<(u64, Side)>) -> impl Future<Output = ()> + '_ {
 /// Ready sockets taken from the epoll set per `epoll_wait`.
 const READY_BATCH: usize = 256;
 
-/// The shard's readiness set for parked readers: an epoll instance; each parked reader's
-/// socket is in it, one-shot, with its connection id.
+/// The shard's readiness set for WebSocket readers: an epoll instance; each connection's
+/// socket is in it, edge-triggered, with its connection id.
 pub struct Readiness {
     epoll: OwnedFd,
 }
@@ -128,20 +129,24 @@ impl Readiness {
         })
     }
 
-    /// Wakes the reader of connection `id` (see [`waker`]) once `socket` is readable or hung
-    /// up. One-shot: each park registers again.
-    pub fn watch(&self, socket: RawFd, id: u64) -> std::io::Result<()> {
+    /// From now on wakes the reader of connection `id` (see [`waker`]) whenever `socket`
+    /// turns readable or hangs up. Edge-triggered: reported is what arrives after a read that
+    /// drained the socket (and, at once, what is there when added); the entry lives as long as
+    /// the socket (closing it takes it out of the set).
+    pub fn add(&self, socket: RawFd, id: u64) -> std::io::Result<()> {
         let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: id,
         };
-        let epoll = self.epoll.as_raw_fd();
         // SAFETY: valid descriptors and a valid event; the kernel copies it.
-        let mut rc = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_MOD, socket, &mut event) };
-        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
-            // SAFETY: as above.
-            rc = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, socket, &mut event) };
-        }
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                socket,
+                &mut event,
+            )
+        };
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -175,8 +175,9 @@ pub struct ConnCtl {
     /// its socket's readiness, not on [`ConnCtl::wait`].
     read_deadline: Cell<Stamp>,
     read_waker: Cell<Option<Waker>>,
-    /// Set when the shard's readiness set reports the socket readable while the reader waits
-    /// on its task (not parked); see [`ConnCtl::readable_or_timeout`].
+    /// Set when the shard's readiness set reports the socket readable while the reader is on
+    /// its task (not parked), cleared before each read: the reader does not park, nor wait,
+    /// while it is set (see [`ConnCtl::readable_or_timeout`]).
     read_ready: Cell<bool>,
     /// The sides of an idle connection, parked without a task (see [`crate::park`]); resumed
     /// through `waker` (the writer) and `read_waker` (the reader).
@@ -264,9 +265,15 @@ impl ConnCtl {
         self.timer_at.set(Stamp::deadline_of(at));
     }
 
-    /// Forgets an earlier readiness report, before the socket is watched again.
+    /// Forgets an earlier readiness report, before the socket is read: the readiness set
+    /// reports anew whatever arrives from then on.
     pub fn expect_readable(&self) {
         self.read_ready.set(false);
+    }
+
+    /// Whether the socket was reported readable since the last read.
+    pub fn is_readable(&self) -> bool {
+        self.read_ready.get()
     }
 
     /// The readiness set reported the socket while the reader is on its task: wakes its wait.

@@ -35,6 +35,7 @@ both_drivers!(
     frame_over_the_limit_closes_1009,
     fragmented_message_over_the_limit_closes_1009,
     frame_at_the_limit_is_accepted,
+    messages_past_one_receive_buffer_are_all_read,
     binary_frame_closes_1003,
     fragmented_text_is_one_message,
     ping_frame_gets_a_pong_with_the_same_payload,
@@ -1056,6 +1057,76 @@ fn fragmented_message_over_the_limit_closes_1009(driver: &str) {
         &bytes,
         1009,
     );
+}
+
+/// The server reads a socket in 64 KiB receives and hears of new bytes only when they arrive
+/// (its readiness set is edge-triggered): what one write puts past the first receive must be
+/// read without anything more arriving.
+fn messages_past_one_receive_buffer_are_all_read(driver: &str) {
+    let server = Server::start(driver, &[]);
+    let mut c = WsClient::open(server.addr);
+    c.welcome();
+    // One message at the default limit (65,536 bytes): its frame is 14 bytes longer than one
+    // receive, and nothing else follows it.
+    let head = r#"{"op":"ping","ref":""#;
+    let r = "y".repeat(65_536 - head.len() - 2);
+    let text = format!(r#"{{"op":"ping","ref":"{r}"}}"#);
+    assert_eq!(text.len(), 65_536);
+    c.send_raw(&encode_frame(
+        true,
+        0,
+        OP_TEXT,
+        text.as_bytes(),
+        Some([9, 8, 7, 6]),
+    ));
+    let v = c.next_json(READ_TIMEOUT, "pong to a message one receive cannot hold");
+    assert_eq!(v, json!({"op":"pong","ref":r}), "a 65,536-byte message");
+    let refs: Vec<String> = (0..4)
+        .map(|i| format!("{i}{}", "x".repeat(60_000)))
+        .collect();
+    let mut burst = Vec::new();
+    for r in &refs {
+        let text = format!(r#"{{"op":"ping","ref":"{r}"}}"#);
+        burst.extend(encode_frame(
+            true,
+            0,
+            OP_TEXT,
+            text.as_bytes(),
+            Some([1, 2, 3, 4]),
+        ));
+    }
+    // 240 KB in one write, then silence: 4 pongs must come back.
+    c.send_raw(&burst);
+    for (i, r) in refs.iter().enumerate() {
+        let v = c.next_json(READ_TIMEOUT, &format!("pong {i} of a 240 KB burst"));
+        assert_eq!(
+            v,
+            json!({"op":"pong","ref":r}),
+            "pong {i} of a 240 KB burst"
+        );
+    }
+    // And many small messages in one write.
+    let mut burst = Vec::new();
+    for i in 0..300 {
+        let text = format!(r#"{{"op":"ping","ref":{i}}}"#);
+        burst.extend(encode_frame(
+            true,
+            0,
+            OP_TEXT,
+            text.as_bytes(),
+            Some([5, 6, 7, 8]),
+        ));
+    }
+    c.send_raw(&burst);
+    for i in 0..300 {
+        let v = c.next_json(READ_TIMEOUT, &format!("pong {i} of 300 in one write"));
+        assert_eq!(
+            v,
+            json!({"op":"pong","ref":i}),
+            "pong {i} of 300 in one write"
+        );
+    }
+    c.assert_alive("after the bursts");
 }
 
 fn frame_at_the_limit_is_accepted(driver: &str) {

@@ -744,6 +744,7 @@ pub async fn serve(
         unsent: None,
     });
     monoio::spawn(write_side(writer, Some(stream)));
+    let conn_socket = conn.socket;
     let session = protocol::Session::new(shard.clone(), conn, request.principal.grants);
     let max = config.limits.max_frame_bytes;
     let side = ReadSide {
@@ -756,6 +757,9 @@ pub async fn serve(
         last_message: Stamp::NONE,
         chatty: false,
         parked: false,
+        in_readiness_set: shard
+            .readiness()
+            .is_some_and(|readiness| readiness.add(conn_socket, ctl.id).is_ok()),
     };
     // Each side lives on a task of its own while it has work, and parked in the connection's
     // `ConnCtl` (no task) while idle: this future is sized for the upgrade (the request, the
@@ -778,6 +782,9 @@ struct ReadSide {
     chatty: bool,
     /// Parked, so that it reads first when resumed.
     parked: bool,
+    /// The socket is in the shard's readiness set (edge-triggered, for the connection's life):
+    /// the set reports whatever arrives after a `recv` that drained it.
+    in_readiness_set: bool,
 }
 
 impl ReadSide {
@@ -787,6 +794,11 @@ impl ReadSide {
 
     fn conn(&self) -> &Rc<WsConn> {
         self.session.conn()
+    }
+
+    /// Whether the shard's readiness set reports this socket (it stops, should the set fail).
+    fn watched(&self) -> bool {
+        self.in_readiness_set && self.shard().readiness().is_some()
     }
 
     /// When the connection is closed as idle (`limits.idle_timeout_s`) unless it speaks.
@@ -848,19 +860,24 @@ async fn read_side(mut side: Box<ReadSide>) {
     shard.close_conn(&conn.ctl);
 }
 
-/// Parks a quiet reading side in its `ConnCtl`, its socket in the shard's readiness set;
-/// gives it back, to wait on its task for a while, when the set cannot take it.
+/// Parks a quiet reading side in its `ConnCtl`; its socket's next readiness resumes it (see
+/// [`ReadSide::watched`]). Gives it back to read again when the socket was reported readable
+/// since the last `recv`, or, when the readiness set does not have the socket, to wait on its
+/// task for a while.
 fn park_reader(mut side: Box<ReadSide>) -> Result<(), Box<ReadSide>> {
-    let id = side.conn().ctl.id;
-    if !watch(&side) {
+    if !side.watched() {
         side.chatty = true;
+        return Err(side);
+    }
+    let ctl = side.conn().ctl.clone();
+    if ctl.is_readable() {
         return Err(side);
     }
     side.parked = true;
     let deadline = side.idle_at();
-    let ctl = side.conn().ctl.clone();
     side.shard().stats.ws_parked[park::Side::Reader as usize].add(1);
-    ctl.park_reader(side, deadline, park::waker(id, park::Side::Reader));
+    let waker = park::waker(ctl.id, park::Side::Reader);
+    ctl.park_reader(side, deadline, waker);
     Ok(())
 }
 
@@ -868,17 +885,6 @@ thread_local! {
     /// The shard's one receive buffer: connections read into it and keep only what they
     /// have not parsed yet, so no connection holds a read buffer while it waits.
     static RECEIVE_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
-}
-
-/// Puts the socket in the shard's readiness set (one-shot): its next readiness wakes the
-/// reader, parked or waiting on its task. False when the set cannot take it.
-fn watch(side: &ReadSide) -> bool {
-    let ctl = &side.conn().ctl;
-    ctl.expect_readable();
-    match (side.shard().readiness(), side.conn().socket()) {
-        (Some(readiness), Some(socket)) => readiness.watch(socket, ctl.id).is_ok(),
-        _ => false,
-    }
 }
 
 /// How a reader's wait on its task ended.
@@ -889,11 +895,11 @@ enum Wait {
 }
 
 /// Waits on the reader's task until the socket is readable or `until`. Through the readiness
-/// set; should the set not take the socket, through a runtime stream on a copy of the socket,
+/// set; should the set not have the socket, through a runtime stream on a copy of the socket,
 /// held for this wait only (the writer may hold the socket's own stream).
 async fn wait_readable(side: &ReadSide, until: Instant) -> Wait {
     let ctl = &side.conn().ctl;
-    if watch(side) {
+    if side.watched() {
         return match ctl.readable_or_timeout(until).await {
             true => Wait::Readable,
             false => Wait::TimedOut,
@@ -921,26 +927,41 @@ async fn wait_readable(side: &ReadSide, until: Instant) -> Wait {
     }
 }
 
-/// Reads what the socket has (without blocking) onto `input`; false when the peer hung up or
-/// the socket failed. Nothing read (readiness reported early) is not an end.
-fn receive(socket: Option<RawFd>, input: &mut Vec<u8>) -> bool {
-    let Some(fd) = socket else {
-        return false;
+/// What a [`receive`] found.
+enum Received {
+    /// Everything the socket had (possibly nothing: readiness reported early). The readiness
+    /// set reports only what arrives after this (edge-triggered).
+    Drained,
+    /// A whole receive buffer: there may be more.
+    More,
+    /// The peer hung up, or the socket failed.
+    Gone,
+}
+
+/// Reads what the socket has (without blocking) onto `input`, at most one receive buffer.
+/// Forgets an earlier readiness report first: whatever arrives from now on is reported anew.
+fn receive(conn: &WsConn, input: &mut Vec<u8>) -> Received {
+    let Some(fd) = conn.socket() else {
+        return Received::Gone;
     };
+    conn.ctl.expect_readable();
     RECEIVE_BUFFER.with_borrow_mut(|buf| loop {
         // SAFETY: `buf` is valid for writes of its length, and `fd` is the connection's socket,
         // open until the writer's end, which waits for the reader's.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         match usize::try_from(n) {
-            Ok(0) => return false,
+            Ok(0) => return Received::Gone,
             Ok(n) => {
                 input.extend_from_slice(buf.get(..n).unwrap_or_default());
-                return true;
+                return match n < buf.len() {
+                    true => Received::Drained,
+                    false => Received::More,
+                };
             }
             Err(_) => match std::io::Error::last_os_error().kind() {
                 std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => return true,
-                _ => return false,
+                std::io::ErrorKind::WouldBlock => return Received::Drained,
+                _ => return Received::Gone,
             },
         }
     })
@@ -948,10 +969,17 @@ fn receive(socket: Option<RawFd>, input: &mut Vec<u8>) -> bool {
 
 async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
     loop {
-        if receive_first && !receive(side.conn().socket(), &mut side.input) {
-            // Gone without a close frame: 1006, and the writer must stop too.
-            side.conn().close_with(1006, "");
-            return Stopped::Closed;
+        let mut drained = true;
+        if receive_first {
+            match receive(side.session.conn(), &mut side.input) {
+                Received::Drained => {}
+                Received::More => drained = false,
+                Received::Gone => {
+                    // Gone without a close frame: 1006, and the writer must stop too.
+                    side.conn().close_with(1006, "");
+                    return Stopped::Closed;
+                }
+            }
         }
         receive_first = true;
         // Everything complete in the buffer first.
@@ -978,6 +1006,9 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
         }
         if side.conn().closing() {
             return Stopped::Closed;
+        }
+        if !drained {
+            continue;
         }
         if side.input.is_empty() && side.input.capacity() > 0 {
             side.input = Vec::new();
@@ -1622,6 +1653,37 @@ mod tests {
         batch.seal();
         assert_eq!(batch.read_iovec_len(), WRITE_BATCH_FRAMES);
         assert!(live.is_empty(), "replays are not latency samples");
+    }
+
+    #[test]
+    fn receive_says_when_the_socket_may_hold_more_and_forgets_readiness_reports() {
+        use std::io::Write;
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let config = Config::default();
+        let ctl = Rc::new(ConnCtl::new(7, "127.0.0.1:1".parse().unwrap(), false));
+        let stats = Arc::new(ShardStats::new(0));
+        let conn = WsConn::new(ctl, stats, None, &config, ours.as_raw_fd());
+        theirs
+            .write_all(&vec![7u8; READ_CHUNK + 100])
+            .expect("write");
+        let mut input = Vec::new();
+        conn.ctl.mark_readable();
+        // A full buffer: the socket may hold more, which an edge-triggered set will not report.
+        assert!(matches!(receive(&conn, &mut input), Received::More));
+        assert_eq!(input.len(), READ_CHUNK);
+        assert!(
+            !conn.ctl.is_readable(),
+            "a receive forgets the report it acts on"
+        );
+        assert!(matches!(receive(&conn, &mut input), Received::Drained));
+        assert_eq!(input.len(), READ_CHUNK + 100);
+        // Nothing there (readiness reported early) is drained, not an end.
+        assert!(matches!(receive(&conn, &mut input), Received::Drained));
+        drop(theirs);
+        assert!(matches!(receive(&conn, &mut input), Received::Gone));
+        conn.socket_lost.set(true);
+        assert!(matches!(receive(&conn, &mut input), Received::Gone));
+        assert_eq!(input.len(), READ_CHUNK + 100);
     }
 
     #[test]
