@@ -168,6 +168,7 @@ pub struct Principal {
     /// The JWT `exp`, seconds since the epoch; the connection is closed (1008) once the clock
     /// reaches it. `None` when open.
     pub expires_at_s: Option<u64>,
+    /// The channels it may subscribe and publish to (`channels` and `publish` claims).
     pub grants: Grants,
 }
 

@@ -25,16 +25,12 @@ impl Stamp {
 
     /// `at` as a deadline: rounded up, so that it never comes early.
     pub fn deadline(at: Instant) -> Stamp {
-        Stamp::from_micros(
-            at.saturating_duration_since(epoch())
-                .as_nanos()
-                .div_ceil(1000),
-        )
+        Stamp::from_elapsed(at, true)
     }
 
     /// `at` as a reading: rounded down, so that a deadline it reaches has passed.
     pub fn reading(at: Instant) -> Stamp {
-        Stamp::from_micros(at.saturating_duration_since(epoch()).as_micros())
+        Stamp::from_elapsed(at, false)
     }
 
     /// Now, as a reading.
@@ -47,8 +43,19 @@ impl Stamp {
         at.map_or(Stamp::NONE, Stamp::deadline)
     }
 
-    fn from_micros(micros: u128) -> Stamp {
-        Stamp(u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1)
+    /// Microseconds from the epoch to `at`, in 64-bit arithmetic (writers stamp every write;
+    /// `Duration::as_micros` would divide 128-bit numbers), plus one.
+    fn from_elapsed(at: Instant, round_up: bool) -> Stamp {
+        let elapsed = at.saturating_duration_since(epoch());
+        let nanos = elapsed.subsec_nanos();
+        let sub_micros = match round_up {
+            true => nanos.div_ceil(1000),
+            false => nanos / 1000,
+        };
+        let micros = (elapsed.as_secs().saturating_mul(1_000_000))
+            .saturating_add(u64::from(sub_micros))
+            .min(u64::MAX - 1);
+        Stamp(micros + 1)
     }
 
     pub fn is_none(self) -> bool {

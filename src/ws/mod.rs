@@ -1038,13 +1038,15 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
 
 /// Handles one complete message; false when the connection must end.
 async fn handle_message(session: &mut protocol::Session, message: Message) -> bool {
-    let conn = session.conn().clone();
+    if let Message::Text(text) = message {
+        session.shard().stats.ws_messages_received.inc();
+        session.handle(text).await;
+        return true;
+    }
+    let conn = session.conn();
     match message {
-        Message::Text(text) => {
-            session.shard().stats.ws_messages_received.inc();
-            session.handle(text).await;
-            true
-        }
+        // Handled above, where the session may be borrowed mutably.
+        Message::Text(_) => true,
         Message::Binary(_) => {
             conn.close_with(close::UNSUPPORTED, "binary frames are not supported");
             false
