@@ -1069,64 +1069,33 @@ fn messages_past_one_receive_buffer_are_all_read(driver: &str) {
     // One message at the default limit (65,536 bytes): its frame is 14 bytes longer than one
     // receive, and nothing else follows it.
     let head = r#"{"op":"ping","ref":""#;
-    let r = "y".repeat(65_536 - head.len() - 2);
-    let text = format!(r#"{{"op":"ping","ref":"{r}"}}"#);
-    assert_eq!(text.len(), 65_536);
-    c.send_raw(&encode_frame(
-        true,
-        0,
-        OP_TEXT,
-        text.as_bytes(),
-        Some([9, 8, 7, 6]),
-    ));
-    let v = c.next_json(READ_TIMEOUT, "pong to a message one receive cannot hold");
-    assert_eq!(v, json!({"op":"pong","ref":r}), "a 65,536-byte message");
-    let refs: Vec<String> = (0..4)
-        .map(|i| format!("{i}{}", "x".repeat(60_000)))
+    let long = "y".repeat(65_536 - head.len() - 2);
+    assert_eq!(json!({"op":"ping","ref":long}).to_string().len(), 65_536);
+    pings_in_one_write(&mut c, &[json!(long)], "a 65,536-byte message");
+    // 240 KB in one write, then silence.
+    let refs: Vec<Value> = (0..4)
+        .map(|i| json!(format!("{i}{}", "x".repeat(60_000))))
         .collect();
+    pings_in_one_write(&mut c, &refs, "a 240 KB burst");
+    // And many small messages in one write.
+    let refs: Vec<Value> = (0..300).map(|i| json!(i)).collect();
+    pings_in_one_write(&mut c, &refs, "300 messages in one write");
+    c.assert_alive("after the bursts");
+}
+
+/// Sends a ping op per ref in one write, then expects the pongs in order.
+fn pings_in_one_write(c: &mut WsClient, refs: &[Value], what: &str) {
     let mut burst = Vec::new();
-    for r in &refs {
-        let text = format!(r#"{{"op":"ping","ref":"{r}"}}"#);
-        burst.extend(encode_frame(
-            true,
-            0,
-            OP_TEXT,
-            text.as_bytes(),
-            Some([1, 2, 3, 4]),
-        ));
+    for r in refs {
+        let text = json!({"op":"ping","ref":r}).to_string();
+        let mask = Some([1, 2, 3, 4]);
+        burst.extend(encode_frame(true, 0, OP_TEXT, text.as_bytes(), mask));
     }
-    // 240 KB in one write, then silence: 4 pongs must come back.
     c.send_raw(&burst);
     for (i, r) in refs.iter().enumerate() {
-        let v = c.next_json(READ_TIMEOUT, &format!("pong {i} of a 240 KB burst"));
-        assert_eq!(
-            v,
-            json!({"op":"pong","ref":r}),
-            "pong {i} of a 240 KB burst"
-        );
+        let v = c.next_json(READ_TIMEOUT, &format!("pong {i} of {what}"));
+        assert_eq!(v, json!({"op":"pong","ref":r}), "pong {i} of {what}");
     }
-    // And many small messages in one write.
-    let mut burst = Vec::new();
-    for i in 0..300 {
-        let text = format!(r#"{{"op":"ping","ref":{i}}}"#);
-        burst.extend(encode_frame(
-            true,
-            0,
-            OP_TEXT,
-            text.as_bytes(),
-            Some([5, 6, 7, 8]),
-        ));
-    }
-    c.send_raw(&burst);
-    for i in 0..300 {
-        let v = c.next_json(READ_TIMEOUT, &format!("pong {i} of 300 in one write"));
-        assert_eq!(
-            v,
-            json!({"op":"pong","ref":i}),
-            "pong {i} of 300 in one write"
-        );
-    }
-    c.assert_alive("after the bursts");
 }
 
 fn frame_at_the_limit_is_accepted(driver: &str) {
