@@ -34,6 +34,79 @@ pub struct EventFields<'a> {
 /// is missing or malformed: the event is not one this generator published.
 #[inline]
 pub fn scan_event(json: &[u8]) -> Option<EventFields<'_>> {
+    scan_in_relay_order(json).or_else(|| scan_in_any_order(json))
+}
+
+/// The fields read straight through in the order relay writes them, each key checked where it
+/// must be: a few short `memchr`s instead of three substring searches per event, which were
+/// the generator's largest user-space cost in the fan-out scenario. `None` when anything is
+/// not where relay puts it; [`scan_in_any_order`] then decides.
+#[inline]
+fn scan_in_relay_order(json: &[u8]) -> Option<EventFields<'_>> {
+    let mut cursor = Cursor { json, at: 0 };
+    if json.starts_with(WS_EVENT_PREFIX) {
+        cursor.at = WS_EVENT_PREFIX.len();
+    } else {
+        cursor.key(b"{")?;
+    }
+    // id, channel, type and epoch are names relay validates: no escapes, so the first quote
+    // ends each of them.
+    cursor.key(b"\"id\":\"")?;
+    cursor.string()?;
+    cursor.key(b",\"channel\":\"")?;
+    let channel = cursor.string()?;
+    cursor.key(b",\"type\":\"")?;
+    cursor.string()?;
+    cursor.key(b",\"seq\":")?;
+    let seq = cursor.number()?;
+    cursor.key(b",\"epoch\":\"")?;
+    cursor.string()?;
+    cursor.key(b",\"ts\":")?;
+    cursor.number()?;
+    cursor.key(b",")?;
+    cursor.key(DATA_TS_KEY)?;
+    let sched_ns = cursor.number()?;
+    Some(EventFields {
+        channel,
+        seq,
+        sched_ns,
+    })
+}
+
+/// A read position in a JSON text, for [`scan_in_relay_order`].
+struct Cursor<'a> {
+    json: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// Steps over `key` when the text continues with it.
+    #[inline]
+    fn key(&mut self, key: &[u8]) -> Option<()> {
+        self.json.get(self.at..)?.starts_with(key).then(|| {
+            self.at += key.len();
+        })
+    }
+
+    /// The string's text up to its closing quote (no escapes expected), stepping past the quote.
+    #[inline]
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let rest = self.json.get(self.at..)?;
+        let len = memchr::memchr(b'"', rest)?;
+        self.at += len + 1;
+        Some(&rest[..len])
+    }
+
+    #[inline]
+    fn number(&mut self) -> Option<u64> {
+        let (value, end) = parse_u64(self.json, self.at)?;
+        self.at = end;
+        Some(value)
+    }
+}
+
+/// The fields found wherever they are (another encoder's order).
+fn scan_in_any_order(json: &[u8]) -> Option<EventFields<'_>> {
     let c = CHANNEL_KEY.find(json)? + CHANNEL_KEY.needle().len();
     let c_end = c + memchr::memchr(b'"', json.get(c..)?)?;
     let channel = &json[c..c_end];
@@ -93,7 +166,13 @@ pub fn parse_u64(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
         if !b.is_ascii_digit() {
             break;
         }
-        value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        let digit = u64::from(b - b'0');
+        // Nineteen digits always fit; only a twentieth can overflow.
+        value = if n < 19 {
+            value * 10 + digit
+        } else {
+            value.checked_mul(10)?.checked_add(digit)?
+        };
         n += 1;
     }
     if n == 0 {
@@ -242,6 +321,24 @@ mod tests {
         assert_eq!(f.channel, b"lg.abc.7");
         assert_eq!(f.seq, 17);
         assert_eq!(f.sched_ns, 123_456_789_012);
+    }
+
+    #[test]
+    fn both_scans_agree_on_relay_events_and_only_relay_order_takes_the_fast_path() {
+        let sse = [b"{", &RELAY_EVENT[WS_EVENT_PREFIX.len()..]].concat();
+        for json in [RELAY_EVENT, &sse[..]] {
+            let fast = scan_in_relay_order(json).expect("relay's order");
+            assert_eq!(Some(fast), scan_in_any_order(json));
+        }
+        let with_extras = br#"{"id":"u","channel":"c","type":"t","seq":4,"epoch":"e","ts":1,"data":{"t":9},"source":"s"}"#;
+        assert_eq!(scan_in_relay_order(with_extras).map(|f| f.seq), Some(4));
+        let reordered =
+            br#"{"id":"u","seq":4,"channel":"c","type":"t","epoch":"e","ts":1,"data":{"t":9}}"#;
+        assert_eq!(scan_in_relay_order(reordered), None);
+        assert_eq!(
+            scan_event(reordered).map(|f| (f.channel, f.seq)),
+            Some((&b"c"[..], 4))
+        );
     }
 
     #[test]

@@ -413,11 +413,21 @@ fn thread_main(shared: Arc<Shared>, index: usize, ready: mpsc::Sender<Result<(),
         }
     }
     use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+    // COOP_TASKRUN, as relay's shards do: a completion (a subscriber's read, mostly) waits for
+    // this thread's next entry into the kernel instead of interrupting it. In the fan-out
+    // scenario the interrupts took 12% of the generator's CPU. Kernels before 5.19 refuse the
+    // flag and get the plain ring.
     let uring = || {
-        RuntimeBuilder::<IoUringDriver>::new()
-            .with_entries(IO_URING_ENTRIES)
-            .enable_timer()
-            .build()
+        let build = |ring| {
+            RuntimeBuilder::<IoUringDriver>::new()
+                .uring_builder(ring)
+                .with_entries(IO_URING_ENTRIES)
+                .enable_timer()
+                .build()
+        };
+        let mut cooperative = io_uring::IoUring::builder();
+        cooperative.setup_coop_taskrun();
+        build(cooperative).or_else(|_| build(io_uring::IoUring::builder()))
     };
     let legacy = || {
         RuntimeBuilder::<LegacyDriver>::new()
