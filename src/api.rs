@@ -372,6 +372,8 @@ fn metrics(shard: &Shard) -> Response {
         shards: shared.shards,
         draining: shared.is_draining(),
         version: env!("CARGO_PKG_VERSION"),
+        driver: shared.driver.get().copied().unwrap_or("unknown"),
+        max_connections: shard.config().limits.max_connections as u64,
     };
     let mut text = String::with_capacity(8192);
     metrics::render_prometheus(&mut text, &stats, &info);

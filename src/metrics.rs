@@ -475,6 +475,10 @@ pub struct ProcessInfo {
     pub shards: usize,
     pub draining: bool,
     pub version: &'static str,
+    /// The I/O driver the shards run on: `io_uring`, or `epoll` after a fallback.
+    pub driver: &'static str,
+    /// `limits.max_connections`, so a dashboard or an alert can see how close the node is.
+    pub max_connections: u64,
 }
 
 /// Exact plain-decimal seconds from nanoseconds, e.g. `1500` -> `0.0000015`.
@@ -978,6 +982,25 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
     sample(out, "relay_draining", "", u8::from(info.draining));
     family(
         out,
+        "relay_connections_max",
+        "gauge",
+        "limits.max_connections: connections past it are refused with 503.",
+    );
+    sample(out, "relay_connections_max", "", info.max_connections);
+    family(
+        out,
+        "relay_runtime_info",
+        "gauge",
+        "The shards' I/O driver (io_uring, or epoll where io_uring is refused); always 1.",
+    );
+    sample(
+        out,
+        "relay_runtime_info",
+        &format!("{{driver=\"{}\"}}", escape_label_value(info.driver)),
+        1,
+    );
+    family(
+        out,
         "relay_build_info",
         "gauge",
         "Build information; the value is always 1.",
@@ -1013,6 +1036,8 @@ mod tests {
             shards: 2,
             draining: false,
             version: "0.1.0",
+            driver: "io_uring",
+            max_connections: 100_000,
         }
     }
 
@@ -1293,11 +1318,14 @@ mod tests {
                     shards: 0,
                     draining: true,
                     version: "1.0\"x",
+                    driver: "epoll",
+                    max_connections: 0,
                 },
             );
             let lines: Vec<&str> = out.lines().collect();
             assert!(lines.contains(&"relay_uptime_seconds 0"), "{bad}");
             assert!(lines.contains(&"relay_draining 1"));
+            assert!(lines.contains(&"relay_runtime_info{driver=\"epoll\"} 1"));
             assert!(lines.contains(&"relay_build_info{version=\"1.0\\\"x\"} 1"));
             check_exposition(&out);
         }
@@ -1426,6 +1454,8 @@ mod tests {
             "relay_uptime_seconds 12.5",
             "relay_shards 2",
             "relay_draining 0",
+            "relay_connections_max 100000",
+            "relay_runtime_info{driver=\"io_uring\"} 1",
             "relay_build_info{version=\"0.1.0\"} 1",
         ];
         for e in expected {
@@ -1455,7 +1485,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 36);
+        assert_eq!(families, 38);
     }
 
     #[test]

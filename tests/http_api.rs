@@ -88,6 +88,16 @@ fn metrics_endpoints(driver: &str) {
                 "GET {path} should contain {needle}; got:\n{text}"
             );
         }
+        // The driver the shards really run on, and the connection limit beside the gauges.
+        for line in [
+            format!("relay_runtime_info{{driver=\"{driver}\"}} 1"),
+            "relay_connections_max 100000".to_string(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "GET {path} should have the line {line}; got:\n{text}"
+            );
+        }
     }
 
     for i in 0..3 {

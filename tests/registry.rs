@@ -1408,6 +1408,16 @@ fn health_checks_take_instances_out_and_back(driver: &str) {
             metrics.lines().any(|l| l == line),
             "want `{line}` in /metrics"
         );
+        // The lifecycle state set: 1 on unhealthy, 0 on the others.
+        for (state, value) in [("ready", 0), ("unhealthy", 1), ("draining", 0)] {
+            let line = format!(
+                "relay_subsystem_instance_state{{subsystem=\"hc\",instance=\"{id}\",state=\"{state}\"}} {value}"
+            );
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "want `{line}` in /metrics"
+            );
+        }
     }
 }
 

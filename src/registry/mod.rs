@@ -197,6 +197,8 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
+    pub const ALL: [Lifecycle; 3] = [Lifecycle::Ready, Lifecycle::Unhealthy, Lifecycle::Draining];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Lifecycle::Ready => "ready",
@@ -655,7 +657,8 @@ type Family<T> = (&'static str, &'static str, fn(&InstanceStats) -> T);
 
 /// Appends the per-instance families: `relay_upstream_requests_total{subsystem,instance,code}`,
 /// `relay_upstream_duration_seconds{subsystem}` (histogram), `relay_circuit_state`,
-/// `relay_upstream_in_flight`, health-check and webhook counts.
+/// `relay_upstream_in_flight`, `relay_subsystem_instance_state{state}`, health-check and webhook
+/// counts.
 pub fn render_metrics(out: &mut String, table: &Table) {
     use std::fmt::Write as _;
     let instances: Vec<&Arc<RoutableInstance>> = table
@@ -728,6 +731,21 @@ pub fn render_metrics(out: &mut String, table: &Table) {
         let _ = writeln!(out, "# TYPE {name} gauge");
         for i in &instances {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(i), get(&i.stats));
+        }
+    }
+    // A state set: one series per state, 1 on the instance's current one, so an alert can sum
+    // the ready instances of a subsystem without knowing a numeric code.
+    let _ = writeln!(out, "# HELP relay_subsystem_instance_state The instance's lifecycle state (1 on the current one): ready, unhealthy or draining.");
+    let _ = writeln!(out, "# TYPE relay_subsystem_instance_state gauge");
+    for i in &instances {
+        for state in Lifecycle::ALL {
+            let _ = writeln!(
+                out,
+                "relay_subsystem_instance_state{{{},state=\"{}\"}} {}",
+                labels(i),
+                state.as_str(),
+                u8::from(i.lifecycle == state)
+            );
         }
     }
     let counters: [Family<u64>; 5] = [
