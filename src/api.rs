@@ -559,6 +559,7 @@ fn slice_of(body: &Bytes, part: &str) -> Bytes {
 }
 
 async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Response {
+    let started = std::time::Instant::now();
     let key = shard
         .proxy
         .client_key(&shard.shared.auth, head, ctl.peer.ip());
@@ -579,6 +580,7 @@ async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Byt
     };
     match shard.publish_each(drafts).await {
         Ok(outcomes) => {
+            shard.stats.publish_duration[Transport::Http as usize].record(started.elapsed());
             let refused = outcomes.iter().filter(|o| o.is_err()).count();
             if refused == 0 {
                 let results: Vec<Published> = outcomes.into_iter().flatten().collect();

@@ -354,6 +354,9 @@ pub struct ShardStats {
     pub publish_rejected_full: Counter,
     /// Publish accepted -> written to the subscriber's socket.
     pub route_duration: Histogram,
+    /// A publish request parsed -> every event of it answered by its owner shard (what the
+    /// publisher waits for, inside relay). Indexed by `Transport as usize`; SSE never publishes.
+    pub publish_duration: [Histogram; Transport::COUNT],
     /// Indexed by `Transport as usize`.
     pub connections_active: [Gauge; Transport::COUNT],
     /// Indexed by `Transport as usize`.
@@ -426,6 +429,7 @@ impl ShardStats {
             events_delivered: Counter::new(),
             publish_rejected_full: Counter::new(),
             route_duration: Histogram::new(),
+            publish_duration: [const { Histogram::new() }; Transport::COUNT],
             connections_active: [const { Gauge::new() }; Transport::COUNT],
             connections_total: [const { Counter::new() }; Transport::COUNT],
             connections_refused: Counter::new(),
@@ -544,6 +548,37 @@ fn sample(out: &mut String, name: &str, labels: &str, value: impl fmt::Display) 
     let _ = writeln!(out, "{name}{labels} {value}");
 }
 
+/// The `_bucket` (cumulative), `_sum` and `_count` samples of histogram `name`; `labels` is
+/// empty or `k="v",...` without braces, and goes before `le`.
+pub fn histogram_samples(out: &mut String, name: &str, labels: &str, hist: &HistogramSnapshot) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0u64;
+    for (le, n) in BUCKET_LE
+        .iter()
+        .zip(hist.buckets.iter())
+        .take(HISTOGRAM_BUCKETS - 1)
+    {
+        cumulative = cumulative.wrapping_add(*n);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
+    }
+    // Snapshots guarantee count >= sum(buckets); take the max anyway so a
+    // hand-built snapshot still renders monotonic buckets and +Inf == _count.
+    let total = hist
+        .count
+        .max(cumulative.wrapping_add(hist.buckets[HISTOGRAM_BUCKETS - 1]));
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+    let braced = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braced} {}", NsAsSeconds(hist.sum_ns));
+    let _ = writeln!(out, "{name}_count{braced} {total}");
+}
+
 fn sum_counter(shards: &[&ShardStats], f: impl Fn(&ShardStats) -> &Counter) -> u64 {
     shards
         .iter()
@@ -647,11 +682,14 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         sum_counter(shards, |s| &s.publish_rejected_full),
     );
 
-    // --- route latency histogram ---
-    let mut hist = HistogramSnapshot::default();
-    for s in shards {
-        hist.merge(&s.route_duration.snapshot());
-    }
+    // --- latency histograms ---
+    let merged = |get: &dyn Fn(&ShardStats) -> &Histogram| {
+        let mut hist = HistogramSnapshot::default();
+        for s in shards {
+            hist.merge(&get(s).snapshot());
+        }
+        hist
+    };
     let name = "relay_event_route_duration_seconds";
     family(
         out,
@@ -659,38 +697,19 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "histogram",
         "Time from publish accepted to the event written to a subscriber socket.",
     );
-    let mut cumulative = 0u64;
-    for (le, n) in BUCKET_LE
-        .iter()
-        .zip(hist.buckets.iter())
-        .take(HISTOGRAM_BUCKETS - 1)
-    {
-        cumulative = cumulative.wrapping_add(*n);
-        sample(
-            out,
-            "relay_event_route_duration_seconds_bucket",
-            &format!("{{le=\"{le}\"}}"),
-            cumulative,
-        );
+    histogram_samples(out, name, "", &merged(&|s| &s.route_duration));
+    let name = "relay_publish_duration_seconds";
+    family(
+        out,
+        name,
+        "histogram",
+        "Time from a publish request parsed to its reply: every event of it sequenced by its owner shard.",
+    );
+    for transport in [Transport::Http, Transport::Ws] {
+        let hist = merged(&|s| &s.publish_duration[transport as usize]);
+        let labels = format!("transport=\"{}\"", transport.as_str());
+        histogram_samples(out, name, &labels, &hist);
     }
-    // Snapshots guarantee count >= sum(buckets); take the max anyway so a
-    // hand-built snapshot still renders monotonic buckets and +Inf == _count.
-    let total = hist
-        .count
-        .max(cumulative.wrapping_add(hist.buckets[HISTOGRAM_BUCKETS - 1]));
-    sample(
-        out,
-        "relay_event_route_duration_seconds_bucket",
-        "{le=\"+Inf\"}",
-        total,
-    );
-    sample(
-        out,
-        "relay_event_route_duration_seconds_sum",
-        "",
-        NsAsSeconds(hist.sum_ns),
-    );
-    sample(out, "relay_event_route_duration_seconds_count", "", total);
 
     // --- connections ---
     family(
@@ -1347,6 +1366,8 @@ mod tests {
         a.route_duration.record_ns(10_000); // le=0.00001 (on the bound)
         b.route_duration.record_ns(1_000_000); // le=0.001
         b.route_duration.record_ns(20_000_000_000); // +Inf
+        a.publish_duration[Transport::Http as usize].record_ns(3_000);
+        b.publish_duration[Transport::Ws as usize].record_ns(20_000);
 
         a.connections_active[Transport::Http as usize].set(2);
         a.connections_active[Transport::Sse as usize].add(3);
@@ -1455,6 +1476,12 @@ mod tests {
             "relay_shards 2",
             "relay_draining 0",
             "relay_connections_max 100000",
+            "# TYPE relay_publish_duration_seconds histogram",
+            "relay_publish_duration_seconds_bucket{transport=\"http\",le=\"0.000005\"} 1",
+            "relay_publish_duration_seconds_bucket{transport=\"ws\",le=\"0.00001\"} 0",
+            "relay_publish_duration_seconds_bucket{transport=\"ws\",le=\"0.000025\"} 1",
+            "relay_publish_duration_seconds_sum{transport=\"http\"} 0.000003",
+            "relay_publish_duration_seconds_count{transport=\"ws\"} 1",
             "relay_runtime_info{driver=\"io_uring\"} 1",
             "relay_build_info{version=\"0.1.0\"} 1",
         ];
@@ -1485,7 +1512,7 @@ mod tests {
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
         let families = check_exposition(&out);
-        assert_eq!(families, 38);
+        assert_eq!(families, 39);
     }
 
     #[test]
@@ -1652,33 +1679,41 @@ mod tests {
             }
 
             if types[&fam] == "histogram" {
+                // One histogram per label set (`le` aside) within the family.
+                let others: Vec<String> = labels
+                    .iter()
+                    .filter(|(k, _)| k != "le")
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let series_key = format!("{fam}{{{}}}", others.join(","));
                 if name.ends_with("_bucket") {
                     let le = labels
                         .iter()
                         .find(|(k, _)| k == "le")
                         .map(|(_, v)| v.as_str())
                         .expect("bucket without le");
-                    let prev = last_bucket.insert(fam.clone(), value).unwrap_or(0.0);
+                    let prev = last_bucket.insert(series_key.clone(), value).unwrap_or(0.0);
                     assert!(value >= prev, "buckets not cumulative at {line}");
                     if le == "+Inf" {
-                        inf_bucket.insert(fam.clone(), value);
+                        inf_bucket.insert(series_key, value);
                     } else {
                         parse_value(le);
                     }
                 } else if name.ends_with("_count") {
-                    counts.insert(fam.clone(), value);
+                    counts.insert(series_key, value);
                 }
             }
         }
+        assert_eq!(inf_bucket, counts, "+Inf != _count (or one is missing)");
         for (fam, ty) in &types {
             assert!(helps.contains(fam), "TYPE without HELP for {fam}");
             if ty == "histogram" {
-                assert_eq!(
-                    inf_bucket.get(fam),
-                    counts.get(fam),
-                    "+Inf != _count for {fam}"
+                assert!(
+                    inf_bucket
+                        .keys()
+                        .any(|k| k.starts_with(&format!("{fam}{{"))),
+                    "histogram {fam} without a +Inf bucket"
                 );
-                assert!(inf_bucket.contains_key(fam));
             }
         }
         assert_eq!(helps.len(), types.len());

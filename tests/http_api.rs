@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::ws::WsClient;
 use common::*;
 
 both_drivers!(
@@ -119,6 +120,24 @@ fn metrics_endpoints(driver: &str) {
             published >= 3.0,
             "{path}: relay_events_published_total should be >= 3 after 3 publishes, got {published}"
         );
+    }
+
+    // Publish latency, by the transport the publisher used: 3 over HTTP, 1 over WebSocket.
+    let mut ws = WsClient::open(server.addr);
+    ws.welcome();
+    ws.send_json(&serde_json::json!({
+        "op": "publish", "channel": "metrics.chan", "type": "t", "data": 3,
+    }));
+    let reply = ws.next_json(READ_TIMEOUT, "published reply");
+    assert_eq!(reply["op"], "published", "{reply}");
+    let text = server.get("/metrics").text();
+    for (transport, want) in [("http", 3.0), ("ws", 1.0)] {
+        let name = format!("relay_publish_duration_seconds_count{{transport=\"{transport}\"}}");
+        assert_eq!(metric_sum(&text, &name), Some(want), "{name} in:\n{text}");
+        let inf = format!(
+            "relay_publish_duration_seconds_bucket{{transport=\"{transport}\",le=\"+Inf\"}}"
+        );
+        assert_eq!(metric_sum(&text, &inf), Some(want), "{inf} in:\n{text}");
     }
 }
 

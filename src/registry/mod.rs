@@ -692,27 +692,8 @@ pub fn render_metrics(out: &mut String, table: &Table) {
                 merged.merge(&h.snapshot());
             }
         }
-        let mut cumulative = 0u64;
-        for (le, n) in crate::metrics::BUCKET_LE.iter().zip(merged.buckets.iter()) {
-            cumulative += n;
-            let _ = writeln!(
-                out,
-                "relay_upstream_duration_seconds_bucket{{subsystem=\"{}\",le=\"{le}\"}} {cumulative}",
-                sub.name
-            );
-        }
-        let _ = writeln!(
-            out,
-            "relay_upstream_duration_seconds_sum{{subsystem=\"{}\"}} {:.9}",
-            sub.name,
-            merged.sum_ns as f64 / 1e9
-        );
-        let _ = writeln!(
-            out,
-            "relay_upstream_duration_seconds_count{{subsystem=\"{}\"}} {}",
-            sub.name,
-            cumulative.max(merged.count)
-        );
+        let labels = format!("subsystem=\"{}\"", sub.name);
+        crate::metrics::histogram_samples(out, "relay_upstream_duration_seconds", &labels, &merged);
     }
     let gauges: [Family<i64>; 2] = [
         (

@@ -259,6 +259,7 @@ impl Session {
         request: &Request<'_>,
         text: &Bytes,
     ) -> Result<Option<Bytes>, Refusal> {
+        let started = std::time::Instant::now();
         let channel = self.channel(request)?;
         if !self.grants.may_publish(channel) {
             return Err(refuse(
@@ -292,6 +293,8 @@ impl Session {
         )
         .map_err(|e| refuse(code::BAD_REQUEST, e))?;
         let published = self.shard.publish(vec![draft]).await.map_err(bus_refusal)?;
+        self.shard.stats.publish_duration[crate::metrics::Transport::Ws as usize]
+            .record(started.elapsed());
         let Some(p) = published.first() else {
             return Err(refuse(code::INTERNAL, "the bus gave no answer"));
         };
