@@ -58,7 +58,7 @@ fn bench_encode(c: &mut Criterion) {
     for (name, len) in [("data_100B", 100), ("data_4KiB", 4096)] {
         let draft = draft(&payload(len));
         let sample = Event::encode(&draft, &epoch, 1, id, 1_742_000_000_000, accepted_at);
-        assert!(sample.sse().len() > len && sample.ws_frame().len() > len);
+        assert!(sample.sse_len() > len && sample.ws_frame().len() > len);
         let mut seq = 0u64;
         group.bench_function(name, |b| {
             // Dropping the event stays outside the timed part so only the encoding is measured.

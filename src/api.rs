@@ -581,24 +581,22 @@ async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Byt
     match shard.publish_each(drafts).await {
         Ok(outcomes) => {
             shard.stats.publish_duration[Transport::Http as usize].record(started.elapsed());
-            let refused = outcomes.iter().filter(|o| o.is_err()).count();
-            if refused == 0 {
-                let results: Vec<Published> = outcomes.into_iter().flatten().collect();
-                return Response::json(202, publish_results(&results));
+            if outcomes.iter().all(Result::is_ok) {
+                return Response::json(202, publish_results(&outcomes, &channels));
             }
             // Part of the batch was accepted before an owner shard refused the rest: 207, so a
             // client retries only the events whose entry carries `error`.
             shard.stats.error(ErrorKind::RingFull);
-            Response::json(207, partial_results(&outcomes, &channels))
+            Response::json(207, publish_results(&outcomes, &channels))
                 .with_header("Retry-After", "1")
         }
         Err(e) => bus_error(shard, e),
     }
 }
 
-/// The `results` of a batch of which some events were refused: refused entries carry
-/// `channel` and `error` instead of `seq`, `id` and `duplicate`.
-fn partial_results(outcomes: &[PublishOutcome], channels: &[Arc<str>]) -> Vec<u8> {
+/// The `results` of a batch, in its order. Refused entries (some events of a batch spread
+/// over shards) carry `channel` and `error` instead of `seq`, `id` and `duplicate`.
+fn publish_results(outcomes: &[PublishOutcome], channels: &[Arc<str>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + outcomes.len() * 96);
     out.extend_from_slice(b"{\"results\":[");
     for (i, outcome) in outcomes.iter().enumerate() {
@@ -616,19 +614,6 @@ fn partial_results(outcomes: &[PublishOutcome], channels: &[Arc<str>]) -> Vec<u8
                 out.extend_from_slice(entry.to_string().as_bytes());
             }
         }
-    }
-    out.extend_from_slice(b"]}");
-    out
-}
-
-fn publish_results(results: &[Published]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + results.len() * 96);
-    out.extend_from_slice(b"{\"results\":[");
-    for (i, p) in results.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        push_published(&mut out, p);
     }
     out.extend_from_slice(b"]}");
     out
@@ -735,7 +720,13 @@ async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> R
         }
         Err(e) => return bus_error(shard, e),
     };
-    let mut out = Vec::with_capacity(64 + page.events.iter().map(|e| e.sse().len()).sum::<usize>());
+    let mut out = Vec::with_capacity(
+        64 + page
+            .events
+            .iter()
+            .map(|e| e.envelope_len() + 1)
+            .sum::<usize>(),
+    );
     let _ = write_bytes(
         &mut out,
         format_args!(
@@ -747,7 +738,7 @@ async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> R
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(event.envelope());
+        event.write_envelope(&mut out);
     }
     out.extend_from_slice(b"]}");
     Response::json(200, out)
@@ -873,8 +864,8 @@ mod tests {
 
     #[test]
     fn publish_results_are_json() {
-        let results = vec![Published::duplicate(Arc::from("c"), 3, "i".into())];
-        let v: serde_json::Value = serde_json::from_slice(&publish_results(&results)).unwrap();
+        let results = vec![Ok(Published::duplicate(Arc::from("c"), 3, "i".into()))];
+        let v: serde_json::Value = serde_json::from_slice(&publish_results(&results, &[])).unwrap();
         assert_eq!(v["results"][0]["seq"], 3);
         assert_eq!(v["results"][0]["duplicate"], true);
         assert_eq!(v["results"][0]["id"], "i");

@@ -193,7 +193,7 @@ impl SseSink {
 
     /// Queues one event under the bounds; the slow-consumer policy acts when they are hit.
     fn enqueue(&self, out: &mut Outbound, event: &Arc<Event>, live: bool) {
-        let len = event.sse().len();
+        let len = event.sse_len();
         while live
             && out.live_count > 0
             && (out.live_count >= self.max_messages || out.live_bytes + len > self.max_bytes)
@@ -211,7 +211,7 @@ impl SseSink {
                     };
                     if old_live {
                         out.live_count -= 1;
-                        out.live_bytes -= old.sse().len();
+                        out.live_bytes -= old.sse_len();
                     }
                     if !out.gaps.contains(&old.channel) {
                         out.gaps.push(old.channel.clone());
@@ -234,10 +234,10 @@ impl SseSink {
             let Some((event, live)) = out.queue.pop_front() else {
                 break;
             };
-            bytes += event.sse().len();
+            bytes += event.sse_len();
             if live {
                 out.live_count -= 1;
-                out.live_bytes -= event.sse().len();
+                out.live_bytes -= event.sse_len();
             }
             batch.push((event, live));
         }
@@ -485,7 +485,7 @@ async fn write_loop(
             buf.extend_from_slice(b"id: ");
             cursor.encode_into(&mut buf);
             buf.push(b'\n');
-            buf.extend_from_slice(event.sse());
+            event.write_sse(&mut buf);
         }
         if buf.is_empty() && last_write.elapsed() >= keepalive {
             buf.extend_from_slice(b": keepalive\n\n");
@@ -669,7 +669,7 @@ mod tests {
     fn the_byte_bound_holds_too() {
         let mut config = Config::default();
         config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
-        let one = event("a", 1, "t").sse().len();
+        let one = event("a", 1, "t").sse_len();
         config.limits.outbound_queue_bytes = one * 2 + 1;
         let sink = sink(&["a"], &config, None);
         sink.recovered(&Arc::from("a"), &answer(0, false, Vec::new()), None);

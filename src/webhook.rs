@@ -229,13 +229,14 @@ impl Webhooks {
         let Some((instance, permit)) = chosen else {
             return Err(None);
         };
-        let mut body = Vec::with_capacity(2 + batch.iter().map(|e| e.sse().len()).sum::<usize>());
+        let mut body =
+            Vec::with_capacity(2 + batch.iter().map(|e| e.envelope_len() + 1).sum::<usize>());
         body.push(b'[');
         for (i, event) in batch.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(event.envelope());
+            event.write_envelope(&mut body);
         }
         body.push(b']');
         let idempotency_key = idempotency_key(batch);

@@ -1,9 +1,11 @@
 //! One published event and its wire forms, encoded once by the owner shard.
 //!
-//! Owns the envelope JSON (API.md section 1), the SSE block and the WebSocket text frame, all
-//! in one buffer of the event: every subscriber on every shard writes the same bytes through
-//! the same `Arc<Event>` the history ring keeps. Must never re-serialise `data`: it is spliced
-//! in as the publisher sent it.
+//! Owns the envelope JSON (API.md section 1), the WebSocket text frame and the SSE block. The
+//! frame is the one buffer of the event: every WebSocket subscriber on every shard writes the
+//! same bytes through the same `Arc<Event>` the history ring keeps, and the envelope is that
+//! frame's payload after its `op` field, so SSE, webhooks and the history API copy it from
+//! there into their own output. Must never re-serialise `data`: it is spliced in as the
+//! publisher sent it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,10 +16,10 @@ use crate::http::codec::json_escape_into;
 
 /// An accepted, sequenced event.
 ///
-/// Its wire forms are ranges of one buffer, owned here and shared through the `Arc<Event>`
+/// Its wire forms are read out of one buffer, owned here and shared through the `Arc<Event>`
 /// (one allocation per event and no reference count of its own), and its id and type are
-/// read back out of them rather than kept as strings of their own: publishing and evicting
-/// are allocator-bound.
+/// read back out of it rather than kept as strings of their own: publishing and evicting
+/// are allocator- and cache-bound, so the event is kept small (one copy of the envelope).
 #[derive(Debug)]
 pub struct Event {
     pub channel: Arc<str>,
@@ -25,19 +27,18 @@ pub struct Event {
     pub seq: u64,
     /// When the owner accepted it: the start of `relay_event_route_duration_seconds`.
     pub accepted_at: Instant,
-    /// `[WebSocket frame][SSE block]`, see [`Event::encode`].
+    /// `[room][frame header][{"op":"event",][envelope after its brace]`, see [`Event::encode`].
     wire: Vec<u8>,
-    /// The frame is `wire[ws_start..sse_start]`, the SSE block `wire[sse_start..]`, the
-    /// envelope `wire[envelope_start..envelope_end]` (inside the SSE block).
+    /// The frame is `wire[ws_start..]`, the envelope `{` and then `wire[body_start..]`.
     ws_start: u32,
-    sse_start: u32,
-    envelope_start: u32,
-    envelope_end: u32,
-    /// The envelope when `data` held line breaks (which SSE rewrites), so it is not in `wire`.
-    own_envelope: Option<Box<[u8]>>,
-    /// The id is `envelope[ENVELOPE_ID_AT..][..id_len]`, the type `sse[SSE_TYPE_AT..][..type_len]`
-    /// (both at most 128 bytes, validated).
+    body_start: u32,
+    /// The SSE block when `data` held line breaks (which SSE rewrites); otherwise it is put
+    /// together from the type and the envelope as it is written.
+    own_sse: Option<Box<[u8]>>,
+    /// The id is `body[BODY_ID_AT..][..id_len]`, the type follows the channel (all at most 255
+    /// bytes, validated).
     id_len: u8,
+    channel_len: u8,
     type_len: u8,
 }
 
@@ -54,16 +55,21 @@ pub struct Draft {
 }
 
 const WS_EVENT_PREFIX: &[u8] = b"{\"op\":\"event\",";
-const ENVELOPE_ID_AT: usize = b"{\"id\":\"".len();
-const SSE_TYPE_AT: usize = b"event: ".len();
+/// Where the id starts in the envelope body (the envelope after its opening brace).
+const BODY_ID_AT: usize = b"\"id\":\"".len();
+const BODY_CHANNEL_AFTER_ID: usize = b"\",\"channel\":\"".len();
+const BODY_TYPE_AFTER_CHANNEL: usize = b"\",\"type\":\"".len();
+const SSE_EVENT: &[u8] = b"event: ";
+const SSE_DATA: &[u8] = b"\ndata: ";
+const SSE_END: &[u8] = b"\n\n";
 /// The longest server frame header (RFC 6455 5.2: 2 bytes plus a 64-bit length).
 const WS_HEADER_MAX: usize = 10;
 
 impl Event {
-    /// Encodes every wire form of `draft` once, into one buffer:
-    /// `[frame header][{"op":"event",][envelope after its brace][event: type\ndata: ][envelope][\n\n]`.
-    /// The envelope is written once and copied once (the SSE copy); the frame header is written
-    /// last, right-aligned in the room kept for it, once the payload length is known.
+    /// Encodes `draft` once, into one buffer:
+    /// `[room][frame header][{"op":"event",][envelope after its brace]`.
+    /// The frame header is written last, right-aligned in the room kept for it, once the
+    /// payload length is known.
     pub fn encode(
         draft: &Draft,
         epoch: &Arc<str>,
@@ -72,86 +78,162 @@ impl Event {
         ts_ms: u64,
         accepted_at: Instant,
     ) -> Event {
+        Event::encode_in(Vec::new(), draft, epoch, seq, id, ts_ms, accepted_at)
+    }
+
+    /// [`Event::encode`] into the allocations of `spare`, an event that just left history,
+    /// when nothing else holds it (no subscriber queue still does, almost always);
+    /// otherwise into new ones.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_reusing(
+        spare: Option<Arc<Event>>,
+        draft: &Draft,
+        epoch: &Arc<str>,
+        seq: u64,
+        id: &str,
+        ts_ms: u64,
+        accepted_at: Instant,
+    ) -> Arc<Event> {
+        if let Some(mut spare) = spare {
+            if let Some(old) = Arc::get_mut(&mut spare) {
+                let buf = std::mem::take(&mut old.wire);
+                *old = Event::encode_in(buf, draft, epoch, seq, id, ts_ms, accepted_at);
+                return spare;
+            }
+        }
+        Arc::new(Event::encode(draft, epoch, seq, id, ts_ms, accepted_at))
+    }
+
+    /// [`Event::encode`] into `buf` (cleared first), the buffer of an event leaving history:
+    /// no allocation, and memory the history ring touched last rather than the allocator's
+    /// oldest. A buffer far larger than this event needs is given back instead of kept.
+    pub fn encode_in(
+        mut buf: Vec<u8>,
+        draft: &Draft,
+        epoch: &Arc<str>,
+        seq: u64,
+        id: &str,
+        ts_ms: u64,
+        accepted_at: Instant,
+    ) -> Event {
         debug_assert!(
-            id.len() <= usize::from(u8::MAX) && draft.event_type.len() <= usize::from(u8::MAX)
+            id.len() <= usize::from(u8::MAX)
+                && draft.channel.len() <= usize::from(u8::MAX)
+                && draft.event_type.len() <= usize::from(u8::MAX)
         );
-        let estimate = 2 * (160 + draft.data.len()) + WS_HEADER_MAX + draft.event_type.len() + 32;
-        let mut buf = Vec::with_capacity(estimate);
+        let estimate = WS_HEADER_MAX
+            + WS_EVENT_PREFIX.len()
+            + 128
+            + id.len()
+            + epoch.len()
+            + draft.channel.len()
+            + draft.event_type.len()
+            + draft.data.len()
+            + draft.source.as_ref().map_or(0, |s| 20 + 2 * s.len())
+            + draft
+                .correlation_id
+                .as_ref()
+                .map_or(0, |c| 20 + 2 * c.len());
+        if buf.capacity() > 2 * estimate + 1024 {
+            buf = Vec::new();
+        }
+        buf.clear();
+        buf.reserve(estimate);
         buf.resize(WS_HEADER_MAX, 0);
         buf.extend_from_slice(WS_EVENT_PREFIX);
         let body_start = buf.len();
         write_envelope_body(&mut buf, draft, epoch, seq, id, ts_ms);
-        let ws_end = buf.len();
         assert!(
-            ws_end < u32::MAX as usize / 2,
+            buf.len() < u32::MAX as usize / 2,
             "publish bodies are bounded by limits.max_body_bytes"
         );
         let mut header = Vec::with_capacity(WS_HEADER_MAX);
-        push_ws_header(&mut header, 0x1, ws_end - WS_HEADER_MAX);
+        push_ws_header(&mut header, 0x1, buf.len() - WS_HEADER_MAX);
         let ws_start = WS_HEADER_MAX - header.len();
         buf[ws_start..WS_HEADER_MAX].copy_from_slice(&header);
 
-        let sse_start = buf.len();
-        buf.extend_from_slice(b"event: ");
-        buf.extend_from_slice(draft.event_type.as_bytes());
-        buf.extend_from_slice(b"\ndata: ");
-        let envelope_start = buf.len();
-        let has_line_break = buf[body_start..ws_end]
-            .iter()
-            .any(|&b| b == b'\n' || b == b'\r');
-        let own_envelope = if has_line_break {
-            let mut envelope = Vec::with_capacity(ws_end - body_start + 1);
-            envelope.push(b'{');
-            envelope.extend_from_slice(&buf[body_start..ws_end]);
-            write_sse_data(&mut buf, &envelope);
-            Some(envelope.into_boxed_slice())
-        } else {
-            buf.push(b'{');
-            buf.extend_from_within(body_start..ws_end);
-            None
-        };
-        let envelope_end = buf.len();
-        buf.extend_from_slice(b"\n\n");
+        let own_sse = memchr::memchr2(b'\n', b'\r', &buf[body_start..]).map(|_| {
+            let body = &buf[body_start..];
+            let mut sse = Vec::with_capacity(body.len() + draft.event_type.len() + 64);
+            sse.extend_from_slice(SSE_EVENT);
+            sse.extend_from_slice(draft.event_type.as_bytes());
+            sse.extend_from_slice(SSE_DATA);
+            sse.push(b'{');
+            write_sse_data(&mut sse, body);
+            sse.extend_from_slice(SSE_END);
+            sse.into_boxed_slice()
+        });
 
         let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
+        let len_u8 = |s: &str| u8::try_from(s.len()).unwrap_or(u8::MAX);
         Event {
             channel: draft.channel.clone(),
             epoch: epoch.clone(),
             seq,
             accepted_at,
             ws_start: offset(ws_start),
-            sse_start: offset(sse_start),
-            envelope_start: offset(envelope_start),
-            envelope_end: offset(envelope_end),
+            body_start: offset(body_start),
             wire: buf,
-            own_envelope,
-            id_len: u8::try_from(id.len()).unwrap_or(u8::MAX),
-            type_len: u8::try_from(draft.event_type.len()).unwrap_or(u8::MAX),
+            own_sse,
+            id_len: len_u8(id),
+            channel_len: len_u8(&draft.channel),
+            type_len: len_u8(&draft.event_type),
         }
+    }
+
+    /// Asks the CPU to fetch the event's bytes into its cache ahead of a write over them.
+    pub fn prefetch_buffer(&self) {
+        prefetch(self.wire.as_ptr(), self.wire.len());
     }
 
     /// The complete WebSocket text frame.
     pub fn ws_frame(&self) -> &[u8] {
-        self.range(self.ws_start, self.sse_start)
+        self.wire.get(self.ws_start as usize..).unwrap_or_default()
     }
 
-    /// `event: <type>\ndata: <envelope>\n\n`.
-    pub fn sse(&self) -> &[u8] {
-        self.range(self.sse_start, self.wire.len() as u32)
+    /// The envelope after its opening brace.
+    fn envelope_body(&self) -> &[u8] {
+        self.wire
+            .get(self.body_start as usize..)
+            .unwrap_or_default()
     }
 
-    /// The envelope JSON exactly as encoded (the history API, webhooks).
-    pub fn envelope(&self) -> &[u8] {
-        match &self.own_envelope {
-            Some(envelope) => envelope,
-            None => self.range(self.envelope_start, self.envelope_end),
+    /// Appends the envelope JSON exactly as encoded (the history API, webhooks).
+    pub fn write_envelope(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        out.extend_from_slice(self.envelope_body());
+    }
+
+    pub fn envelope_len(&self) -> usize {
+        1 + self.envelope_body().len()
+    }
+
+    /// Appends `event: <type>\ndata: <envelope>\n\n`.
+    pub fn write_sse(&self, out: &mut Vec<u8>) {
+        match &self.own_sse {
+            Some(sse) => out.extend_from_slice(sse),
+            None => {
+                out.extend_from_slice(SSE_EVENT);
+                out.extend_from_slice(self.event_type_bytes());
+                out.extend_from_slice(SSE_DATA);
+                self.write_envelope(out);
+                out.extend_from_slice(SSE_END);
+            }
         }
     }
 
-    fn range(&self, start: u32, end: u32) -> &[u8] {
-        self.wire
-            .get(start as usize..end as usize)
-            .unwrap_or_default()
+    /// The length of what [`Event::write_sse`] appends.
+    pub fn sse_len(&self) -> usize {
+        match &self.own_sse {
+            Some(sse) => sse.len(),
+            None => {
+                SSE_EVENT.len()
+                    + usize::from(self.type_len)
+                    + SSE_DATA.len()
+                    + self.envelope_len()
+                    + SSE_END.len()
+            }
+        }
     }
 
     /// The event's id (the publisher's, or the UUID the owner gave it).
@@ -161,19 +243,47 @@ impl Event {
 
     /// [`Event::id`] without the UTF-8 check, for the history's index.
     pub fn id_bytes(&self) -> &[u8] {
-        name_at(self.envelope(), ENVELOPE_ID_AT, self.id_len)
+        name_at(self.envelope_body(), BODY_ID_AT, self.id_len)
     }
 
     /// The event's type.
     pub fn event_type(&self) -> &str {
-        std::str::from_utf8(name_at(self.sse(), SSE_TYPE_AT, self.type_len)).unwrap_or_default()
+        std::str::from_utf8(self.event_type_bytes()).unwrap_or_default()
+    }
+
+    fn event_type_bytes(&self) -> &[u8] {
+        let at = BODY_ID_AT
+            + usize::from(self.id_len)
+            + BODY_CHANNEL_AFTER_ID
+            + usize::from(self.channel_len)
+            + BODY_TYPE_AFTER_CHANNEL;
+        name_at(self.envelope_body(), at, self.type_len)
     }
 
     /// Bytes this event holds (for history accounting).
     pub fn footprint(&self) -> usize {
-        let own_envelope = self.own_envelope.as_ref().map_or(0, |e| e.len());
-        self.wire.capacity() + own_envelope + std::mem::size_of::<Event>()
+        let own_sse = self.own_sse.as_ref().map_or(0, |e| e.len());
+        self.wire.capacity() + own_sse + std::mem::size_of::<Event>()
     }
+}
+
+/// Asks the CPU to fetch `len` bytes from `start` into its cache (a hint: nothing is read,
+/// and an address that is not mapped is ignored by the CPU).
+pub fn prefetch(start: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE: usize = 64;
+        let mut at = 0;
+        while at < len {
+            // SAFETY: SSE is part of the x86_64 baseline, and a prefetch neither reads nor
+            // faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(at).cast()) };
+            at += LINE;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, len);
 }
 
 /// The validated (ASCII) name written at `at` in one of the event's own buffers.
@@ -220,23 +330,20 @@ fn write_envelope_body(
 
 /// SSE forbids raw line breaks inside a field: each one continues as a new `data:` line, which
 /// the client joins back with `\n`. JSON only has line breaks as whitespace, so the value the
-/// client parses is unchanged. Returns whether any line break was rewritten.
-fn write_sse_data(out: &mut Vec<u8>, json: &[u8]) -> bool {
+/// client parses is unchanged.
+fn write_sse_data(out: &mut Vec<u8>, json: &[u8]) {
     let mut rest = json;
-    let mut rewritten = false;
-    while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+    while let Some(pos) = memchr::memchr2(b'\n', b'\r', rest) {
         out.extend_from_slice(&rest[..pos]);
-        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(SSE_DATA);
         let skip = if rest[pos] == b'\r' && rest.get(pos + 1) == Some(&b'\n') {
             2
         } else {
             1
         };
         rest = &rest[pos + skip..];
-        rewritten = true;
     }
     out.extend_from_slice(rest);
-    rewritten
 }
 
 /// Server-to-client frame header (FIN set, never masked), RFC 6455 section 5.2.
@@ -303,6 +410,18 @@ pub mod testing {
 mod tests {
     use super::*;
 
+    fn envelope(ev: &Event) -> Vec<u8> {
+        let mut out = Vec::new();
+        ev.write_envelope(&mut out);
+        out
+    }
+
+    fn sse(ev: &Event) -> Vec<u8> {
+        let mut out = Vec::new();
+        ev.write_sse(&mut out);
+        out
+    }
+
     fn draft(data: &str) -> Draft {
         Draft {
             channel: Arc::from("doc.42"),
@@ -325,17 +444,15 @@ mod tests {
             99,
             Instant::now(),
         );
-        let json = ev.envelope();
+        let json = envelope(&ev);
         assert_eq!(
-            std::str::from_utf8(json).unwrap(),
+            std::str::from_utf8(&json).unwrap(),
             r#"{"id":"e1","channel":"doc.42","type":"document.edit","seq":17,"epoch":"k3x9","ts":99,"data":{"b": 1,  "a":[1.50]},"source":"si\"ft"}"#
         );
-        let parsed: serde_json::Value = serde_json::from_slice(json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(parsed["seq"], 17);
-        assert!(ev
-            .sse()
-            .starts_with(b"event: document.edit\ndata: {\"id\":\"e1\""));
-        assert!(ev.sse().ends_with(b"}\n\n"));
+        assert!(sse(&ev).starts_with(b"event: document.edit\ndata: {\"id\":\"e1\""));
+        assert!(sse(&ev).ends_with(b"}\n\n"));
     }
 
     #[test]
@@ -349,7 +466,9 @@ mod tests {
             1,
             Instant::now(),
         );
-        let sse = std::str::from_utf8(ev.sse()).unwrap();
+        let block = sse(&ev);
+        assert_eq!(block.len(), ev.sse_len());
+        let sse = std::str::from_utf8(&block).unwrap();
         for line in sse.trim_end().lines() {
             assert!(
                 line.starts_with("event: ") || line.starts_with("data: "),
@@ -363,8 +482,8 @@ mod tests {
             .collect();
         let v: serde_json::Value = serde_json::from_str(&joined.join("\n")).unwrap();
         assert_eq!(v["data"]["a"], 1);
-        let history = ev.envelope();
-        let history = std::str::from_utf8(history).unwrap();
+        let history = envelope(&ev);
+        let history = std::str::from_utf8(&history).unwrap();
         assert!(
             history.contains("\"data\":{\n  \"a\": 1\r\n}"),
             "byte for byte: {history:?}"
@@ -407,22 +526,58 @@ mod tests {
             let mut expected = Vec::new();
             push_ws_header(&mut expected, 1, payload.len());
             assert_eq!(&frame[..header], &expected[..], "data {data_len}");
-            let envelope = ev.envelope();
+            let envelope = envelope(&ev);
+            assert_eq!(envelope.len(), ev.envelope_len());
             assert_eq!(&payload[..WS_EVENT_PREFIX.len()], WS_EVENT_PREFIX);
             assert_eq!(&payload[WS_EVENT_PREFIX.len()..], &envelope[1..]);
-            let v: serde_json::Value = serde_json::from_slice(envelope).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&envelope).unwrap();
             assert_eq!(
                 (v["id"].as_str(), v["seq"].as_u64()),
                 (Some("id-3"), Some(3))
             );
             assert_eq!(
-                ev.sse(),
-                [b"event: document.edit\ndata: ", envelope, b"\n\n"].concat()
+                sse(&ev),
+                [&b"event: document.edit\ndata: "[..], &envelope, b"\n\n"].concat()
             );
+            assert_eq!(ev.sse_len(), sse(&ev).len());
         }
-        // A rewritten envelope keeps its own copy, and the id and type still read back.
+        // A rewritten SSE block is kept apart, and the id and type still read back.
         let ev = Event::encode(&draft("{\n}"), &epoch, 1, "x", 1, Instant::now());
         assert_eq!((ev.id(), ev.event_type()), ("x", "document.edit"));
+        assert!(ev.own_sse.is_some());
+    }
+
+    #[test]
+    fn an_event_leaving_history_lends_its_memory_to_the_next_unless_still_held() {
+        let epoch: Arc<str> = Arc::from("e");
+        let at = Instant::now();
+        let old = Arc::new(Event::encode(&draft("1"), &epoch, 1, "a", 1, at));
+        let (old_event, old_wire) = (Arc::as_ptr(&old), old.wire.as_ptr());
+        // No larger than the event before it: both allocations are reused as they are.
+        let next = Event::encode_reusing(Some(old), &draft("2"), &epoch, 2, "b", 2, at);
+        assert_eq!(
+            (Arc::as_ptr(&next), next.wire.as_ptr()),
+            (old_event, old_wire)
+        );
+        let fresh = Event::encode(&draft("2"), &epoch, 2, "b", 2, at);
+        assert_eq!(
+            next.ws_frame(),
+            fresh.ws_frame(),
+            "the same bytes as a new event"
+        );
+        assert_eq!((next.id(), next.seq), ("b", 2));
+
+        // A subscriber queue still holding it: the old event is left alone.
+        let held = next.clone();
+        let third = Event::encode_reusing(Some(next), &draft("3"), &epoch, 3, "c", 3, at);
+        assert_ne!(Arc::as_ptr(&third), Arc::as_ptr(&held));
+        assert_eq!((held.id(), third.id()), ("b", "c"));
+
+        // A buffer far larger than the next event needs is not kept.
+        let big = format!("\"{}\"", "x".repeat(100_000));
+        let large = Arc::new(Event::encode(&draft(&big), &epoch, 4, "d", 4, at));
+        let small = Event::encode_reusing(Some(large), &draft("5"), &epoch, 5, "e", 5, at);
+        assert!(small.footprint() < 4096, "{} bytes kept", small.footprint());
     }
 
     #[test]

@@ -14,15 +14,23 @@ use super::event::Event;
 #[derive(Debug)]
 pub struct History {
     events: VecDeque<Arc<Event>>,
-    /// The seq of every retained event, found by its id's hash; the id itself is read from
-    /// the event, so the index holds 8 bytes per event and evicting compares seqs, not ids.
-    ids: HashTable<u64>,
-    /// The id hash of each event in `events`, in the same order: evicting finds the index
-    /// entry without reading the (long cold) evicted event's id.
-    id_hashes: VecDeque<u64>,
+    /// The seq of `events.front()` (seqs in the ring are consecutive), kept apart so evicting
+    /// never reads the evicted event: it is the ring's oldest, long out of the cache.
+    first_seq: u64,
+    /// Every retained event's seq and id hash, found by the hash; the id itself is read from
+    /// the event. Entries of evicted events stay until the next sweep (a lookup skips them by
+    /// seq), so evicting costs no probe into the table, and the stored hash lets the table
+    /// grow and rehash without reading any event.
+    ids: HashTable<IdEntry>,
     hasher: ahash::RandomState,
     size: usize,
     ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdEntry {
+    seq: u64,
+    hash: u64,
 }
 
 /// Where a reader asking for events after `since` stands.
@@ -39,8 +47,8 @@ impl History {
         assert!(size >= 1, "history.size is validated to be at least 1");
         History {
             events: VecDeque::new(),
+            first_seq: 0,
             ids: HashTable::new(),
-            id_hashes: VecDeque::new(),
             hasher: ahash::RandomState::new(),
             size,
             ttl,
@@ -59,38 +67,76 @@ impl History {
     pub fn seq_of(&self, id: &str) -> Option<u64> {
         let hash = self.hasher.hash_one(id.as_bytes());
         self.ids
-            .find(hash, |&seq| {
-                slot(&self.events, seq)
-                    .and_then(|i| self.events.get(i))
-                    .is_some_and(|e| e.id_bytes() == id.as_bytes())
+            .find(hash, |entry| {
+                entry.hash == hash
+                    && self
+                        .retained(entry.seq)
+                        .is_some_and(|e| e.id_bytes() == id.as_bytes())
             })
-            .copied()
+            .map(|entry| entry.seq)
+    }
+
+    /// The retained event with this seq.
+    fn retained(&self, seq: u64) -> Option<&Arc<Event>> {
+        let at = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        self.events.get(at)
+    }
+
+    /// Evicts until one more event fits; returns how many left, and the last of them (the
+    /// caller may reuse its memory for the next event).
+    pub fn make_room(&mut self) -> (usize, Option<Arc<Event>>) {
+        let mut evicted = 0;
+        let mut last = None;
+        while self.events.len() >= self.size {
+            last = self.pop_front();
+            evicted += 1;
+        }
+        (evicted, last)
     }
 
     /// Appends `event` (seq must follow the last one); returns how many events were evicted.
     pub fn push(&mut self, event: Arc<Event>) -> usize {
-        // Consecutive seqs let an index entry find its event (and its hash) by position.
+        // Consecutive seqs let a seq find its event by position.
         debug_assert!(self
             .events
             .back()
             .is_none_or(|last| last.seq + 1 == event.seq));
-        let mut evicted = 0;
-        while self.events.len() >= self.size {
-            self.evict_front();
-            evicted += 1;
+        let (evicted, _) = self.make_room();
+        if self.events.is_empty() {
+            self.first_seq = event.seq;
         }
+        self.sweep_if_due();
         let hash = self.hasher.hash_one(event.id_bytes());
         // A publisher's id is refused while it is retained, so it is never in the index twice.
-        let (events, hashes) = (&self.events, &self.id_hashes);
-        self.ids.insert_unique(hash, event.seq, |&seq| {
-            slot(events, seq)
-                .and_then(|i| hashes.get(i))
-                .copied()
-                .unwrap_or_default()
-        });
+        self.ids.insert_unique(
+            hash,
+            IdEntry {
+                seq: event.seq,
+                hash,
+            },
+            |entry| entry.hash,
+        );
         self.events.push_back(event);
-        self.id_hashes.push_back(hash);
+        self.prefetch_next_evictions();
         evicted
+    }
+
+    /// A full ring evicts its oldest event on the next push, long out of the cache by then:
+    /// this asks for it early, in two steps one push apart (the event's buffer can only be
+    /// found once the event itself is in the cache).
+    fn prefetch_next_evictions(&self) {
+        if self.events.len() < self.size {
+            return;
+        }
+        if let Some(after_next) = self.events.get(1) {
+            // The reference counts sit just before the event in its allocation.
+            let counts = 2 * std::mem::size_of::<usize>();
+            let start = Arc::as_ptr(after_next).cast::<u8>().wrapping_sub(counts);
+            super::event::prefetch(start, counts + std::mem::size_of::<Event>());
+        }
+        if let Some(next) = self.events.front() {
+            next.prefetch_buffer();
+        }
     }
 
     /// Drops events older than the TTL; returns how many.
@@ -100,17 +146,32 @@ impl History {
             if now.saturating_duration_since(front.accepted_at) < self.ttl {
                 break;
             }
-            self.evict_front();
+            self.pop_front();
             expired += 1;
+        }
+        if self.events.is_empty() {
+            // An idle channel gives its index back.
+            self.ids = HashTable::new();
+        } else {
+            self.sweep_if_due();
         }
         expired
     }
 
-    fn evict_front(&mut self) {
-        if let (Some(old), Some(hash)) = (self.events.pop_front(), self.id_hashes.pop_front()) {
-            if let Ok(entry) = self.ids.find_entry(hash, |&seq| seq == old.seq) {
-                entry.remove();
-            }
+    fn pop_front(&mut self) -> Option<Arc<Event>> {
+        let front = self.events.pop_front();
+        if front.is_some() {
+            self.first_seq += 1;
+        }
+        front
+    }
+
+    /// Drops the index entries of evicted events once they are a third of it: one pass over
+    /// the table (in memory order) every `len / 2` evictions, instead of a probe per eviction.
+    fn sweep_if_due(&mut self) {
+        if self.ids.len() > self.events.len() + self.events.len() / 2 + 16 {
+            let first = self.first_seq;
+            self.ids.retain(|entry| entry.seq >= first);
         }
     }
 
@@ -119,18 +180,17 @@ impl History {
         if since >= last_seq {
             return Reach::Complete;
         }
-        match self.events.front() {
-            Some(first) if first.seq <= since + 1 => Reach::Complete,
-            _ => Reach::Gap,
+        if !self.events.is_empty() && self.first_seq <= since + 1 {
+            Reach::Complete
+        } else {
+            Reach::Gap
         }
     }
 
     /// Up to `limit` events with `seq > since`, ascending.
     pub fn after(&self, since: u64, limit: usize) -> Vec<Arc<Event>> {
-        let start = match self.events.front() {
-            Some(first) if since >= first.seq => (since - first.seq + 1) as usize,
-            _ => 0,
-        };
+        let start = usize::try_from(since.saturating_add(1).saturating_sub(self.first_seq))
+            .unwrap_or(usize::MAX);
         self.events
             .range(start.min(self.events.len())..)
             .take(limit)
@@ -142,12 +202,6 @@ impl History {
     pub fn footprint(&self) -> usize {
         self.events.iter().map(|e| e.footprint()).sum()
     }
-}
-
-/// Where the event with this seq is in the ring (seqs in it are consecutive).
-fn slot(events: &VecDeque<Arc<Event>>, seq: u64) -> Option<usize> {
-    let first = events.front()?.seq;
-    usize::try_from(seq.checked_sub(first)?).ok()
 }
 
 #[cfg(test)]
@@ -182,7 +236,12 @@ mod tests {
         for seq in 1..=10_000 {
             h.push(ev(seq, &format!("id-{seq}"), now));
         }
-        assert_eq!(h.ids.len(), 3000, "one index entry per retained event");
+        // Every retained event is indexed, and evicted ones only until the next sweep.
+        assert!(
+            (3000..=3000 + 1500 + 16).contains(&h.ids.len()),
+            "{} index entries",
+            h.ids.len()
+        );
         for seq in [1, 6999, 7000] {
             assert_eq!(h.seq_of(&format!("id-{seq}")), None, "evicted {seq}");
         }
@@ -234,5 +293,35 @@ mod tests {
         assert_eq!(h.seq_of("a"), None);
         assert_eq!(h.expire(start + Duration::from_secs(9)), 1);
         assert!(h.is_empty());
+        assert_eq!(h.ids.len(), 0, "an emptied history keeps no index");
+        // The next event starts the ring again where the seqs left off.
+        h.push(ev(3, "c", start + Duration::from_secs(10)));
+        assert_eq!((h.seq_of("c"), h.seq_of("b")), (Some(3), None));
+        assert_eq!(
+            h.after(0, 10).iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [3]
+        );
+    }
+
+    #[test]
+    fn evicted_ids_are_swept_in_bounded_steps_and_never_found() {
+        let now = Instant::now();
+        let mut h = History::new(10, Duration::from_secs(60));
+        let mut most = 0;
+        for seq in 1..=1000 {
+            h.push(ev(seq, &format!("id-{seq}"), now));
+            most = most.max(h.ids.len());
+            // Only the last 10 ids are found, whatever the index still holds.
+            let first_kept = seq.saturating_sub(9).max(1);
+            assert_eq!(h.seq_of(&format!("id-{first_kept}")), Some(first_kept));
+            if first_kept > 1 {
+                let gone = first_kept - 1;
+                assert_eq!(h.seq_of(&format!("id-{gone}")), None, "evicted {gone}");
+            }
+        }
+        assert!(
+            most <= 10 + 5 + 16 + 1,
+            "the index peaked at {most} entries"
+        );
     }
 }

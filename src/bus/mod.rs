@@ -226,9 +226,10 @@ impl Owned {
             Some(id) => id,
             None => uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid),
         };
-        let event = Arc::new(Event::encode(draft, &channel.epoch, seq, id, ts_ms, now));
+        let (evicted, spare) = channel.history.make_room();
+        let event = Event::encode_reusing(spare, draft, &channel.epoch, seq, id, ts_ms, now);
         channel.last_seq = seq;
-        let evicted = channel.history.push(event.clone());
+        channel.history.push(event.clone());
         for &(shard, _) in &channel.interest {
             deliver(usize::from(shard), &event);
         }
