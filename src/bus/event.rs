@@ -65,11 +65,20 @@ const SSE_END: &[u8] = b"\n\n";
 /// The longest server frame header (RFC 6455 5.2: 2 bytes plus a 64-bit length).
 const WS_HEADER_MAX: usize = 10;
 
+/// What the owner adds to a draft: its place in the channel.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// The owner's name for the channel, shared by all its events.
+    pub channel: &'a Arc<str>,
+    pub epoch: &'a Arc<str>,
+    pub seq: u64,
+    pub id: &'a str,
+    pub ts_ms: u64,
+    pub accepted_at: Instant,
+}
+
 impl Event {
-    /// Encodes `draft` once, into one buffer:
-    /// `[room][frame header][{"op":"event",][envelope after its brace]`.
-    /// The frame header is written last, right-aligned in the room kept for it, once the
-    /// payload length is known.
+    /// Encodes every wire form of `draft` once (see [`Event::write`]).
     pub fn encode(
         draft: &Draft,
         epoch: &Arc<str>,
@@ -78,54 +87,75 @@ impl Event {
         ts_ms: u64,
         accepted_at: Instant,
     ) -> Event {
-        Event::encode_in(Vec::new(), draft, epoch, seq, id, ts_ms, accepted_at)
+        let stamp = Stamp {
+            channel: &draft.channel,
+            epoch,
+            seq,
+            id,
+            ts_ms,
+            accepted_at,
+        };
+        let mut event = Event::blank(&stamp);
+        event.write(draft, &stamp);
+        event
     }
 
-    /// [`Event::encode`] into the allocations of `spare`, an event that just left history,
-    /// when nothing else holds it (no subscriber queue still does, almost always);
-    /// otherwise into new ones.
-    #[allow(clippy::too_many_arguments)]
-    pub fn encode_reusing(
-        spare: Option<Arc<Event>>,
-        draft: &Draft,
-        epoch: &Arc<str>,
-        seq: u64,
-        id: &str,
-        ts_ms: u64,
-        accepted_at: Instant,
-    ) -> Arc<Event> {
+    /// [`Event::encode`] into the memory of `spare`, an event that just left history, when
+    /// nothing else holds it (no subscriber queue still does, almost always): no allocation,
+    /// no reference count touched, and memory the history ring prefetched rather than the
+    /// allocator's coldest. Otherwise into a new event.
+    pub fn encode_reusing(spare: Option<Arc<Event>>, draft: &Draft, stamp: &Stamp) -> Arc<Event> {
         if let Some(mut spare) = spare {
             if let Some(old) = Arc::get_mut(&mut spare) {
-                let buf = std::mem::take(&mut old.wire);
-                *old = Event::encode_in(buf, draft, epoch, seq, id, ts_ms, accepted_at);
+                old.write(draft, stamp);
                 return spare;
             }
         }
-        Arc::new(Event::encode(draft, epoch, seq, id, ts_ms, accepted_at))
+        let mut event = Event::blank(stamp);
+        event.write(draft, stamp);
+        Arc::new(event)
     }
 
-    /// [`Event::encode`] into `buf` (cleared first), the buffer of an event leaving history:
-    /// no allocation, and memory the history ring touched last rather than the allocator's
-    /// oldest. A buffer far larger than this event needs is given back instead of kept.
-    pub fn encode_in(
-        mut buf: Vec<u8>,
-        draft: &Draft,
-        epoch: &Arc<str>,
-        seq: u64,
-        id: &str,
-        ts_ms: u64,
-        accepted_at: Instant,
-    ) -> Event {
+    fn blank(stamp: &Stamp) -> Event {
+        Event {
+            channel: stamp.channel.clone(),
+            epoch: stamp.epoch.clone(),
+            seq: stamp.seq,
+            accepted_at: stamp.accepted_at,
+            wire: Vec::new(),
+            ws_start: 0,
+            body_start: 0,
+            own_sse: None,
+            id_len: 0,
+            channel_len: 0,
+            type_len: 0,
+        }
+    }
+
+    /// Makes this event `draft` stamped with `stamp`, in one buffer:
+    /// `[room][frame header][{"op":"event",][envelope after its brace]`.
+    /// The frame header is written last, right-aligned in the room kept for it, once the
+    /// payload length is known. The buffer is reused unless it is far larger than needed.
+    fn write(&mut self, draft: &Draft, stamp: &Stamp) {
+        let id = stamp.id;
         debug_assert!(
             id.len() <= usize::from(u8::MAX)
                 && draft.channel.len() <= usize::from(u8::MAX)
                 && draft.event_type.len() <= usize::from(u8::MAX)
         );
+        if !Arc::ptr_eq(&self.channel, stamp.channel) {
+            self.channel = stamp.channel.clone();
+        }
+        if !Arc::ptr_eq(&self.epoch, stamp.epoch) {
+            self.epoch = stamp.epoch.clone();
+        }
+        self.seq = stamp.seq;
+        self.accepted_at = stamp.accepted_at;
         let estimate = WS_HEADER_MAX
             + WS_EVENT_PREFIX.len()
             + 128
             + id.len()
-            + epoch.len()
+            + stamp.epoch.len()
             + draft.channel.len()
             + draft.event_type.len()
             + draft.data.len()
@@ -134,25 +164,25 @@ impl Event {
                 .correlation_id
                 .as_ref()
                 .map_or(0, |c| 20 + 2 * c.len());
+        let buf = &mut self.wire;
         if buf.capacity() > 2 * estimate + 1024 {
-            buf = Vec::new();
+            *buf = Vec::new();
         }
         buf.clear();
         buf.reserve(estimate);
         buf.resize(WS_HEADER_MAX, 0);
         buf.extend_from_slice(WS_EVENT_PREFIX);
         let body_start = buf.len();
-        write_envelope_body(&mut buf, draft, epoch, seq, id, ts_ms);
+        write_envelope_body(buf, draft, stamp.epoch, stamp.seq, id, stamp.ts_ms);
         assert!(
             buf.len() < u32::MAX as usize / 2,
             "publish bodies are bounded by limits.max_body_bytes"
         );
-        let mut header = Vec::with_capacity(WS_HEADER_MAX);
-        push_ws_header(&mut header, 0x1, buf.len() - WS_HEADER_MAX);
-        let ws_start = WS_HEADER_MAX - header.len();
-        buf[ws_start..WS_HEADER_MAX].copy_from_slice(&header);
+        let (header, header_len) = ws_header(0x1, buf.len() - WS_HEADER_MAX);
+        let ws_start = WS_HEADER_MAX - header_len;
+        buf[ws_start..WS_HEADER_MAX].copy_from_slice(&header[..header_len]);
 
-        let own_sse = memchr::memchr2(b'\n', b'\r', &buf[body_start..]).map(|_| {
+        self.own_sse = memchr::memchr2(b'\n', b'\r', &buf[body_start..]).map(|_| {
             let body = &buf[body_start..];
             let mut sse = Vec::with_capacity(body.len() + draft.event_type.len() + 64);
             sse.extend_from_slice(SSE_EVENT);
@@ -163,22 +193,13 @@ impl Event {
             sse.extend_from_slice(SSE_END);
             sse.into_boxed_slice()
         });
-
         let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
         let len_u8 = |s: &str| u8::try_from(s.len()).unwrap_or(u8::MAX);
-        Event {
-            channel: draft.channel.clone(),
-            epoch: epoch.clone(),
-            seq,
-            accepted_at,
-            ws_start: offset(ws_start),
-            body_start: offset(body_start),
-            wire: buf,
-            own_sse,
-            id_len: len_u8(id),
-            channel_len: len_u8(&draft.channel),
-            type_len: len_u8(&draft.event_type),
-        }
+        self.ws_start = offset(ws_start);
+        self.body_start = offset(body_start);
+        self.id_len = len_u8(id);
+        self.channel_len = len_u8(&draft.channel);
+        self.type_len = len_u8(&draft.event_type);
     }
 
     /// Asks the CPU to fetch the event's bytes into its cache ahead of a write over them.
@@ -348,15 +369,25 @@ fn write_sse_data(out: &mut Vec<u8>, json: &[u8]) {
 
 /// Server-to-client frame header (FIN set, never masked), RFC 6455 section 5.2.
 pub fn push_ws_header(out: &mut Vec<u8>, opcode: u8, payload_len: usize) {
-    out.push(0x80 | (opcode & 0x0f));
+    let (header, len) = ws_header(opcode, payload_len);
+    out.extend_from_slice(&header[..len]);
+}
+
+/// [`push_ws_header`]'s bytes and how many of them there are.
+fn ws_header(opcode: u8, payload_len: usize) -> ([u8; WS_HEADER_MAX], usize) {
+    let mut header = [0u8; WS_HEADER_MAX];
+    header[0] = 0x80 | (opcode & 0x0f);
     if payload_len < 126 {
-        out.push(payload_len as u8);
+        header[1] = payload_len as u8;
+        (header, 2)
     } else if payload_len <= u16::MAX as usize {
-        out.push(126);
-        out.extend_from_slice(&(payload_len as u16).to_be_bytes());
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        (header, 4)
     } else {
-        out.push(127);
-        out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        (header, 10)
     }
 }
 
@@ -547,18 +578,33 @@ mod tests {
         assert!(ev.own_sse.is_some());
     }
 
+    fn stamp<'a>(epoch: &'a Arc<str>, seq: u64, id: &'a str, at: Instant) -> Stamp<'a> {
+        static CHANNEL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        Stamp {
+            channel: CHANNEL.get_or_init(|| Arc::from("doc.42")),
+            epoch,
+            seq,
+            id,
+            ts_ms: seq,
+            accepted_at: at,
+        }
+    }
+
     #[test]
     fn an_event_leaving_history_lends_its_memory_to_the_next_unless_still_held() {
         let epoch: Arc<str> = Arc::from("e");
         let at = Instant::now();
-        let old = Arc::new(Event::encode(&draft("1"), &epoch, 1, "a", 1, at));
+        let old = Event::encode_reusing(None, &draft("1"), &stamp(&epoch, 1, "a", at));
         let (old_event, old_wire) = (Arc::as_ptr(&old), old.wire.as_ptr());
-        // No larger than the event before it: both allocations are reused as they are.
-        let next = Event::encode_reusing(Some(old), &draft("2"), &epoch, 2, "b", 2, at);
+        let names_held = Arc::strong_count(&old.channel);
+        // No larger than the event before it: both allocations are reused as they are, and
+        // the channel's name is not let go of and taken again.
+        let next = Event::encode_reusing(Some(old), &draft("2"), &stamp(&epoch, 2, "b", at));
         assert_eq!(
             (Arc::as_ptr(&next), next.wire.as_ptr()),
             (old_event, old_wire)
         );
+        assert_eq!(Arc::strong_count(&next.channel), names_held);
         let fresh = Event::encode(&draft("2"), &epoch, 2, "b", 2, at);
         assert_eq!(
             next.ws_frame(),
@@ -569,14 +615,14 @@ mod tests {
 
         // A subscriber queue still holding it: the old event is left alone.
         let held = next.clone();
-        let third = Event::encode_reusing(Some(next), &draft("3"), &epoch, 3, "c", 3, at);
+        let third = Event::encode_reusing(Some(next), &draft("3"), &stamp(&epoch, 3, "c", at));
         assert_ne!(Arc::as_ptr(&third), Arc::as_ptr(&held));
         assert_eq!((held.id(), third.id()), ("b", "c"));
 
         // A buffer far larger than the next event needs is not kept.
         let big = format!("\"{}\"", "x".repeat(100_000));
         let large = Arc::new(Event::encode(&draft(&big), &epoch, 4, "d", 4, at));
-        let small = Event::encode_reusing(Some(large), &draft("5"), &epoch, 5, "e", 5, at);
+        let small = Event::encode_reusing(Some(large), &draft("5"), &stamp(&epoch, 5, "e", at));
         assert!(small.footprint() < 4096, "{} bytes kept", small.footprint());
     }
 

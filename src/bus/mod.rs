@@ -17,7 +17,7 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use event::{Draft, Event};
+use event::{Draft, Event, Stamp};
 use history::{History, Reach};
 
 /// The owner shard of a channel: a fixed hash of its name, the same on every thread.
@@ -140,6 +140,8 @@ struct Presence {
 }
 
 struct OwnedChannel {
+    /// The name the channel's events and answers share (its key in [`Owned::channels`]).
+    name: Arc<str>,
     epoch: Arc<str>,
     last_seq: u64,
     history: History,
@@ -192,6 +194,7 @@ impl Owned {
         if !self.channels.contains_key(name) {
             let settings = (self.policy)(name);
             let channel = OwnedChannel {
+                name: name.clone(),
                 epoch: self.epochs.next(),
                 last_seq: 0,
                 history: History::new(settings.history_size, settings.history_ttl),
@@ -227,15 +230,24 @@ impl Owned {
             None => uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid),
         };
         let (evicted, spare) = channel.history.make_room();
-        let event = Event::encode_reusing(spare, draft, &channel.epoch, seq, id, ts_ms, now);
+        let stamp = Stamp {
+            channel: &channel.name,
+            epoch: &channel.epoch,
+            seq,
+            id,
+            ts_ms,
+            accepted_at: now,
+        };
+        let event = Event::encode_reusing(spare, draft, &stamp);
         channel.last_seq = seq;
         channel.history.push(event.clone());
         for &(shard, _) in &channel.interest {
             deliver(usize::from(shard), &event);
         }
+        let name = channel.name.clone();
         self.history_events = self.history_events + 1 - evicted;
         Published {
-            channel: draft.channel.clone(),
+            channel: name,
             seq,
             duplicate: false,
             event: Some(event),
