@@ -20,7 +20,7 @@ use crate::bus::event::Draft;
 use crate::bus::Published;
 use crate::cursor::Cursor;
 use crate::glob::GlobSet;
-use crate::http::codec::{json_escape_into, Method, RequestHead};
+use crate::http::codec::{Method, RequestHead};
 use crate::http::Response;
 use crate::metrics::{self, ErrorKind, ProcessInfo, ShardStats, Transport};
 use crate::names;
@@ -625,7 +625,8 @@ fn push_published(out: &mut Vec<u8>, p: &Published) {
     out.extend_from_slice(b"\",\"seq\":");
     crate::bus::event::push_u64(out, p.seq);
     out.extend_from_slice(b",\"id\":\"");
-    json_escape_into(out, p.id());
+    // Channel names and ids are validated to JSON-safe characters, generated ids are UUIDs.
+    out.extend_from_slice(p.id().as_bytes());
     out.extend_from_slice(if p.duplicate {
         b"\",\"duplicate\":true}"
     } else {
