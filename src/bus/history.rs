@@ -107,7 +107,8 @@ impl History {
         }
         self.sweep_if_due();
         let hash = self.hasher.hash_one(event.id_bytes());
-        // A publisher's id is refused while it is retained, so it is never in the index twice.
+        // A publisher's id is refused while it is retained, so at most one of its entries (the
+        // others left with evicted events) leads to a retained event.
         self.ids.insert_unique(
             hash,
             IdEntry {
