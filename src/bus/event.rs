@@ -95,9 +95,7 @@ impl Event {
             ts_ms,
             accepted_at,
         };
-        let mut event = Event::blank(&stamp);
-        event.write(draft, &stamp);
-        event
+        Event::fresh(draft, &stamp)
     }
 
     /// [`Event::encode`] into the memory of `spare`, an event that just left history, when
@@ -111,13 +109,12 @@ impl Event {
                 return spare;
             }
         }
-        let mut event = Event::blank(stamp);
-        event.write(draft, stamp);
-        Arc::new(event)
+        Arc::new(Event::fresh(draft, stamp))
     }
 
-    fn blank(stamp: &Stamp) -> Event {
-        Event {
+    /// A new event of `draft` with `stamp`, in allocations of its own.
+    fn fresh(draft: &Draft, stamp: &Stamp) -> Event {
+        let mut event = Event {
             channel: stamp.channel.clone(),
             epoch: stamp.epoch.clone(),
             seq: stamp.seq,
@@ -129,7 +126,9 @@ impl Event {
             id_len: 0,
             channel_len: 0,
             type_len: 0,
-        }
+        };
+        event.write(draft, stamp);
+        event
     }
 
     /// Makes this event `draft` stamped with `stamp`, in one buffer:
