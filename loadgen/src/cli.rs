@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::clock::Ramp;
 use crate::options::{
-    Driver, Options, PublishVia, RatePlan, Scenario, TargetKind, Transport, DEFAULT_NATS_TARGET,
+    CloseMode, Driver, Options, PublishVia, RatePlan, Scenario, TargetKind, Transport,
+    DEFAULT_NATS_TARGET,
 };
 
 #[derive(Debug, Parser)]
@@ -191,6 +192,10 @@ pub struct Connect {
     /// Length of each ramp step, seconds [default: 3]
     #[arg(long, value_name = "S")]
     pub step_s: Option<f64>,
+    /// How each connection ends after its welcome: a close frame and the server's close
+    /// (graceful), or an abortive close that sends a RST (reset) [default: graceful]
+    #[arg(long, value_enum)]
+    pub close: Option<CloseMode>,
 }
 
 #[derive(Debug, Args)]
@@ -249,6 +254,7 @@ impl Cli {
                 set(&mut o.concurrency, a.concurrency);
                 o.concurrency_ramp = a.ramp;
                 set(&mut o.step_s, a.step_s);
+                set(&mut o.close, a.close);
                 (o, out)
             }
             Command::Idle(a) => {
@@ -428,6 +434,9 @@ mod tests {
         let (o, _) = parse(&["connect", "--ramp", "1:8:2", "--driver", "io_uring"]);
         assert_eq!(o.concurrency_steps(), vec![1, 2, 4, 8]);
         assert_eq!(o.driver, Driver::IoUring);
+        assert_eq!(o.close, CloseMode::Graceful);
+        let (o, _) = parse(&["connect", "--close", "reset"]);
+        assert_eq!(o.close, CloseMode::Reset);
         let (o, _) = parse(&[
             "ingest",
             "--batch",
@@ -496,6 +505,8 @@ mod tests {
             "not a latency flag"
         );
         assert!(bad(&["connect", "--subscribers", "5"]));
+        assert!(bad(&["connect", "--close", "slam"]));
+        assert!(bad(&["fanout", "--close", "reset"]), "a connect flag");
         assert!(bad(&["nosuch"]));
         assert!(bad(&[]));
     }

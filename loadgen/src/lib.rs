@@ -55,6 +55,8 @@ pub mod wsframe;
 
 pub use clock::Ramp;
 pub use error::LoadgenError;
-pub use options::{Driver, Options, PublishVia, RatePlan, Scenario, TargetKind, Transport};
+pub use options::{
+    CloseMode, Driver, Options, PublishVia, RatePlan, Scenario, TargetKind, Transport,
+};
 pub use report::Report;
 pub use run::run;

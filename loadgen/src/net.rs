@@ -157,6 +157,25 @@ fn set_bind_address_no_port(fd: RawFd) {
     }
 }
 
+/// Makes the socket's close abortive: the kernel drops what is unsent and sends a RST instead
+/// of a FIN, and neither side keeps a TIME_WAIT.
+pub fn set_linger_zero(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid fd and a `linger` value of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 fn socket_error(fd: RawFd) -> Option<io::Error> {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

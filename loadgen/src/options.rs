@@ -135,6 +135,28 @@ impl PublishVia {
     }
 }
 
+/// How the connect scenario ends each connection after its `welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseMode {
+    /// A close frame, then wait for the server's close and its FIN: what a well-behaved
+    /// client does (the TIME_WAIT stays on the server's side).
+    Graceful,
+    /// An abortive close (`SO_LINGER` 0, so the kernel sends a RST): what a client that
+    /// vanishes does. It measures the handshake without the teardown's four extra segments,
+    /// and the server's reset path.
+    Reset,
+}
+
+impl CloseMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseMode::Graceful => "graceful",
+            CloseMode::Reset => "reset",
+        }
+    }
+}
+
 /// The generator's own I/O driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -207,6 +229,7 @@ pub struct Options {
     // Connect.
     pub concurrency: usize,
     pub concurrency_ramp: Option<Ramp>,
+    pub close: CloseMode,
 
     // Idle.
     /// Connection counts to hold, in increasing order.
@@ -258,6 +281,7 @@ impl Options {
             stop_p99_ms: 100.0,
             concurrency: 16,
             concurrency_ramp: None,
+            close: CloseMode::Graceful,
             idle_steps: vec![1000],
             settle_s: 2.0,
             server_pid: None,

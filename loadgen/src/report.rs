@@ -475,8 +475,11 @@ impl Report {
         if let Some(conn) = &self.connect {
             let _ = writeln!(
                 o,
-                "  handshakes    {:>12}  ({:.1}/s)   failures {}",
-                conn.handshakes, conn.handshakes_per_s, conn.failures
+                "  handshakes    {:>12}  ({:.1}/s)   failures {}   close {}",
+                conn.handshakes,
+                conn.handshakes_per_s,
+                conn.failures,
+                self.config.close.name()
             );
             pct_line(&mut o, "handshake", &conn.latency_us);
         }

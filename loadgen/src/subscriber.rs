@@ -25,7 +25,7 @@ use monoio::net::TcpStream;
 use crate::clock::now_ns;
 use crate::error::ConnError;
 use crate::http::{self, ResponseHead};
-use crate::options::{TargetKind, Transport};
+use crate::options::{CloseMode, TargetKind, Transport};
 use crate::scan::{self, EventFields, Op, SseLine};
 use crate::stats::{bump, raise, Hists, SeqOutcome, SeqTracker, ThreadStats, C};
 use crate::worker::{Ctx, Shared, POLL};
@@ -679,8 +679,8 @@ pub fn goodbye(fd: std::os::fd::RawFd) {
     net::send_nonblocking(fd, &frame);
 }
 
-/// The connect scenario: connector `j` repeats connect, upgrade, read `welcome`, close, while
-/// `j` is below the current concurrency.
+/// The connect scenario: connector `j` repeats connect, upgrade, read `welcome`, close (as
+/// `--close` says), while `j` is below the current concurrency.
 ///
 /// Everything that does not change between handshakes is made once per connector: the upgrade
 /// request (the same bytes every time, shared with the write), the read buffer (taken back
@@ -740,7 +740,15 @@ pub async fn handshake_loop(ctx: Rc<Ctx>, j: usize) {
                 bump(&stats.step(step).delivered, 1);
                 raise(&stats.step(step).last_delivery_ns, t1);
                 stats.add(C::Handshakes, 1);
-                close_gracefully(stream, &mut buf, &mut frame, masker.next_key()).await;
+                match shared.opts.close {
+                    CloseMode::Graceful => {
+                        close_gracefully(stream, &mut buf, &mut frame, masker.next_key()).await
+                    }
+                    CloseMode::Reset => {
+                        net::set_linger_zero(stream.as_raw_fd());
+                        drop(stream);
+                    }
+                }
             }
             Err(e) => {
                 stats.add(C::HandshakeFailures, 1);
