@@ -38,7 +38,7 @@ pub fn scan_event(json: &[u8]) -> Option<EventFields<'_>> {
 }
 
 /// The fields read straight through in the order relay writes them, each key checked where it
-/// must be: a few short `memchr`s instead of three substring searches per event, which were
+/// must be: a few short quote searches instead of three substring searches per event, which were
 /// the generator's largest user-space cost in the fan-out scenario. `None` when anything is
 /// not where relay puts it; [`scan_in_any_order`] then decides.
 #[inline]
@@ -62,7 +62,7 @@ fn scan_in_relay_order(json: &[u8]) -> Option<EventFields<'_>> {
     cursor.key(b",\"epoch\":\"")?;
     cursor.string()?;
     cursor.key(b",\"ts\":")?;
-    cursor.number()?;
+    cursor.skip_number()?;
     cursor.key(b",")?;
     cursor.key(DATA_TS_KEY)?;
     let sched_ns = cursor.number()?;
@@ -92,9 +92,20 @@ impl<'a> Cursor<'a> {
     #[inline]
     fn string(&mut self) -> Option<&'a [u8]> {
         let rest = self.json.get(self.at..)?;
-        let len = memchr::memchr(b'"', rest)?;
+        let len = find_quote(rest)?;
         self.at += len + 1;
         Some(&rest[..len])
+    }
+
+    /// Steps over a number the generator does not need (relay's `ts`).
+    #[inline]
+    fn skip_number(&mut self) -> Option<()> {
+        let rest = self.json.get(self.at..)?;
+        let len = rest
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(rest.len());
+        (len > 0).then(|| self.at += len)
     }
 
     #[inline]
@@ -157,12 +168,28 @@ pub fn scan_tagged_data(data: &[u8]) -> Option<TaggedData> {
 
 /// Parses the decimal digits at `at`; returns the value and the index after the last digit.
 /// `None` without digits or on overflow.
+///
+/// Eight digits at a time while eight are there (three multiplications instead of eight
+/// dependent ones): the scheduled time in every event has 14 or more digits, and parsing it
+/// digit by digit was 10% of the generator's CPU in the fan-out scenario at 3.2 M events/s.
 #[inline]
 pub fn parse_u64(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
     let digits = bytes.get(at..)?;
     let mut value: u64 = 0;
     let mut n = 0;
-    for &b in digits {
+    // Two words of eight are sixteen digits: always fits.
+    while n < 16 {
+        let Some(word) = digits.get(n..n + 8) else {
+            break;
+        };
+        let word = u64::from_le_bytes(word.try_into().ok()?);
+        if !eight_digits(word) {
+            break;
+        }
+        value = value * 100_000_000 + eight_digits_value(word);
+        n += 8;
+    }
+    for &b in &digits[n..] {
         if !b.is_ascii_digit() {
             break;
         }
@@ -180,6 +207,46 @@ pub fn parse_u64(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
     } else {
         Some((value, at + n))
     }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether all eight bytes of `word` (little-endian) are ASCII digits. A byte below `0`
+/// sets its high bit in the subtraction, a byte above `9` in the addition; no borrow or carry
+/// crosses into a higher byte unless a lower one already failed.
+#[inline]
+fn eight_digits(word: u64) -> bool {
+    (word.wrapping_sub(ONES * b'0' as u64) | word.wrapping_add(ONES * 0x46)) & HIGHS == 0
+}
+
+/// The value of eight ASCII digits, the first in the lowest byte: pairs, then quads, then
+/// the whole, each step one multiplication.
+#[inline]
+fn eight_digits_value(word: u64) -> u64 {
+    let d = word - ONES * b'0' as u64;
+    let pairs = (d * 10 + (d >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let quads = (pairs * 100 + (pairs >> 16)) & 0x0000_ffff_0000_ffff;
+    (quads & 0xffff) * 10_000 + (quads >> 32)
+}
+
+/// The index of the first `"` in `bytes`, eight bytes at a time: the strings of an envelope
+/// are short (a channel, a type, an epoch, a 36-byte id), where `memchr`'s vector set-up cost
+/// more than the search (10% of the generator in the fan-out scenario).
+#[inline]
+pub fn find_quote(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(word) = bytes.get(at..at + 8) {
+        let word = u64::from_le_bytes(word.try_into().ok()?);
+        let x = word ^ (ONES * b'"' as u64);
+        // The lowest byte that is zero in `x` sets its high bit here; bytes above it may too.
+        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    bytes[at..].iter().position(|&b| b == b'"').map(|i| at + i)
 }
 
 /// The op of a WebSocket message relay sent.
@@ -392,6 +459,28 @@ mod tests {
     }
 
     #[test]
+    fn quote_search_matches_a_plain_search() {
+        for len in 0..40 {
+            let mut text = vec![b'a'; len];
+            assert_eq!(find_quote(&text), None);
+            for at in 0..len {
+                text[at] = b'"';
+                for later in at..len {
+                    let mut t = text.clone();
+                    t[later] = b'"';
+                    assert_eq!(find_quote(&t), Some(at), "{len} {at} {later}");
+                }
+                // Bytes one away from a quote in value do not match.
+                text[at] = b'"' ^ 1;
+                assert_eq!(find_quote(&text), None);
+                text[at] = 0xa2;
+                assert_eq!(find_quote(&text), None);
+                text[at] = b'a';
+            }
+        }
+    }
+
+    #[test]
     fn digits() {
         assert_eq!(parse_u64(b"123,", 0), Some((123, 3)));
         assert_eq!(parse_u64(b"x9", 1), Some((9, 2)));
@@ -400,6 +489,44 @@ mod tests {
         assert_eq!(parse_u64(b"abc", 10), None);
         assert_eq!(parse_u64(b"18446744073709551615", 0), Some((u64::MAX, 20)));
         assert_eq!(parse_u64(b"18446744073709551616", 0), None, "overflow");
+        assert_eq!(parse_u64(b"99999999999999999999", 0), None, "overflow");
+        assert_eq!(
+            parse_u64(b"123456789012345,", 0),
+            Some((123456789012345, 15))
+        );
+        assert_eq!(parse_u64(b"12345678", 0), Some((12345678, 8)));
+        assert_eq!(parse_u64(b"1234567/9", 0), Some((1234567, 7)));
+        assert_eq!(parse_u64(b"1234567:9", 0), Some((1234567, 7)));
+        assert_eq!(parse_u64(b"00000000000000000042}", 0), Some((42, 20)));
+        // Every length, every position of a non-digit, every digit in every place, against
+        // the standard library.
+        for len in 1..=20 {
+            for digit in b'0'..=b'9' {
+                for place in 0..len {
+                    let mut text: Vec<u8> = (0..len).map(|i| b'1' + (i % 9) as u8).collect();
+                    text[place] = digit;
+                    let want = std::str::from_utf8(&text).unwrap().parse::<u64>().ok();
+                    for stop in [b',', b'}', b'/', b':', b' ', 0x80, 0xff] {
+                        let mut t = text.clone();
+                        t.push(stop);
+                        t.extend_from_slice(b"12345678");
+                        assert_eq!(parse_u64(&t, 0).map(|(v, _)| v), want, "{t:?}");
+                        if let Some((_, end)) = parse_u64(&t, 0) {
+                            assert_eq!(end, len as usize);
+                        }
+                    }
+                }
+            }
+        }
+        for b in 0..=255u8 {
+            let mut word = *b"12345678";
+            word[3] = b;
+            assert_eq!(
+                eight_digits(u64::from_le_bytes(word)),
+                b.is_ascii_digit(),
+                "byte {b}"
+            );
+        }
     }
 
     #[test]
