@@ -512,7 +512,7 @@ mod tests {
                         t.extend_from_slice(b"12345678");
                         assert_eq!(parse_u64(&t, 0).map(|(v, _)| v), want, "{t:?}");
                         if let Some((_, end)) = parse_u64(&t, 0) {
-                            assert_eq!(end, len as usize);
+                            assert_eq!(end, len);
                         }
                     }
                 }
