@@ -144,17 +144,12 @@ pub async fn connect_quick(
 }
 
 fn set_bind_address_no_port(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid fd and a c_int option value of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    set_option(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        &1 as &libc::c_int,
+    );
 }
 
 /// Makes the socket's close abortive: the kernel drops what is unsent and sends a RST instead
@@ -164,14 +159,20 @@ pub fn set_linger_zero(fd: RawFd) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt with a valid fd and a `linger` value of the right size.
+    set_option(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+}
+
+/// Best effort `setsockopt`: both options set here are refused only on a bad fd, which the
+/// next operation on it reports anyway.
+fn set_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: setsockopt with the fd the caller owns and a value of `T`'s exact size.
     unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         );
     }
 }
