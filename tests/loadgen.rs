@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use relay_loadgen::report::Report;
 use relay_loadgen::{
     CloseMode, Driver, LoadgenError, Options, PublishVia, Ramp, RatePlan, Scenario,
@@ -220,7 +222,7 @@ fn connect_counts_handshakes(driver: &str) {
     assert_eq!(r.steps[0].delivered, c.handshakes);
     assert!(c.handshakes_per_s > 0.0);
     // Graceful: every connection ended with the client's close frame (1000).
-    wait_for_closes(&server, "1000", c.handshakes);
+    assert_closes(&server, "1000", c.handshakes);
 
     // Abortive: every connection ended by a RST, which relay counts as 1006 (no close frame).
     o.close = CloseMode::Reset;
@@ -229,27 +231,17 @@ fn connect_counts_handshakes(driver: &str) {
     assert!(c.handshakes > 0, "{}", r.to_table());
     assert_eq!(c.failures, 0, "{}", r.to_table());
     assert!(r.to_table().contains("close reset"), "{}", r.to_table());
-    wait_for_closes(&server, "1006", c.handshakes);
+    assert_closes(&server, "1006", c.handshakes);
     // The resets cost relay nothing but the connections: it still serves.
     assert_eq!(server.get("/healthz").status, 200);
 }
 
-/// Waits (bounded) until relay has counted at least `want` WebSocket closes with `code`; the
-/// last connections of a run may end on relay's side just after the generator returns.
-fn wait_for_closes(server: &Server, code: &str, want: u64) {
+/// Asserts relay counts at least `want` WebSocket closes with `code`, waiting (bounded) for
+/// it: the last connections of a run may end on relay's side just after the generator returns.
+fn assert_closes(server: &Server, code: &str, want: u64) {
     let name = format!("relay_ws_closes_total{{code=\"{code}\"}}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let got = server.metric_sum(&name);
-        if got >= want as f64 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} is {got}, want at least {want}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let got = wait_metric_at_least(server, &name, want as f64, Duration::from_secs(10));
+    assert!(got >= want as f64, "{name} is {got}, want at least {want}");
 }
 
 fn idle_reports_the_relays_rss(driver: &str) {
