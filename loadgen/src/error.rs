@@ -51,6 +51,11 @@ pub enum LoadgenError {
     },
     /// The relay's process could not be found or read (idle scenario).
     ServerProcess(String),
+    /// The loopback floor (`relay-floor`) could not set up or run its own sockets.
+    Floor {
+        what: &'static str,
+        source: io::Error,
+    },
     /// The whole run went past its hard deadline.
     Deadline {
         deadline_s: f64,
@@ -103,6 +108,9 @@ impl fmt::Display for LoadgenError {
                  (--subscribe-timeout-s)"
             ),
             LoadgenError::ServerProcess(m) => write!(f, "{m}"),
+            LoadgenError::Floor { what, source } => {
+                write!(f, "the loopback floor could not {what}: {source}")
+            }
             LoadgenError::Deadline { deadline_s, phase } => write!(
                 f,
                 "the run passed its hard deadline of {deadline_s:.0} s during {phase} \
@@ -116,7 +124,8 @@ impl std::error::Error for LoadgenError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             LoadgenError::TargetUnreachable { source, .. }
-            | LoadgenError::Runtime { source, .. } => Some(source),
+            | LoadgenError::Runtime { source, .. }
+            | LoadgenError::Floor { source, .. } => Some(source),
             LoadgenError::Thread(e) => Some(e),
             _ => None,
         }

@@ -34,10 +34,13 @@
 //! - [`report`]: the `Report`, its JSON and its table.
 //! - [`net`]: sockets from chosen source addresses, rlimits, /proc, getrusage.
 //! - [`error`]: `LoadgenError` (the run) and `ConnError` (one connection).
+//! - [`floor`]: `relay-floor`, the loopback floor: a scenario's shape with a minimal sink in
+//!   place of relay, to show what the machine's kernel allows.
 
 pub mod cli;
 pub mod clock;
 pub mod error;
+pub mod floor;
 pub mod http;
 pub mod nats;
 pub mod net;
