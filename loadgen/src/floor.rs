@@ -24,6 +24,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 
+use crate::cli::set;
 use crate::clock::Ramp;
 use crate::error::LoadgenError;
 use crate::net;
@@ -213,11 +214,6 @@ impl FloorCli {
     /// The options, and whether to print JSON; an error names the flag.
     pub fn into_options(self) -> Result<(FloorOptions, bool), LoadgenError> {
         let mut o = FloorOptions::new(self.shape);
-        let set = |field: &mut usize, v: Option<usize>| {
-            if let Some(v) = v {
-                *field = v;
-            }
-        };
         set(&mut o.subscribers, self.subscribers);
         set(&mut o.channels, self.channels);
         set(&mut o.publishers, self.publishers);
@@ -229,13 +225,13 @@ impl FloorCli {
         if let Some(ramp) = self.ramp {
             o.rates = ramp.steps().map_err(LoadgenError::Config)?;
         }
-        o.step_s = self.step_s.unwrap_or(o.step_s);
-        o.hold_us = self.hold_us.unwrap_or(o.hold_us);
+        set(&mut o.step_s, self.step_s);
+        set(&mut o.hold_us, self.hold_us);
         o.sink_cpu = self.sink_cpu;
         o.driver_cpu = self.driver_cpu;
         o.spin = self.spin;
-        o.stop_p99_ms = self.stop_p99_ms.unwrap_or(o.stop_p99_ms);
-        o.drain_ms = self.drain_ms.unwrap_or(o.drain_ms);
+        set(&mut o.stop_p99_ms, self.stop_p99_ms);
+        set(&mut o.drain_ms, self.drain_ms);
         o.validate()?;
         Ok((o, self.json))
     }
@@ -444,6 +440,18 @@ struct PublisherIn {
     open: bool,
 }
 
+/// Pins the calling thread to `cpu` when one is asked for; a refusal ends the run, since
+/// figures from an unpinned thread would be read as pinned ones.
+fn pin(flag: &str, cpu: Option<usize>) -> Result<(), LoadgenError> {
+    match cpu {
+        Some(cpu) if !net::pin_to_cpu(cpu) => Err(LoadgenError::Config(format!(
+            "{flag} {cpu}: the kernel refused to run the thread there (is that CPU online and \
+             in this process's affinity mask?)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Role of a connection, in its first 8 bytes: role (0 subscriber, 1 publisher), channel.
 fn hello(role: u32, channel: u32) -> [u8; 8] {
     let mut h = [0u8; 8];
@@ -459,10 +467,11 @@ fn sink(
     o: &FloorOptions,
     stop: &AtomicBool,
     counters: &SinkCounters,
-    ready: mpsc::Sender<io::Result<()>>,
+    ready: mpsc::Sender<Result<(), LoadgenError>>,
 ) {
-    if let Some(cpu) = o.sink_cpu {
-        net::pin_to_cpu(cpu);
+    if let Err(e) = pin("--sink-cpu", o.sink_cpu) {
+        let _ = ready.send(Err(e));
+        return;
     }
     let mut subs_of: Vec<Vec<usize>> = vec![Vec::new(); o.channels];
     let mut subs = Vec::with_capacity(o.subscribers);
@@ -472,8 +481,11 @@ fn sink(
             let _ = ready.send(Ok(()));
             epoll
         }
-        Err(e) => {
-            let _ = ready.send(Err(e));
+        Err(source) => {
+            let _ = ready.send(Err(LoadgenError::Floor {
+                what: "accept",
+                source,
+            }));
             return;
         }
     };
@@ -753,7 +765,8 @@ impl FloorReport {
     }
 }
 
-/// Runs the floor: the sink on its thread, the driver on this one.
+/// Runs the floor: the sink on its thread, the driver on this one (which stays pinned to
+/// `driver_cpu` afterwards when one is given).
 pub fn run_floor(o: &FloorOptions) -> Result<FloorReport, LoadgenError> {
     o.validate()?;
     net::raise_fd_limit(o.fds_needed())?;
@@ -801,11 +814,9 @@ fn drive(
     o: &FloorOptions,
     counters: &SinkCounters,
     sink_clock: Option<ThreadClock>,
-    ready: &mpsc::Receiver<io::Result<()>>,
+    ready: &mpsc::Receiver<Result<(), LoadgenError>>,
 ) -> Result<FloorReport, LoadgenError> {
-    if let Some(cpu) = o.driver_cpu {
-        net::pin_to_cpu(cpu);
-    }
+    pin("--driver-cpu", o.driver_cpu)?;
     let setup = |what: &'static str| move |source| LoadgenError::Floor { what, source };
     let mut d = Driver {
         subscribers: Vec::with_capacity(o.subscribers),
@@ -814,21 +825,17 @@ fn drive(
         timer: Timer::new().map_err(setup("create a timer"))?,
     };
     for i in 0..o.subscribers {
-        let s = connect(addr, 0, (i % o.channels) as u32).map_err(setup("connect"))?;
+        let s =
+            connect(addr, 0, (i % o.channels) as u32).map_err(|e| sink_error_first(ready, e))?;
         d.subscribers.push((s, Splitter::new(o.frame_bytes)));
     }
     for p in 0..o.publishers {
-        let s = connect(addr, 1, p as u32).map_err(setup("connect"))?;
+        let s = connect(addr, 1, p as u32).map_err(|e| sink_error_first(ready, e))?;
         d.publishers.push((s, Vec::new()));
     }
     match ready.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok(())) => {}
-        Ok(Err(source)) => {
-            return Err(LoadgenError::Floor {
-                what: "accept",
-                source,
-            })
-        }
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(LoadgenError::Floor {
                 what: "accept",
@@ -870,6 +877,21 @@ fn drive(
         steps,
         stopped,
     })
+}
+
+/// A failed connect, explained by the sink's own error when it stopped first (it closes the
+/// listener when it does, so the connect is refused).
+fn sink_error_first(
+    ready: &mpsc::Receiver<Result<(), LoadgenError>>,
+    source: io::Error,
+) -> LoadgenError {
+    match ready.recv_timeout(Duration::from_millis(100)) {
+        Ok(Err(e)) => e,
+        _ => LoadgenError::Floor {
+            what: "connect",
+            source,
+        },
+    }
 }
 
 /// Sends what each publisher has pending, as far as its socket takes it.

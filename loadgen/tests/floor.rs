@@ -65,6 +65,14 @@ fn the_table_names_the_shape_and_the_best_steps() {
 }
 
 #[test]
+fn a_cpu_the_kernel_refuses_ends_the_run_with_exit_1() {
+    let out = floor(&["latency", "--sink-cpu", "100000", "--duration-s", "0.1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--sink-cpu 100000"), "{err}");
+}
+
+#[test]
 fn bad_command_lines_exit_2_and_say_why() {
     for (args, needle) in [
         (&["fanout", "--frame-bytes", "4"][..], "--frame-bytes"),
