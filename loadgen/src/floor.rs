@@ -422,7 +422,6 @@ impl Timer {
 /// The sink's counters: only the sink writes them, the driver reads them between steps.
 #[derive(Default)]
 struct SinkCounters {
-    events_in: AtomicU64,
     writes: AtomicU64,
     deliveries_written: AtomicU64,
     dropped: AtomicU64,
@@ -511,12 +510,11 @@ fn sink(
         let Ok(n) = epoll.wait(&mut events, timeout_ms) else {
             return;
         };
-        let mut read = 0u64;
         for ev in &events[..n] {
             let Some(p) = pubs.get_mut(ev.u64 as usize) else {
                 continue;
             };
-            read += read_publisher(p, &mut buf, |msg| {
+            read_publisher(p, &mut buf, |msg| {
                 let Some((_, channel)) = read_header(msg) else {
                     return;
                 };
@@ -532,7 +530,6 @@ fn sink(
                 out.resize(out.len() + frame_pad, 0);
             });
         }
-        bump(&counters.events_in, read);
         if !dirty.is_empty() && (hold_ns == 0 || mono_ns() >= first_pending_ns + hold_ns) {
             for ch in dirty.drain(..) {
                 let bytes = &by_channel[ch];
@@ -584,24 +581,20 @@ fn accept_all(
     Ok(epoll)
 }
 
-/// Reads what a publisher has sent; the count of whole messages read.
-fn read_publisher(p: &mut PublisherIn, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> u64 {
-    let mut count = 0;
+/// Reads what a publisher has sent, calling `each` with every whole message.
+fn read_publisher(p: &mut PublisherIn, buf: &mut [u8], mut each: impl FnMut(&[u8])) {
     loop {
         match p.stream.read(buf) {
             Ok(0) => {
                 p.open = false;
-                return count;
+                return;
             }
-            Ok(n) => p.splitter.feed(&buf[..n], |msg| {
-                count += 1;
-                each(msg);
-            }),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return count,
+            Ok(n) => p.splitter.feed(&buf[..n], &mut each),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => {
                 p.open = false;
-                return count;
+                return;
             }
         }
     }
@@ -937,6 +930,8 @@ fn run_step(
     let due = |k: u64| start_ns + (k as f64 * interval_ns) as u64;
     let mut drain_until_ns = None;
     let mut last_arrival_ns = start_ns;
+    // The time the timer is armed for (a syscall saved on every wake-up by a read).
+    let mut armed_ns = None;
     loop {
         let now = mono_ns();
         while published < total && due(published) <= now {
@@ -952,7 +947,11 @@ fn run_step(
             if o.spin {
                 0
             } else {
-                d.timer.arm_at(due(published));
+                let next = due(published);
+                if armed_ns != Some(next) {
+                    d.timer.arm_at(next);
+                    armed_ns = Some(next);
+                }
                 // A publisher whose socket was full is retried a millisecond later.
                 if all_sent {
                     -1
@@ -971,6 +970,7 @@ fn run_step(
         for ev in &events[..n] {
             if ev.u64 == TIMER_TOKEN {
                 d.timer.clear();
+                armed_ns = None;
                 continue;
             }
             let Some((stream, splitter)) = d.subscribers.get_mut(ev.u64 as usize) else {
