@@ -25,7 +25,7 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 
 use crate::cli::set;
-use crate::clock::Ramp;
+use crate::clock::{secs_to_ns, Ramp, Schedule};
 use crate::error::LoadgenError;
 use crate::net;
 use crate::stats::{bump, get, new_histogram, Percentiles};
@@ -38,7 +38,7 @@ const MARKER: [u8; 4] = *b"flr1";
 const TIMER_TOKEN: u64 = u64::MAX;
 /// How long the sink sleeps in one wait when it has nothing to do, so it sees the stop flag.
 const SINK_IDLE_WAIT_MS: i32 = 10;
-/// Read buffer of each publisher at the sink, and the driver's scratch buffer.
+/// The sink's read buffer (one, for every publisher) and the driver's.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The scenario shapes of relay-loadgen the floor reproduces.
@@ -758,12 +758,16 @@ impl FloorReport {
     }
 }
 
+/// Names what the floor could not do with its own sockets.
+fn floor_err(what: &'static str) -> impl Fn(io::Error) -> LoadgenError {
+    move |source| LoadgenError::Floor { what, source }
+}
+
 /// Runs the floor: the sink on its thread, the driver on this one (which stays pinned to
 /// `driver_cpu` afterwards when one is given).
 pub fn run_floor(o: &FloorOptions) -> Result<FloorReport, LoadgenError> {
     o.validate()?;
     net::raise_fd_limit(o.fds_needed())?;
-    let floor_err = |what: &'static str| move |source| LoadgenError::Floor { what, source };
     let listener = TcpListener::bind("127.0.0.1:0").map_err(floor_err("listen on 127.0.0.1"))?;
     let addr = listener
         .local_addr()
@@ -810,12 +814,11 @@ fn drive(
     ready: &mpsc::Receiver<Result<(), LoadgenError>>,
 ) -> Result<FloorReport, LoadgenError> {
     pin("--driver-cpu", o.driver_cpu)?;
-    let setup = |what: &'static str| move |source| LoadgenError::Floor { what, source };
     let mut d = Driver {
         subscribers: Vec::with_capacity(o.subscribers),
         publishers: Vec::with_capacity(o.publishers),
-        epoll: Epoll::new().map_err(setup("create an epoll"))?,
-        timer: Timer::new().map_err(setup("create a timer"))?,
+        epoll: Epoll::new().map_err(floor_err("create an epoll"))?,
+        timer: Timer::new().map_err(floor_err("create a timer"))?,
     };
     for i in 0..o.subscribers {
         let s =
@@ -837,21 +840,24 @@ fn drive(
         }
     }
     for (i, (s, _)) in d.subscribers.iter().enumerate() {
-        s.set_nonblocking(true).map_err(setup("set up a socket"))?;
+        s.set_nonblocking(true)
+            .map_err(floor_err("set up a socket"))?;
         d.epoll
             .add(s.as_raw_fd(), i as u64)
-            .map_err(setup("watch a socket"))?;
+            .map_err(floor_err("watch a socket"))?;
     }
     for (s, _) in &d.publishers {
-        s.set_nonblocking(true).map_err(setup("set up a socket"))?;
+        s.set_nonblocking(true)
+            .map_err(floor_err("set up a socket"))?;
     }
     d.epoll
         .add(d.timer.0.as_raw_fd(), TIMER_TOKEN)
-        .map_err(setup("watch the timer"))?;
+        .map_err(floor_err("watch the timer"))?;
     let mut steps = Vec::new();
     let mut stopped = None;
     for &rate in &o.rates {
-        let step = run_step(&mut d, o, rate, counters, sink_clock).map_err(setup("run a step"))?;
+        let step =
+            run_step(&mut d, o, rate, counters, sink_clock).map_err(floor_err("run a step"))?;
         let over = step.latency_us.p99 > o.stop_p99_ms * 1000.0;
         let lost = step.lost;
         steps.push(step);
@@ -880,10 +886,7 @@ fn sink_error_first(
 ) -> LoadgenError {
     match ready.recv_timeout(Duration::from_millis(100)) {
         Ok(Err(e)) => e,
-        _ => LoadgenError::Floor {
-            what: "connect",
-            source,
-        },
+        _ => floor_err("connect")(source),
     }
 }
 
@@ -910,8 +913,6 @@ fn run_step(
     counters: &SinkCounters,
     sink_clock: Option<ThreadClock>,
 ) -> io::Result<FloorStep> {
-    let interval_ns = 1e9 / rate as f64;
-    let total = (rate as f64 * o.step_s).round().max(1.0) as u64;
     let expected_per_channel: Vec<u64> = (0..o.channels).map(|c| o.subscribers_of(c)).collect();
     let mut hist: Histogram<u64> = new_histogram();
     let mut scratch = vec![0u8; READ_BUFFER_BYTES];
@@ -927,7 +928,8 @@ fn run_step(
     let driver_cpu0 = ThreadClock::current().ns();
     // Start a millisecond out, so the first events are not already late.
     let start_ns = mono_ns() + 1_000_000;
-    let due = |k: u64| start_ns + (k as f64 * interval_ns) as u64;
+    let schedule = Schedule::new(start_ns, rate, secs_to_ns(o.step_s));
+    let (total, due) = (schedule.total, |k: u64| schedule.due_at(k));
     let mut drain_until_ns = None;
     let mut last_arrival_ns = start_ns;
     // The time the timer is armed for (a syscall saved on every wake-up by a read).
