@@ -7,6 +7,8 @@
 //! Must never: measure latency from anything but an event's scheduled time (that is what keeps
 //! a slow server from hiding latency, "coordinated omission").
 
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,82 @@ pub fn origin() -> Instant {
 #[inline]
 pub fn now_ns() -> u64 {
     u64::try_from(origin().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The monotonic clock, in ns (`CLOCK_MONOTONIC`: what `Instant` and a timerfd use).
+pub fn mono_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Any clock `clock_gettime` reads (a thread's CPU clock too), in ns.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A one-shot timer on the monotonic clock, as an fd that epoll or io_uring waits on.
+pub struct TimerFd(OwnedFd);
+
+impl TimerFd {
+    pub fn new() -> io::Result<TimerFd> {
+        // SAFETY: plain syscall; a non-negative result is a new fd we own.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(TimerFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Fires at `at_ns` on the monotonic clock (at once when that has passed).
+    pub fn arm_at(&self, at_ns: u64) {
+        arm_timerfd_at(self.0.as_raw_fd(), at_ns);
+    }
+
+    /// Reads the expiry count so the fd stops being readable.
+    pub fn clear(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a valid buffer; EAGAIN is fine.
+        unsafe { libc::read(self.0.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+    }
+
+    pub fn into_owned_fd(self) -> OwnedFd {
+        self.0
+    }
+}
+
+impl AsRawFd for TimerFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Arms the timerfd `fd` to fire once at `at_ns` on the monotonic clock.
+pub fn arm_timerfd_at(fd: RawFd, at_ns: u64) {
+    let at = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
+            // An all-zero value would disarm the timer instead.
+            tv_nsec: (at_ns % 1_000_000_000).max(1) as libc::c_long,
+        },
+    };
+    // SAFETY: `at` is valid and the old value is not asked for; on an fd that is not a
+    // timerfd the call fails with EINVAL and changes nothing.
+    unsafe { libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &at, std::ptr::null_mut()) };
 }
 
 /// The `Instant` of a timestamp from [`now_ns`].

@@ -25,7 +25,7 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 
 use crate::cli::set;
-use crate::clock::{secs_to_ns, Ramp, Schedule};
+use crate::clock::{clock_ns, mono_ns, secs_to_ns, Ramp, Schedule, TimerFd};
 use crate::error::LoadgenError;
 use crate::net;
 use crate::stats::{bump, get, new_histogram, Percentiles};
@@ -36,6 +36,8 @@ pub const HEADER_BYTES: usize = 16;
 const MARKER: [u8; 4] = *b"flr1";
 /// The timer's token in the driver's epoll set (subscribers use their index).
 const TIMER_TOKEN: u64 = u64::MAX;
+/// Driver epoll tokens from here up are publisher sockets (their acks), below are subscribers.
+const PUBLISHER_TOKEN_BASE: u64 = 1 << 32;
 /// How long the sink sleeps in one wait when it has nothing to do, so it sees the stop flag.
 const SINK_IDLE_WAIT_MS: i32 = 10;
 /// The sink's read buffer (one, for every publisher) and the driver's.
@@ -71,6 +73,10 @@ pub struct FloorOptions {
     /// The sink writes a channel's events at most once per this many microseconds (0: as soon
     /// as it has read them), like relay's write pacing.
     pub hold_us: u64,
+    /// Bytes the sink answers each publish with (0: no answer). relay answers every publish
+    /// (HTTP `202` with its `results`, or a WebSocket `published`), about 150 bytes; the
+    /// floor without it is the floor of fire-and-forget publishing.
+    pub ack_bytes: usize,
     pub sink_cpu: Option<usize>,
     pub driver_cpu: Option<usize>,
     /// Both threads poll without sleeping (each takes its whole core), so no wake-up from
@@ -103,6 +109,7 @@ impl FloorOptions {
             frame_bytes: 250,
             publish_bytes: 200,
             hold_us: 0,
+            ack_bytes: 0,
             sink_cpu: None,
             driver_cpu: None,
             spin: false,
@@ -130,6 +137,12 @@ impl FloorOptions {
         }
         if self.rates.is_empty() || self.rates.contains(&0) {
             return bad("every rate must be at least 1 event/s".into());
+        }
+        if self.ack_bytes > READ_BUFFER_BYTES {
+            return bad(format!(
+                "--ack-bytes must be at most {READ_BUFFER_BYTES}, got {}",
+                self.ack_bytes
+            ));
         }
         if !(self.step_s.is_finite() && self.step_s > 0.0) {
             return bad(format!("--step-s must be above 0, got {}", self.step_s));
@@ -190,6 +203,10 @@ pub struct FloorCli {
     /// has millisecond resolution [default: 0]
     #[arg(long, value_name = "US")]
     pub hold_us: Option<u64>,
+    /// Answer each publish with this many bytes, after its deliveries, as relay answers every
+    /// publish (about 150 bytes) [default: 0, no answer]
+    #[arg(long, value_name = "BYTES")]
+    pub ack_bytes: Option<usize>,
     /// Pin the sink (the stand-in for relay) to this CPU
     #[arg(long)]
     pub sink_cpu: Option<usize>,
@@ -227,6 +244,7 @@ impl FloorCli {
         }
         set(&mut o.step_s, self.step_s);
         set(&mut o.hold_us, self.hold_us);
+        set(&mut o.ack_bytes, self.ack_bytes);
         o.sink_cpu = self.sink_cpu;
         o.driver_cpu = self.driver_cpu;
         o.spin = self.spin;
@@ -287,21 +305,6 @@ impl Splitter {
         }
         self.partial.extend_from_slice(chunks.remainder());
     }
-}
-
-/// The monotonic clock, in ns (`CLOCK_MONOTONIC`, which the timer uses too).
-fn mono_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A CPU-time clock of a thread, readable from any thread of the process.
@@ -368,57 +371,6 @@ impl Epoll {
     }
 }
 
-/// A one-shot timer on the monotonic clock, as an fd the driver's epoll watches.
-struct Timer(OwnedFd);
-
-impl Timer {
-    fn new() -> io::Result<Timer> {
-        // SAFETY: plain syscall; a non-negative result is a new fd we own.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(Timer(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Fires at `at_ns` on the monotonic clock (at once when that has passed).
-    fn arm_at(&self, at_ns: u64) {
-        let at = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
-                // An all-zero value would disarm the timer instead.
-                tv_nsec: (at_ns % 1_000_000_000).max(1) as libc::c_long,
-            },
-        };
-        // SAFETY: the fd is a timerfd; `at` is valid; the old value is not asked for.
-        unsafe {
-            libc::timerfd_settime(
-                self.0.as_raw_fd(),
-                libc::TFD_TIMER_ABSTIME,
-                &at,
-                std::ptr::null_mut(),
-            )
-        };
-    }
-
-    /// Reads the expiry count so the fd stops being readable.
-    fn clear(&self) {
-        let mut count = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a valid buffer; EAGAIN is fine.
-        unsafe { libc::read(self.0.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
-    }
-}
-
 /// The sink's counters: only the sink writes them, the driver reads them between steps.
 #[derive(Default)]
 struct SinkCounters {
@@ -437,6 +389,8 @@ struct PublisherIn {
     stream: TcpStream,
     splitter: Splitter,
     open: bool,
+    /// Ack bytes owed to this publisher, written after the deliveries of what was read.
+    acks_owed: usize,
 }
 
 /// Pins the calling thread to `cpu` when one is asked for; a refusal ends the run, since
@@ -495,6 +449,7 @@ fn sink(
     let mut backlogged: Vec<usize> = Vec::new();
     let mut first_pending_ns = 0u64;
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let acks = vec![0u8; READ_BUFFER_BYTES];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     loop {
         let timeout_ms = if o.spin {
@@ -514,7 +469,9 @@ fn sink(
             let Some(p) = pubs.get_mut(ev.u64 as usize) else {
                 continue;
             };
+            let mut read = 0;
             read_publisher(p, &mut buf, |msg| {
+                read += 1;
                 let Some((_, channel)) = read_header(msg) else {
                     return;
                 };
@@ -529,6 +486,7 @@ fn sink(
                 out.extend_from_slice(&msg[..HEADER_BYTES]);
                 out.resize(out.len() + frame_pad, 0);
             });
+            p.acks_owed += read * o.ack_bytes;
         }
         if !dirty.is_empty() && (hold_ns == 0 || mono_ns() >= first_pending_ns + hold_ns) {
             for ch in dirty.drain(..) {
@@ -540,6 +498,9 @@ fn sink(
             }
         }
         backlogged.retain(|&s| !flush_backlog(&mut subs[s], o, counters));
+        for p in pubs.iter_mut().filter(|p| p.acks_owed > 0 && p.open) {
+            write_acks(p, &acks);
+        }
         let publishers_gone = pubs.iter().all(|p| !p.open);
         if stop.load(Ordering::Relaxed) || (publishers_gone && dirty.is_empty()) {
             return;
@@ -575,6 +536,7 @@ fn accept_all(
                 stream,
                 splitter: Splitter::new(o.publish_bytes),
                 open: true,
+                acks_owed: 0,
             });
         }
     }
@@ -635,6 +597,21 @@ fn deliver(
     }
 }
 
+/// Writes the acks a publisher is owed, as far as its socket takes them (the rest stays owed).
+fn write_acks(p: &mut PublisherIn, zeros: &[u8]) {
+    while p.acks_owed > 0 {
+        match p.stream.write(&zeros[..p.acks_owed.min(zeros.len())]) {
+            Ok(n) => p.acks_owed -= n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(_) => {
+                p.open = false;
+                return;
+            }
+        }
+    }
+}
+
 /// Writes what a subscriber's backlog holds; whether it is empty now.
 fn flush_backlog(sub: &mut SubscriberOut, o: &FloorOptions, counters: &SinkCounters) -> bool {
     bump(&counters.writes, 1);
@@ -664,6 +641,8 @@ pub struct FloorStep {
     pub lost: u64,
     /// Messages whose marker was wrong (a framing bug; always 0).
     pub corrupt: u64,
+    /// Publishes the sink answered (with `--ack-bytes`; else 0).
+    pub acked: u64,
     pub deliveries_per_s: f64,
     /// Latency from the scheduled send time, microseconds.
     pub latency_us: Percentiles,
@@ -707,13 +686,14 @@ impl FloorReport {
         let cpu = |c: Option<usize>| c.map_or("unpinned".to_string(), |c| format!("CPU {c}"));
         let mut t = format!(
             "relay-floor {:?}: {} subscribers on {} channels, {} publishers, frame {} B, \
-             publish {} B, hold {} µs; sink {}, driver {}\n",
+             publish {} B, ack {} B, hold {} µs; sink {}, driver {}\n",
             o.shape,
             o.subscribers,
             o.channels,
             o.publishers,
             o.frame_bytes,
             o.publish_bytes,
+            o.ack_bytes,
             o.hold_us,
             cpu(o.sink_cpu),
             cpu(o.driver_cpu),
@@ -796,7 +776,7 @@ struct Driver {
     subscribers: Vec<(TcpStream, Splitter)>,
     publishers: Vec<(TcpStream, Vec<u8>)>,
     epoll: Epoll,
-    timer: Timer,
+    timer: TimerFd,
 }
 
 fn connect(addr: SocketAddr, role: u32, channel: u32) -> io::Result<TcpStream> {
@@ -818,7 +798,7 @@ fn drive(
         subscribers: Vec::with_capacity(o.subscribers),
         publishers: Vec::with_capacity(o.publishers),
         epoll: Epoll::new().map_err(floor_err("create an epoll"))?,
-        timer: Timer::new().map_err(floor_err("create a timer"))?,
+        timer: TimerFd::new().map_err(floor_err("create a timer"))?,
     };
     for i in 0..o.subscribers {
         let s =
@@ -846,12 +826,17 @@ fn drive(
             .add(s.as_raw_fd(), i as u64)
             .map_err(floor_err("watch a socket"))?;
     }
-    for (s, _) in &d.publishers {
+    for (p, (s, _)) in d.publishers.iter().enumerate() {
         s.set_nonblocking(true)
             .map_err(floor_err("set up a socket"))?;
+        if o.ack_bytes > 0 {
+            d.epoll
+                .add(s.as_raw_fd(), PUBLISHER_TOKEN_BASE + p as u64)
+                .map_err(floor_err("watch a socket"))?;
+        }
     }
     d.epoll
-        .add(d.timer.0.as_raw_fd(), TIMER_TOKEN)
+        .add(d.timer.as_raw_fd(), TIMER_TOKEN)
         .map_err(floor_err("watch the timer"))?;
     let mut steps = Vec::new();
     let mut stopped = None;
@@ -890,6 +875,20 @@ fn sink_error_first(
     }
 }
 
+/// Reads whatever `stream` has (acks nobody looks into); how many bytes that was.
+fn read_and_discard(stream: &mut TcpStream, scratch: &mut [u8]) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        match stream.read(scratch) {
+            Ok(0) => return Ok(total),
+            Ok(got) => total += got as u64,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(total),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Sends what each publisher has pending, as far as its socket takes it.
 fn flush_publishers(publishers: &mut [(TcpStream, Vec<u8>)]) -> io::Result<bool> {
     let mut all_sent = true;
@@ -919,6 +918,10 @@ fn run_step(
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut msg = vec![0u8; o.publish_bytes];
     let (mut published, mut expected, mut delivered, mut corrupt) = (0u64, 0u64, 0u64, 0u64);
+    let mut ack_bytes_read = 0u64;
+    let acks_done = |ack_bytes_read: u64, published: u64| {
+        o.ack_bytes == 0 || ack_bytes_read >= published * o.ack_bytes as u64
+    };
     let (writes0, written0, dropped0) = (
         get(&counters.writes),
         get(&counters.deliveries_written),
@@ -963,7 +966,9 @@ fn run_step(
             }
         } else {
             let until = *drain_until_ns.get_or_insert(now + o.drain_ms * 1_000_000);
-            if (delivered >= expected && all_sent) || now >= until {
+            if (delivered >= expected && all_sent && acks_done(ack_bytes_read, published))
+                || now >= until
+            {
                 break;
             }
             until.saturating_sub(now).div_ceil(1_000_000).min(10) as i32
@@ -973,6 +978,13 @@ fn run_step(
             if ev.u64 == TIMER_TOKEN {
                 d.timer.clear();
                 armed_ns = None;
+                continue;
+            }
+            if ev.u64 >= PUBLISHER_TOKEN_BASE {
+                let p = (ev.u64 - PUBLISHER_TOKEN_BASE) as usize;
+                if let Some((stream, _)) = d.publishers.get_mut(p) {
+                    ack_bytes_read += read_and_discard(stream, &mut scratch)?;
+                }
                 continue;
             }
             let Some((stream, splitter)) = d.subscribers.get_mut(ev.u64 as usize) else {
@@ -1012,6 +1024,11 @@ fn run_step(
         delivered,
         lost: expected.saturating_sub(delivered),
         corrupt,
+        acked: if o.ack_bytes == 0 {
+            0
+        } else {
+            ack_bytes_read / o.ack_bytes as u64
+        },
         deliveries_per_s: delivered as f64 / active_s,
         latency_us: Percentiles::of(Some(&hist)),
         sink_cpu_pct: sink_clock.map_or(0.0, |c| pct(c.ns() - sink_cpu0)),
@@ -1086,6 +1103,7 @@ mod tests {
         assert!(refused(|o| o.rates = vec![0]).contains("rate"));
         assert!(refused(|o| o.step_s = f64::NAN).contains("--step-s"));
         assert!(refused(|o| o.publishers = 0).contains("--publishers"));
+        assert!(refused(|o| o.ack_bytes = 1 << 20).contains("--ack-bytes"));
     }
 
     #[test]
@@ -1099,6 +1117,8 @@ mod tests {
             "100:400:2",
             "--hold-us",
             "500",
+            "--ack-bytes",
+            "200",
             "--json",
         ])
         .unwrap()
@@ -1106,6 +1126,7 @@ mod tests {
         .unwrap();
         assert_eq!(o.rates, [100, 200, 400]);
         assert_eq!((o.hold_us, o.subscribers, json), (500, 1000, true));
+        assert_eq!(o.ack_bytes, 200);
         let (o, _) = parse(&["channels", "--rate", "7", "--duration-s", "0.5"])
             .unwrap()
             .into_options()
@@ -1128,8 +1149,9 @@ mod tests {
         o.rates = vec![300, 600];
         o.step_s = 0.3;
         o.stop_p99_ms = 1e9;
-        for hold_us in [0, 2000] {
+        for (hold_us, ack_bytes) in [(0, 0), (2000, 0), (0, 150)] {
             o.hold_us = hold_us;
+            o.ack_bytes = ack_bytes;
             let r = run_floor(&o).unwrap();
             assert_eq!(r.steps.len(), 2, "{}", r.to_table());
             for s in &r.steps {
@@ -1140,9 +1162,14 @@ mod tests {
                 assert_eq!((s.delivered, s.lost, s.corrupt), (want, 0, 0));
                 assert_eq!(s.latency_us.count, want);
                 assert!(s.events_per_write >= 1.0);
+                // With acks on, every publish was answered; without, nothing was.
+                let acked = if ack_bytes == 0 { 0 } else { s.published };
+                assert_eq!(s.acked, acked);
             }
             let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
             assert_eq!(json["options"]["hold_us"], hold_us);
+            assert_eq!(json["options"]["ack_bytes"], ack_bytes);
+            assert!(r.to_table().contains(&format!("ack {ack_bytes} B")));
             assert!(r.to_table().contains("best at p99 <= 100 ms"));
         }
     }

@@ -29,7 +29,8 @@
 //! - [`scan`]: the per-event byte scan (channel, seq, timestamp) and SSE lines.
 //! - [`payload`]: the bytes the generator publishes.
 //! - [`clock`]: the time origin, the open-loop schedule, the rate ramp.
-//! - [`pacer`]: the helper thread that wakes publishers precisely when an event is due.
+//! - [`pacer`]: wakes publishers precisely when an event is due (a timerfd on each io_uring
+//!   thread's ring; a helper thread for epoll threads).
 //! - [`stats`]: per-thread counters and histograms, sequence tracking, percentiles.
 //! - [`report`]: the `Report`, its JSON and its table.
 //! - [`net`]: sockets from chosen source addresses, rlimits, /proc, getrusage.

@@ -285,7 +285,6 @@ async fn run_step(
     seqs: &mut [u64],
 ) {
     let opts = ctx.opts();
-    let shared = &ctx.shared;
     let publishers = opts.publishers as u64;
     let p = p as u64;
     let closed_loop = phase.rate == 0;
@@ -347,13 +346,10 @@ async fn run_step(
             owned_below(schedule.due_count(now), p, publishers)
         };
         if k >= due {
-            // Woken by the pacer when the next event is due; capped so a stop is noticed.
+            // Woken when the next event is due; capped so a stop is noticed.
             let next = schedule.due_at(global_index(k, p, publishers));
             let cap = now + MAX_WAIT.as_nanos() as u64;
-            shared
-                .pacer
-                .sleep_until(next.min(phase.bound_ns).min(cap))
-                .await;
+            ctx.sleep_until(next.min(phase.bound_ns).min(cap)).await;
             continue;
         }
         let room = opts.pipeline.saturating_sub(c.pipe.inflight.borrow().len());

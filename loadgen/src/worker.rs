@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{now_ns, MAX_STEPS};
 use crate::error::LoadgenError;
 use crate::options::{Driver, Options, Scenario};
-use crate::pacer::Pacer;
+use crate::pacer::{Pacer, RingAlarm};
 use crate::stats::{Hists, ThreadStats, C};
 use crate::{net, publisher, subscriber};
 
@@ -214,6 +214,8 @@ pub struct Ctx {
     /// Tasks that must finish before the thread ends.
     live: Cell<usize>,
     pub stopping: Cell<bool>,
+    /// The precise wake-up service of an io_uring thread (`None`: the shared pacer thread).
+    alarm: Option<Rc<RingAlarm>>,
 }
 
 impl Ctx {
@@ -229,6 +231,14 @@ impl Ctx {
 
     pub fn stopping(&self) -> bool {
         self.stopping.get() || self.shared.stopping()
+    }
+
+    /// Waits until `now_ns() >= deadline_ns`, precisely (see [`crate::pacer`]).
+    pub async fn sleep_until(&self, deadline_ns: u64) {
+        match &self.alarm {
+            Some(alarm) if alarm.works() => alarm.sleep_until(deadline_ns).await,
+            _ => self.shared.pacer.sleep_until(deadline_ns).await,
+        }
     }
 
     pub fn register_fd(&self, fd: RawFd, websocket: bool) {
@@ -470,6 +480,15 @@ fn thread_main(shared: Arc<Shared>, index: usize, ready: mpsc::Sender<Result<(),
 }
 
 async fn worker_main(shared: Arc<Shared>, index: usize) {
+    // Where the timerfd cannot be read (epoll, or a ring that refuses it) publishers fall
+    // back to the pacer thread.
+    let alarm = (shared.drivers[index].load(Ordering::Relaxed) == 1)
+        .then(RingAlarm::new)
+        .and_then(Result::ok)
+        .map(Rc::new);
+    if let Some(alarm) = alarm.clone() {
+        monoio::spawn(async move { alarm.run().await });
+    }
     let ctx = Rc::new(Ctx {
         shared: shared.clone(),
         index,
@@ -477,6 +496,7 @@ async fn worker_main(shared: Arc<Shared>, index: usize) {
         fds: RefCell::new(HashMap::new()),
         live: Cell::new(0),
         stopping: Cell::new(false),
+        alarm,
     });
     let threads = shared.thread_count;
     let opts = &shared.opts;
@@ -523,6 +543,9 @@ async fn worker_main(shared: Arc<Shared>, index: usize) {
 
     // Stop: tell every connection, then give tasks a bounded time to end.
     ctx.stopping.set(true);
+    if let Some(alarm) = &ctx.alarm {
+        alarm.stop();
+    }
     let fds: Vec<(RawFd, bool)> = ctx.fds.borrow().iter().map(|(f, w)| (*f, *w)).collect();
     for (fd, websocket) in fds {
         if websocket {

@@ -23,6 +23,8 @@ fn a_small_fanout_ramp_reports_every_step_in_json() {
         "0.3",
         "--hold-us",
         "1000",
+        "--ack-bytes",
+        "150",
         "--json",
     ]);
     assert!(out.status.success(), "{out:?}");
@@ -40,8 +42,10 @@ fn a_small_fanout_ramp_reports_every_step_in_json() {
             (Some(0), Some(0))
         );
         assert!(step["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+        assert_eq!(step["acked"].as_u64(), Some(published));
     }
     assert_eq!(report["options"]["subscribers"], 50);
+    assert_eq!(report["options"]["ack_bytes"], 150);
     assert_eq!(report["options"]["hold_us"], 1000);
 }
 
