@@ -93,10 +93,10 @@ impl Pacer {
         self.cv.notify_all();
     }
 
-    /// A future that completes once `now_ns() >= deadline_ns`.
-    pub fn sleep_until(&self, deadline_ns: u64) -> SleepUntil<'_> {
+    /// A future that completes once `now_ns() >= deadline_ns` (or at once after a stop).
+    pub fn sleep_until(&self, deadline_ns: u64) -> SleepUntil<'_, Pacer> {
         SleepUntil {
-            pacer: self,
+            service: self,
             deadline_ns,
         }
     }
@@ -164,21 +164,39 @@ impl Pacer {
     }
 }
 
-pub struct SleepUntil<'a> {
-    pacer: &'a Pacer,
+/// What a wake-up service offers [`SleepUntil`].
+pub trait Wakeups {
+    /// Once true, every sleep ends at once.
+    fn stopped(&self) -> bool;
+    /// Wakes `waker` once `now_ns() >= deadline_ns` (or at the stop).
+    fn register(&self, deadline_ns: u64, waker: Waker);
+}
+
+impl Wakeups for Pacer {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, deadline_ns: u64, waker: Waker) {
+        Pacer::register(self, deadline_ns, waker);
+    }
+}
+
+pub struct SleepUntil<'a, S: Wakeups> {
+    service: &'a S,
     deadline_ns: u64,
 }
 
-impl Future for SleepUntil<'_> {
+impl<S: Wakeups> Future for SleepUntil<'_, S> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if now_ns() >= self.deadline_ns || self.pacer.stop.load(Ordering::Relaxed) {
+        if now_ns() >= self.deadline_ns || self.service.stopped() {
             return Poll::Ready(());
         }
         // Polled again before the deadline (woken by someone else): register again; the
         // stale entry only causes one extra poll.
-        self.pacer.register(self.deadline_ns, cx.waker().clone());
+        self.service.register(self.deadline_ns, cx.waker().clone());
         Poll::Pending
     }
 }
@@ -219,9 +237,9 @@ impl RingAlarm {
     }
 
     /// A future that completes once `now_ns() >= deadline_ns` (or at once after a stop).
-    pub fn sleep_until(&self, deadline_ns: u64) -> RingSleep<'_> {
-        RingSleep {
-            alarm: self,
+    pub fn sleep_until(&self, deadline_ns: u64) -> SleepUntil<'_, RingAlarm> {
+        SleepUntil {
+            service: self,
             deadline_ns,
         }
     }
@@ -299,21 +317,13 @@ impl RingAlarm {
     }
 }
 
-pub struct RingSleep<'a> {
-    alarm: &'a RingAlarm,
-    deadline_ns: u64,
-}
+impl Wakeups for RingAlarm {
+    fn stopped(&self) -> bool {
+        self.stopped.get()
+    }
 
-impl Future for RingSleep<'_> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if now_ns() >= self.deadline_ns || self.alarm.stopped.get() {
-            return Poll::Ready(());
-        }
-        // As with the pacer: polled again early, it registers again (one extra poll later).
-        self.alarm.register(self.deadline_ns, cx.waker().clone());
-        Poll::Pending
+    fn register(&self, deadline_ns: u64, waker: Waker) {
+        RingAlarm::register(self, deadline_ns, waker);
     }
 }
 
