@@ -24,7 +24,7 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -205,7 +205,6 @@ impl<S: Wakeups> Future for SleepUntil<'_, S> {
 /// through the thread's ring by [`RingAlarm::run`]. Everything here runs on that one thread.
 pub struct RingAlarm {
     timer: monoio::fs::File,
-    fd: RawFd,
     heap: RefCell<BinaryHeap<Entry>>,
     /// The deadline the timer is armed for (`now_ns` time); `u64::MAX` while disarmed.
     armed_ns: Cell<u64>,
@@ -221,12 +220,10 @@ impl RingAlarm {
     /// Must be called on the io_uring runtime's thread that will run [`RingAlarm::run`].
     pub fn new() -> io::Result<RingAlarm> {
         let timer = TimerFd::new()?;
-        let fd = timer.as_raw_fd();
         let timer = monoio::fs::File::from_std(std::fs::File::from(timer.into_owned_fd()))?;
         let now = now_ns();
         Ok(RingAlarm {
             timer,
-            fd,
             heap: RefCell::new(BinaryHeap::new()),
             armed_ns: Cell::new(u64::MAX),
             seq: Cell::new(0),
@@ -313,7 +310,10 @@ impl RingAlarm {
 
     fn arm(&self, deadline_ns: u64) {
         self.armed_ns.set(deadline_ns);
-        arm_timerfd_at(self.fd, deadline_ns.saturating_add(self.mono_offset_ns));
+        arm_timerfd_at(
+            self.timer.as_raw_fd(),
+            deadline_ns.saturating_add(self.mono_offset_ns),
+        );
     }
 }
 

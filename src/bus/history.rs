@@ -26,11 +26,11 @@ pub struct History {
     size: usize,
     ttl: Duration,
     /// No retained event expires before this (`None`: nothing retained, or a TTL too long to
-    /// ever end on this clock). A lower bound, kept
-    /// inline so the shard's periodic sweep over every channel reads only the channel's own
-    /// entry: reading each oldest event's time instead cost two cache misses per channel, and
-    /// with 5,000 channels a whole millisecond of stalled shard every sweep. Set from the
-    /// first event pushed into an empty history, made exact again only when it is reached.
+    /// ever end on this clock). A lower bound, kept inline so the shard's periodic sweep over
+    /// every channel reads only the channel's own entry: reading each oldest event's time
+    /// instead cost two cache misses per channel, and with 5,000 channels a whole millisecond
+    /// of stalled shard every sweep. Set from the first event pushed into an empty history,
+    /// made exact again only when it is reached.
     expires_no_sooner: Option<Instant>,
 }
 
