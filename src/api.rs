@@ -75,7 +75,7 @@ pub fn is_own_path(path: &str) -> bool {
 }
 
 async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Reply {
-    let path = head.path.as_str();
+    let path = head.path();
     let read = matches!(head.method, Method::Get | Method::Head);
     let allow = |methods: &str| -> Reply {
         Response::error(
@@ -202,7 +202,7 @@ async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes
             .strip_prefix("/channels/")
             .and_then(|r| r.strip_suffix("/history"))
         {
-            Some(channel) if read => history(shard, channel, head.query.as_deref()).await.into(),
+            Some(channel) if read => history(shard, channel, head.query()).await.into(),
             Some(_) => allow("GET, HEAD"),
             None => not_found(path).into(),
         },
@@ -216,7 +216,7 @@ fn principal(shard: &Shard, head: &RequestHead) -> Result<Principal, Response> {
         return Ok(Principal::open());
     }
     let mut token_param = None;
-    for (key, value) in query_pairs(head.query.as_deref().unwrap_or("")).flatten() {
+    for (key, value) in query_pairs(head.query().unwrap_or("")).flatten() {
         if key == "token" {
             token_param = Some(value);
         }
@@ -560,10 +560,12 @@ fn slice_of(body: &Bytes, part: &str) -> Bytes {
 
 async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Response {
     let started = std::time::Instant::now();
-    let key = shard
-        .proxy
-        .client_key(&shard.shared.auth, head, ctl.peer.ip());
-    if let Err(response) = shard.proxy.check_publish(&key) {
+    let key = || {
+        shard
+            .proxy
+            .client_key(&shard.shared.auth, head, ctl.peer.ip())
+    };
+    if let Err(response) = shard.proxy.check_publish(key) {
         shard.stats.rate_limited.inc();
         return response;
     }

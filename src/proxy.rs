@@ -192,14 +192,14 @@ impl ProxyState {
         u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Takes a publish token for `key`; `Err` is a ready 429.
-    pub fn check_publish(&self, key: &str) -> Result<(), Response> {
+    /// Takes a publish token for the client `key` names; `Err` is a ready 429.
+    pub fn check_publish(&self, key: impl FnOnce() -> String) -> Result<(), Response> {
         let mut limit = self.publish_limit.borrow_mut();
         if limit.is_off() {
-            // No clock read per publish when nothing is limited.
+            // Neither a clock read nor the key's allocation per publish when nothing is limited.
             return Ok(());
         }
-        limit.check(key, self.now_ns()).map_err(rate_limited)
+        limit.check(&key(), self.now_ns()).map_err(rate_limited)
     }
 
     /// Takes a circuit permit for `instance` (webhooks use the proxy's circuits).
@@ -367,11 +367,11 @@ pub async fn forward<'s>(
     // and the connection can stay open.
     let start = read_start(body).await?;
     let table = shard.shared.table.load_full();
-    let Some(subsystem) = table.route(&head.path) else {
+    let Some(subsystem) = table.route(head.path()) else {
         return Ok(Answer::Relay(Response::error(
             404,
             "not_found",
-            &format!("no route for {}", head.path),
+            &format!("no route for {}", head.path()),
         )));
     };
     forward_to(shard, peer, head, start, body, subsystem).await
@@ -408,17 +408,15 @@ impl Outgoing {
             })
             .unwrap_or_default();
         let mut headers: Vec<(&str, &[u8])> = head
-            .headers
-            .iter()
+            .headers()
             .filter(|(name, _)| {
-                !HOP_BY_HOP.contains(&name.as_str())
-                    && name != "x-request-id"
-                    && name != "traceparent"
-                    && name != "x-forwarded-for"
-                    && name != "expect"
+                !HOP_BY_HOP.contains(name)
+                    && *name != "x-request-id"
+                    && *name != "traceparent"
+                    && *name != "x-forwarded-for"
+                    && *name != "expect"
                     && !connection_tokens.iter().any(|t| t == name)
             })
-            .map(|(name, value)| (name.as_str(), value.as_slice()))
             .collect();
         headers.push(("X-Request-ID", self.request_id.as_bytes()));
         headers.push(("traceparent", self.trace.as_bytes()));
@@ -467,7 +465,7 @@ async fn forward_to<'s>(
     let proxy = &shard.proxy;
     let now_ns = proxy.now_ns();
     let key = proxy.client_key(&shard.shared.auth, head, peer.ip());
-    let limiter = proxy.proxy_limiter(&head.path, &subsystem.name);
+    let limiter = proxy.proxy_limiter(head.path(), &subsystem.name);
     if let Err(retry_after) = limiter.borrow_mut().check(&key, now_ns) {
         shard.stats.rate_limited.inc();
         return Ok(Answer::Relay(rate_limited(retry_after)));
@@ -616,7 +614,7 @@ fn outgoing_request<'a>(
 ) -> Request<'a> {
     Request {
         method: head.method.as_str(),
-        path_and_query: &head.target,
+        path_and_query: head.target(),
         headers,
         body,
     }

@@ -55,7 +55,7 @@ pub fn parse_request(config: &Config, head: &RequestHead) -> Result<StreamReques
     let mut channels: Vec<Arc<str>> = Vec::new();
     let mut types = Vec::new();
     let mut last_event_id = head.header_str("last-event-id").map(str::to_string);
-    for pair in query_pairs(head.query.as_deref().unwrap_or("")) {
+    for pair in query_pairs(head.query().unwrap_or("")) {
         let (key, value) = pair.map_err(|e| format!("query: {e}"))?;
         match key.as_str() {
             "channel" => {

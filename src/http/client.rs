@@ -594,7 +594,12 @@ fn parse_response_head(
 
     let mut inline = [httparse::EMPTY_HEADER; INLINE_HEADER_SLOTS];
     let mut spilled = Vec::new();
-    let slots = header_slots(&mut inline, &mut spilled, config.max_response_headers);
+    let slots = header_slots(
+        &mut inline,
+        &mut spilled,
+        config.max_response_headers,
+        httparse::EMPTY_HEADER,
+    );
     let mut res = httparse::Response::new(slots);
     let head_len = match res.parse(window) {
         Ok(httparse::Status::Complete(n)) => n,

@@ -11,8 +11,8 @@
 //! * perform I/O or block: the connection loop owns the socket and the read buffer, and calls
 //!   in here with whatever bytes it has. Incomplete input is `Ok(Parsed::Partial)` or
 //!   `Ok((consumed, false))`, never an error;
-//! * allocate per header beyond what the returned [`RequestHead`] itself holds (httparse's
-//!   header slots live on the stack unless `max_headers` exceeds [`INLINE_HEADER_SLOTS`]);
+//! * allocate per header: a [`RequestHead`] holds its headers in one buffer, and httparse's
+//!   header slots live on the stack unless `max_headers` exceeds [`INLINE_HEADER_SLOTS`];
 //! * panic on anything a peer sends: no `unwrap`, `expect` or unchecked indexing outside tests
 //!   (enforced by the clippy lints below).
 //!
@@ -34,6 +34,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
 /// httparse needs caller-provided header slots. This many live on the stack; only a
 /// configuration with a larger `max_headers` pays for one heap allocation per parse call.
@@ -128,20 +129,22 @@ pub enum BodyKind {
     Chunked,
 }
 
-/// A parsed request head. Owns its data so the caller can drain the read buffer right away.
+/// A parsed request head. Owns its data so the caller can drain the read buffer right away,
+/// in two allocations whatever the number of headers: the request-target, and one buffer with
+/// every header's lower-cased name and value back to back (found through `fields`, inline for
+/// up to [`INLINE_FIELDS`] headers). A publish is one request, so this is per event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: Method,
     /// Raw request-target as sent, e.g. `/api/v1/relay/channels/doc%2F1/history?since=3`.
-    pub target: String,
-    /// Target before the first `?`, not percent-decoded.
-    pub path: String,
-    /// Target after the first `?`, raw. `None` when there is no `?` at all.
-    pub query: Option<String>,
+    target: String,
+    /// Length of the target's path: the bytes before the first `?`.
+    path_len: usize,
     /// 0 or 1.
     pub minor_version: u8,
-    /// Names lower-cased, values as raw bytes, in the order received.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Every header's name (lower-cased) then its value, back to back, in the order received.
+    field_bytes: Vec<u8>,
+    fields: smallvec::SmallVec<[FieldEnds; INLINE_FIELDS]>,
     /// Bytes of the buffer taken by the head, including the final CRLFCRLF; the body (or the
     /// next pipelined request) starts here.
     pub head_len: usize,
@@ -153,14 +156,110 @@ pub struct RequestHead {
     pub expect_continue: bool,
 }
 
+/// Headers whose positions a [`RequestHead`] keeps without an allocation of their own; a
+/// publish from a typical client sends 4 to 10.
+pub const INLINE_FIELDS: usize = 16;
+
+/// Where one header ends in `field_bytes`: its name ends at `name`, its value at `value` (the
+/// name starts where the previous header's value ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FieldEnds {
+    name: u32,
+    value: u32,
+}
+
 impl RequestHead {
+    /// Builds a head from already-checked parts, as [`parse_head`] does: names are lower-cased
+    /// here. `None` when the header text is larger than a head can be (4 GiB).
+    fn from_parts<'a>(
+        method: Method,
+        target: &str,
+        minor_version: u8,
+        headers: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+    ) -> Option<RequestHead> {
+        let total: usize = headers
+            .clone()
+            .map(|(name, value)| name.len() + value.len())
+            .sum();
+        u32::try_from(total).ok()?;
+        let mut field_bytes = Vec::with_capacity(total);
+        let mut fields = smallvec::SmallVec::new();
+        for (name, value) in headers {
+            field_bytes.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+            let name_end = field_bytes.len() as u32;
+            field_bytes.extend_from_slice(value);
+            fields.push(FieldEnds {
+                name: name_end,
+                value: field_bytes.len() as u32,
+            });
+        }
+        Some(RequestHead {
+            method,
+            target: target.to_owned(),
+            path_len: target.find('?').unwrap_or(target.len()),
+            minor_version,
+            field_bytes,
+            fields,
+            head_len: 0,
+            body: BodyKind::None,
+            keep_alive: true,
+            expect_continue: false,
+        })
+    }
+
+    /// A head as the codec would produce it, for tests of the layers above.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        method: Method,
+        minor_version: u8,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> RequestHead {
+        let fields = headers.iter().map(|(n, v)| (*n, v.as_bytes()));
+        match RequestHead::from_parts(method, target, minor_version, fields) {
+            Some(head) => head,
+            None => unreachable!("test heads are small"),
+        }
+    }
+
+    /// Raw request-target as sent, e.g. `/api/v1/relay/channels/doc%2F1/history?since=3`.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Target before the first `?`, not percent-decoded.
+    pub fn path(&self) -> &str {
+        self.target.get(..self.path_len).unwrap_or(&self.target)
+    }
+
+    /// Target after the first `?`, raw. `None` when there is no `?` at all.
+    pub fn query(&self) -> Option<&str> {
+        self.target.get(self.path_len..)?.strip_prefix('?')
+    }
+
+    /// Every header as (lower-cased name, raw value), in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let bytes = &self.field_bytes;
+        let mut start = 0usize;
+        self.fields.iter().map(move |ends| {
+            let (name_end, value_end) = (ends.name as usize, ends.value as usize);
+            let name = bytes.get(start..name_end).unwrap_or_default();
+            let value = bytes.get(name_end..value_end).unwrap_or_default();
+            start = value_end;
+            // Names passed httparse's token check, so they are ASCII.
+            (std::str::from_utf8(name).unwrap_or_default(), value)
+        })
+    }
+
+    /// How many header fields the request had.
+    pub fn header_count(&self) -> usize {
+        self.fields.len()
+    }
+
     /// First value of the named header. Names are stored lower-cased; the comparison is
     /// case-insensitive anyway so a mixed-case literal at a call site cannot silently miss.
     pub fn header(&self, name_lowercase: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name_lowercase))
-            .map(|(_, v)| v.as_slice())
+        self.headers_all(name_lowercase).next()
     }
 
     /// First value of the named header, if it is valid UTF-8.
@@ -169,11 +268,19 @@ impl RequestHead {
     }
 
     /// Every value of the named header, in order.
-    pub fn headers_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+    pub fn headers_all<'a, 'n>(
+        &'a self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        let bytes = &self.field_bytes;
+        let mut start = 0usize;
+        self.fields.iter().filter_map(move |ends| {
+            let (name_end, value_end) = (ends.name as usize, ends.value as usize);
+            let this = bytes.get(start..name_end).unwrap_or_default();
+            start = value_end;
+            this.eq_ignore_ascii_case(name.as_bytes())
+                .then(|| bytes.get(name_end..value_end).unwrap_or_default())
+        })
     }
 }
 
@@ -250,16 +357,19 @@ impl fmt::Display for HttpError {
 impl std::error::Error for HttpError {}
 
 /// `max` header slots for httparse: on the stack when they fit `inline`, else in `spilled`
-/// (configured limits above [`INLINE_HEADER_SLOTS`]). Used by the request and response parsers.
-pub(crate) fn header_slots<'a, 'h>(
-    inline: &'a mut [httparse::Header<'h>; INLINE_HEADER_SLOTS],
-    spilled: &'a mut Vec<httparse::Header<'h>>,
+/// (configured limits above [`INLINE_HEADER_SLOTS`]), filled with `empty`. Used by the request
+/// parser (uninitialised slots, so no 2 KiB of stack is cleared per request) and the response
+/// parser (whose httparse API takes initialised ones).
+pub(crate) fn header_slots<'a, T: Copy>(
+    inline: &'a mut [T; INLINE_HEADER_SLOTS],
+    spilled: &'a mut Vec<T>,
     max: usize,
-) -> &'a mut [httparse::Header<'h>] {
+    empty: T,
+) -> &'a mut [T] {
     match inline.get_mut(..max) {
         Some(slots) => slots,
         None => {
-            spilled.resize(max, httparse::EMPTY_HEADER);
+            spilled.resize(max, empty);
             spilled
         }
     }
@@ -274,12 +384,17 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, Ht
     // the caller has already read: a head that does not end inside it can never be accepted.
     let window = buf.get(..limits.max_header_bytes).unwrap_or(buf);
 
-    let mut inline = [httparse::EMPTY_HEADER; INLINE_HEADER_SLOTS];
+    let mut inline = [const { MaybeUninit::uninit() }; INLINE_HEADER_SLOTS];
     let mut spilled = Vec::new();
-    let slots = header_slots(&mut inline, &mut spilled, limits.max_headers);
-    let mut req = httparse::Request::new(slots);
+    let slots = header_slots(
+        &mut inline,
+        &mut spilled,
+        limits.max_headers,
+        MaybeUninit::uninit(),
+    );
+    let mut req = httparse::Request::new(&mut []);
 
-    let head_len = match req.parse(window) {
+    let head_len = match req.parse_with_uninit_headers(window, slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             // `>=` rather than `>`: with the window covering the whole limit, completing the
@@ -314,12 +429,6 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, Ht
             "request target must be an absolute path",
         ));
     }
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path.to_owned(), Some(query.to_owned())),
-        None => (target.to_owned(), None),
-    };
-
-    let mut headers = Vec::with_capacity(req.headers.len());
     let mut content_length: Option<u64> = None;
     let mut transfer_encodings = 0usize;
     let mut chunked = false;
@@ -347,7 +456,6 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, Ht
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue |= trim_ows(h.value).eq_ignore_ascii_case(b"100-continue");
         }
-        headers.push((h.name.to_ascii_lowercase(), h.value.to_vec()));
     }
 
     let body = if transfer_encodings > 0 {
@@ -383,18 +491,19 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, Ht
         conn_keep_alive && !conn_close
     };
 
-    Ok(Parsed::Complete(RequestHead {
-        method,
-        target: target.to_owned(),
-        path,
-        query,
-        minor_version,
-        headers,
-        head_len,
-        body,
-        keep_alive,
-        expect_continue: expect_continue && minor_version == 1,
-    }))
+    let fields = req.headers.iter().map(|h| (h.name, h.value));
+    // The head fits `max_header_bytes`, so its fields always fit the u32 positions.
+    let mut head = RequestHead::from_parts(method, target, minor_version, fields).ok_or(
+        HttpError::HeadersTooLarge {
+            size: head_len,
+            max: limits.max_header_bytes,
+        },
+    )?;
+    head.head_len = head_len;
+    head.body = body;
+    head.keep_alive = keep_alive;
+    head.expect_continue = expect_continue && minor_version == 1;
+    Ok(Parsed::Complete(head))
 }
 
 /// Best estimate of the head size for a `HeadersTooLarge` report: up to the blank line if one
@@ -986,16 +1095,16 @@ mod tests {
         let h = head(GET);
         assert_eq!(h.method, Method::Get);
         assert_eq!(h.method.as_str(), "GET");
-        assert_eq!(h.target, "/api/v1/relay/channels/doc%2F1/history?since=3");
-        assert_eq!(h.path, "/api/v1/relay/channels/doc%2F1/history");
-        assert_eq!(h.query.as_deref(), Some("since=3"));
+        assert_eq!(h.target(), "/api/v1/relay/channels/doc%2F1/history?since=3");
+        assert_eq!(h.path(), "/api/v1/relay/channels/doc%2F1/history");
+        assert_eq!(h.query(), Some("since=3"));
         assert_eq!(h.minor_version, 1);
         assert_eq!(h.head_len, GET.len());
         assert_eq!(h.body, BodyKind::None);
         assert!(h.keep_alive);
         assert!(!h.expect_continue);
-        assert_eq!(h.headers.len(), 5);
-        assert_eq!(h.headers[0], ("host".to_owned(), b"relay.example".to_vec()));
+        assert_eq!(h.header_count(), 5);
+        assert_eq!(h.headers().next(), Some(("host", &b"relay.example"[..])));
         assert_eq!(h.header("user-agent"), Some(&b"test/1.0"[..]));
         assert_eq!(h.header("Accept"), Some(&b"application/json"[..]));
         assert_eq!(h.header_str("host"), Some("relay.example"));
@@ -1008,11 +1117,11 @@ mod tests {
     #[test]
     fn query_edge_cases() {
         let h = head(b"GET /a? HTTP/1.1\r\n\r\n");
-        assert_eq!((h.path.as_str(), h.query.as_deref()), ("/a", Some("")));
+        assert_eq!((h.path(), h.query()), ("/a", Some("")));
         let h = head(b"GET /a?b=1?c HTTP/1.1\r\n\r\n");
-        assert_eq!((h.path.as_str(), h.query.as_deref()), ("/a", Some("b=1?c")));
+        assert_eq!((h.path(), h.query()), ("/a", Some("b=1?c")));
         let h = head(b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!((h.path.as_str(), h.query), ("/", None));
+        assert_eq!((h.path(), h.query()), ("/", None));
     }
 
     #[test]
@@ -1076,21 +1185,21 @@ mod tests {
     fn pipelined_requests() {
         let buf = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n";
         let first = head(buf);
-        assert_eq!(first.path, "/a");
+        assert_eq!(first.path(), "/a");
         let (body, used) = decode_all(first.body, &buf[first.head_len..]).unwrap();
         assert_eq!(body, b"abc");
         let second_start = first.head_len + used;
         let second = head(&buf[second_start..]);
         assert_eq!(second.method, Method::Get);
-        assert_eq!(second.path, "/b");
-        assert_eq!(second.query.as_deref(), Some("x=1"));
+        assert_eq!(second.path(), "/b");
+        assert_eq!(second.query(), Some("x=1"));
         assert_eq!(second_start + second.head_len, buf.len());
 
         // Two bodiless requests back to back: head_len alone finds the second.
         let buf = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n";
         let first = head(buf);
         assert_eq!(first.head_len, 19);
-        assert_eq!(head(&buf[first.head_len..]).path, "/2");
+        assert_eq!(head(&buf[first.head_len..]).path(), "/2");
     }
 
     #[test]
@@ -1171,7 +1280,7 @@ mod tests {
         }
         let mut ok = req.clone();
         ok.extend_from_slice(b"\r\n");
-        assert_eq!(head(&ok).headers.len(), 8);
+        assert_eq!(head(&ok).header_count(), 8);
 
         // Reported as soon as the ninth appears, even before the head is complete.
         req.extend_from_slice(b"X-H8: v\r\n");
@@ -1197,7 +1306,7 @@ mod tests {
         let mut ok = req.clone();
         ok.extend_from_slice(b"\r\n");
         match parse_head(&ok, &lim).unwrap() {
-            Parsed::Complete(h) => assert_eq!(h.headers.len(), INLINE_HEADER_SLOTS + 10),
+            Parsed::Complete(h) => assert_eq!(h.header_count(), INLINE_HEADER_SLOTS + 10),
             Parsed::Partial => panic!("expected complete"),
         }
         req.extend_from_slice(b"X-Last: v\r\n\r\n");
@@ -1498,8 +1607,8 @@ mod tests {
     fn request_target_forms() {
         let h = head(b"OPTIONS * HTTP/1.1\r\n\r\n");
         assert_eq!(
-            (h.method, h.target.as_str(), h.path.as_str()),
-            (Method::Options, "*", "*")
+            (&h.method, h.target(), h.path()),
+            (&Method::Options, "*", "*")
         );
         for req in [
             &b"GET * HTTP/1.1\r\n\r\n"[..],

@@ -186,7 +186,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         };
         let start = request_started.unwrap_or_else(Instant::now);
         let body_deadline = start + request_timeout;
-        if !api::is_own_path(&head.path) && proxy::routes(&shard, &head.path) {
+        if !api::is_own_path(head.path()) && proxy::routes(&shard, head.path()) {
             shard.stats.http_requests.inc();
             // Boxed, like every long path below: a connection's future is only as large as
             // the state it holds at rest (see `serve`).

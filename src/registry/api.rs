@@ -183,7 +183,7 @@ pub async fn route(shard: &Rc<Shard>, head: &RequestHead, rest: &str) -> Respons
         _ => Response::error(
             404,
             "not_found",
-            &format!("no such endpoint: {}", head.path),
+            &format!("no such endpoint: {}", head.path()),
         ),
     }
 }

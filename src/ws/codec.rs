@@ -781,21 +781,7 @@ mod tests {
 
     /// A request head as the HTTP codec would produce it (names lower-cased).
     fn head_with(method: Method, minor_version: u8, headers: &[(&str, &str)]) -> RequestHead {
-        RequestHead {
-            method,
-            target: "/api/v1/relay/ws".to_owned(),
-            path: "/api/v1/relay/ws".to_owned(),
-            query: None,
-            minor_version,
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
-                .collect(),
-            head_len: 0,
-            body: BodyKind::None,
-            keep_alive: true,
-            expect_continue: false,
-        }
+        RequestHead::for_test(method, minor_version, "/api/v1/relay/ws", headers)
     }
 
     fn valid_headers() -> Vec<(&'static str, &'static str)> {

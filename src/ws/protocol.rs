@@ -267,8 +267,8 @@ impl Session {
                 format!("your token does not allow publishing to {channel}"),
             ));
         }
-        let key = format!("user:{}", self.conn.user);
-        if self.shard.proxy.check_publish(&key).is_err() {
+        let key = || format!("user:{}", self.conn.user);
+        if self.shard.proxy.check_publish(key).is_err() {
             self.shard.stats.rate_limited.inc();
             return Err(refuse(
                 code::RATE_LIMITED,
