@@ -18,6 +18,7 @@ use bytes::Bytes;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use smallvec::SmallVec;
 
 use super::codec::{
     self, BodyDecoder, BodyFraming, BodyKind, HttpError, Limits, Parsed, RequestHead, ResponseHead,
@@ -106,9 +107,11 @@ pub fn write(
     head_only: bool,
     shard: usize,
 ) {
-    let shard_header = shard.to_string();
-    let mut extra: Vec<(&str, &str)> = Vec::with_capacity(response.headers.len() + 1);
-    extra.push(("X-Relay-Shard", &shard_header));
+    // Formatted on the stack: this runs once per request, publishes included.
+    let mut digits = [0u8; 20];
+    let shard_header = decimal_on_stack(&mut digits, shard);
+    let mut extra: SmallVec<[(&str, &str); 8]> = SmallVec::new();
+    extra.push(("X-Relay-Shard", shard_header));
     for (name, value) in &response.headers {
         extra.push((name, value));
     }
@@ -120,6 +123,21 @@ pub fn write(
         extra_headers: &extra,
     };
     codec::write_response(out, &head, &response.body, head_only);
+}
+
+/// `n` in decimal, written into `digits`.
+fn decimal_on_stack(digits: &mut [u8; 20], n: usize) -> &str {
+    let mut at = digits.len();
+    let mut rest = n;
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (rest % 10) as u8;
+        at -= 1;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or("0")
 }
 
 /// Serves one accepted connection until it closes.
@@ -553,4 +571,21 @@ fn body_timeout_response() -> Response {
         "request_timeout",
         "the request body did not arrive within the request timeout",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal_on_stack;
+
+    #[test]
+    fn shard_numbers_are_written_in_decimal() {
+        let mut digits = [0u8; 20];
+        for (n, text) in [(0, "0"), (7, "7"), (10, "10"), (4096, "4096")] {
+            assert_eq!(decimal_on_stack(&mut digits, n), text);
+        }
+        assert_eq!(
+            decimal_on_stack(&mut digits, usize::MAX),
+            usize::MAX.to_string()
+        );
+    }
 }
