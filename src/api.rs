@@ -139,9 +139,15 @@ async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes
             _ => allow("GET, HEAD, POST"),
         },
         _ if rest.starts_with("/subsystems/") => {
-            crate::registry::api::route(shard, head, &rest["/subsystems/".len()..])
-                .await
-                .into()
+            // Boxed: deregistering waits on a monoio timer, whose 128-byte alignment would
+            // otherwise pass to this future, which the connection boxes for every request.
+            Box::pin(crate::registry::api::route(
+                shard,
+                head,
+                &rest["/subsystems/".len()..],
+            ))
+            .await
+            .into()
         }
         "/health" => {
             if read {

@@ -17,8 +17,6 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, Driver};
 use crate::http::Response;
-use crate::mesh::Mesh;
-use crate::metrics::ShardStats;
 use crate::shard::{Shard, Shared};
 
 /// Errors that stop the relay from starting.
@@ -155,24 +153,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     }
     let registry = crate::registry::control::initial_registry(&config, shards)
         .map_err(StartError::Registry)?;
-    let shared = Arc::new(Shared {
-        config: config.clone(),
-        shards,
-        mesh: Arc::new(Mesh::new(shards, config.bus.ring_capacity)),
-        stats: (0..shards).map(|i| Arc::new(ShardStats::new(i))).collect(),
-        started_at: Instant::now(),
-        draining: Default::default(),
-        serving: Default::default(),
-        drained: Default::default(),
-        connections: Default::default(),
-        driver: Default::default(),
-        table: Arc::new(arc_swap::ArcSwap::from(registry.snapshot())),
-        initial_registry: std::sync::Mutex::new(Some(registry)),
-        auth: crate::auth::Auth::new(
-            config.auth.jwt_secret.as_deref(),
-            config.auth.api_keys.as_deref(),
-        ),
-    });
+    let shared = Arc::new(Shared::new(config.clone(), shards, registry));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<&'static str, StartError>>();
     let mut threads = Vec::with_capacity(shards);

@@ -143,6 +143,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub fn new(config: Arc<Config>, shards: usize, registry: crate::registry::Registry) -> Shared {
+        Shared {
+            shards,
+            mesh: Arc::new(Mesh::new(shards, config.bus.ring_capacity)),
+            stats: (0..shards).map(|i| Arc::new(ShardStats::new(i))).collect(),
+            started_at: Instant::now(),
+            draining: Default::default(),
+            serving: Default::default(),
+            drained: Default::default(),
+            connections: Default::default(),
+            driver: Default::default(),
+            table: Arc::new(arc_swap::ArcSwap::from(registry.snapshot())),
+            initial_registry: std::sync::Mutex::new(Some(registry)),
+            auth: crate::auth::Auth::new(
+                config.auth.jwt_secret.as_deref(),
+                config.auth.api_keys.as_deref(),
+            ),
+            config,
+        }
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
