@@ -272,7 +272,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
             &mut timer,
             &ctl,
         ) {
-            Ok(reader) => Box::pin(reader.read_all()).await,
+            Ok(mut reader) => match reader.buffered_body() {
+                Some(body) => body,
+                None => Box::pin(reader.read_all()).await,
+            },
             Err(e) => Err(BodyFailure::Http(e)),
         };
         let body = match body {
@@ -502,6 +505,8 @@ struct BodyReader<'a> {
     decoder: BodyDecoder,
     content_length: Option<u64>,
     expect_continue: bool,
+    /// Body bytes decoded before `read_all` took over.
+    decoded: Vec<u8>,
     timer: &'a mut ReadTimer,
     ctl: &'a ConnCtl,
     done: bool,
@@ -532,6 +537,7 @@ impl<'a> BodyReader<'a> {
             decoder,
             content_length,
             expect_continue: head.expect_continue,
+            decoded: Vec::new(),
             timer,
             ctl,
             done: false,
@@ -570,9 +576,33 @@ impl<'a> BodyReader<'a> {
         }
     }
 
+    /// The whole body, when every byte of it is read already (a small publish arrives with its
+    /// head): no future to box for it, as [`BodyReader::read_all`] needs. `None` otherwise.
+    fn buffered_body(&mut self) -> Option<Result<Bytes, BodyFailure>> {
+        let length = usize::try_from(self.content_length?).ok()?;
+        if self.done || self.input.len() < length {
+            return None;
+        }
+        let mut body = Vec::new();
+        let (used, done) = match self.decoder.decode(self.input, &mut body) {
+            Ok(decoded) => decoded,
+            Err(e) => return Some(Err(BodyFailure::Http(e))),
+        };
+        self.input.drain(..used.min(self.input.len()));
+        self.done = done;
+        if done {
+            Some(Ok(Bytes::from(body)))
+        } else {
+            // Not expected of a Content-Length body whose bytes are all here; `read_all`
+            // carries on from what was decoded.
+            self.decoded = body;
+            None
+        }
+    }
+
     /// The whole body.
     async fn read_all(mut self) -> Result<Bytes, BodyFailure> {
-        let mut body: Vec<u8> = Vec::new();
+        let mut body: Vec<u8> = std::mem::take(&mut self.decoded);
         while let Some(piece) = self.next_piece().await? {
             if body.is_empty() {
                 body = piece;
@@ -612,33 +642,94 @@ fn body_timeout_response() -> Response {
 
 #[cfg(test)]
 mod tests {
+    use std::rc::Rc;
     use std::sync::Arc;
     use std::time::Instant;
 
     use bytes::Bytes;
+    use monoio::net::TcpStream;
 
     use super::{decimal_on_stack, read_more, BodyReader, ReadTimer};
     use crate::config::Config;
-    use crate::http::codec::{Method, RequestHead};
+    use crate::http::codec::{parse_head, Method, Parsed, RequestHead};
     use crate::shard::{ConnCtl, Shard, Shared};
+
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+    }
+
+    /// A shard and one connected socket, as `serve` has them (the listener keeps it open).
+    async fn test_conn() -> (Rc<Shard>, TcpStream, Rc<ConnCtl>, monoio::net::TcpListener) {
+        let config = Arc::new(Config::default());
+        let registry = crate::registry::control::initial_registry(&config, 1).unwrap();
+        let shard = Shard::new(0, Arc::new(Shared::new(config, 1, registry)));
+        let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect_addr(addr).await.unwrap();
+        (
+            shard,
+            stream,
+            Rc::new(ConnCtl::new(1, addr, false)),
+            listener,
+        )
+    }
+
+    #[test]
+    fn a_body_already_read_is_taken_without_waiting() {
+        runtime().block_on(async {
+            let (shard, mut stream, ctl, _listener) = test_conn().await;
+            let limits = super::limits(&shard);
+            let mut timer = ReadTimer::new(Instant::now());
+            let (mut input, mut output) = (Vec::new(), Vec::new());
+            let mut take = |request: &[u8]| {
+                input.clear();
+                input.extend_from_slice(request);
+                let head = match parse_head(&input, &limits) {
+                    Ok(Parsed::Complete(head)) => head,
+                    other => panic!("{other:?}"),
+                };
+                let mut reader = BodyReader::new(
+                    &mut stream,
+                    &mut input,
+                    &mut output,
+                    &head,
+                    &limits,
+                    &mut timer,
+                    &ctl,
+                )
+                .unwrap();
+                let body = reader.buffered_body().map(Result::ok);
+                drop(reader);
+                (body, input.clone())
+            };
+            // The whole body, and the next request left in the buffer.
+            let (body, rest) = take(b"POST /e HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /");
+            assert_eq!(body, Some(Some(Bytes::from_static(b"abc"))));
+            assert_eq!(rest, b"GET /");
+            // No body at all.
+            let (body, rest) = take(b"GET / HTTP/1.1\r\n\r\n");
+            assert_eq!(body, Some(Some(Bytes::new())));
+            assert!(rest.is_empty());
+            // Part of the body, or a chunked one: left for `read_all`, nothing taken.
+            let (body, rest) = take(b"POST /e HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc");
+            assert_eq!((body, rest.as_slice()), (None, &b"abc"[..]));
+            let chunked =
+                b"POST /e HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+            let (body, rest) = take(chunked);
+            assert_eq!((body, rest.len()), (None, 13));
+        });
+    }
 
     /// The futures made for every request are boxed (see `serve`). Over-aligned, each box is
     /// a `posix_memalign`, which glibc serves slowly: a monoio timer (128-byte aligned) held
     /// inline by any of them once cost 5% of a shard's core. This keeps them plain.
     #[test]
     fn per_request_futures_are_not_over_aligned() {
-        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let config = Arc::new(Config::default());
-            let registry = crate::registry::control::initial_registry(&config, 1).unwrap();
-            let shard = Shard::new(0, Arc::new(Shared::new(config, 1, registry)));
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let mut stream = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
-            let ctl = std::rc::Rc::new(ConnCtl::new(1, addr, false));
+        runtime().block_on(async {
+            let (shard, mut stream, ctl, _listener) = test_conn().await;
             let head = RequestHead::for_test(Method::Post, 1, "/api/v1/relay/events", &[]);
             let plain = std::mem::align_of::<u128>();
 
