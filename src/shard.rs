@@ -143,6 +143,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The process state for `shards` shards, before any of them starts.
     pub fn new(config: Arc<Config>, shards: usize, registry: crate::registry::Registry) -> Shared {
         Shared {
             shards,

@@ -239,6 +239,13 @@ impl RequestHead {
 
     /// Every header as (lower-cased name, raw value), in the order received.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        // Names passed httparse's token check, so they are ASCII.
+        self.raw_headers()
+            .map(|(name, value)| (std::str::from_utf8(name).unwrap_or_default(), value))
+    }
+
+    /// Every header as (lower-cased name, raw value) bytes, walking `fields`.
+    fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let bytes = &self.field_bytes;
         let mut start = 0usize;
         self.fields.iter().map(move |ends| {
@@ -246,8 +253,7 @@ impl RequestHead {
             let name = bytes.get(start..name_end).unwrap_or_default();
             let value = bytes.get(name_end..value_end).unwrap_or_default();
             start = value_end;
-            // Names passed httparse's token check, so they are ASCII.
-            (std::str::from_utf8(name).unwrap_or_default(), value)
+            (name, value)
         })
     }
 
@@ -272,15 +278,9 @@ impl RequestHead {
         &'a self,
         name: &'n str,
     ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
-        let bytes = &self.field_bytes;
-        let mut start = 0usize;
-        self.fields.iter().filter_map(move |ends| {
-            let (name_end, value_end) = (ends.name as usize, ends.value as usize);
-            let this = bytes.get(start..name_end).unwrap_or_default();
-            start = value_end;
-            this.eq_ignore_ascii_case(name.as_bytes())
-                .then(|| bytes.get(name_end..value_end).unwrap_or_default())
-        })
+        self.raw_headers()
+            .filter(move |(this, _)| this.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| value)
     }
 }
 
