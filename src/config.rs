@@ -287,12 +287,20 @@ pub struct WebSocketConfig {
     /// Milliseconds between server pings on a quiet connection, >= 100; announced to clients in
     /// `welcome.heartbeat_ms`. Default 25000: under common proxy idle timeouts (30-60 s).
     pub heartbeat_ms: u64,
+    /// Publishes one connection may have waiting for their owner shards' answers,
+    /// 1..=65536. A client that sends several publishes without waiting for the replies
+    /// has them all on their way to the owners at once, and its replies still come back in
+    /// the order it sent them; past this many the connection reads nothing more until the
+    /// oldest is answered. Default 64: eight times the generator's default pipeline, and a
+    /// few KiB per connection at most.
+    pub max_publishes_in_flight: usize,
 }
 
 impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
             heartbeat_ms: 25_000,
+            max_publishes_in_flight: 64,
         }
     }
 }
@@ -834,6 +842,7 @@ const SETTINGS: &[Setting] = &[
     s("sse", "keepalive_s", U64),
     s("sse", "retry_ms", U64),
     s("websocket", "heartbeat_ms", U64),
+    s("websocket", "max_publishes_in_flight", USIZE),
     s("delivery", "max_hold_us", U64),
     s("delivery", "busy_percent", U32),
     s("webhooks", "queue_size", USIZE),
@@ -1580,6 +1589,12 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     o.at_least("sse.retry_ms", c.sse.retry_ms, 1)?;
 
     o.at_least("websocket.heartbeat_ms", c.websocket.heartbeat_ms, 100)?;
+    o.between(
+        "websocket.max_publishes_in_flight",
+        n(c.websocket.max_publishes_in_flight),
+        1,
+        65_536,
+    )?;
     o.between("delivery.max_hold_us", c.delivery.max_hold_us, 0, 1_000_000)?;
     o.between(
         "delivery.busy_percent",

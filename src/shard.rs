@@ -79,6 +79,68 @@ pub enum Msg {
 /// One event's outcome in a batch publish.
 pub type PublishOutcome = Result<Published, BusError>;
 
+/// What an owner shard answers for the drafts it was sent.
+type OwnerAnswer = oneshot::Receiver<Result<Vec<Published>, BusError>>;
+
+/// A publish started by [`Shard::publish_start`], its owners' answers still to come.
+pub enum PublishTicket {
+    /// Every draft was this shard's own.
+    Done(Vec<PublishOutcome>),
+    /// Answers so far by input position, and the owners still to answer with the positions
+    /// their answers fill.
+    Waiting {
+        answers: Vec<Option<PublishOutcome>>,
+        waiting: Vec<(Vec<usize>, OwnerAnswer)>,
+    },
+}
+
+impl PublishTicket {
+    /// True when every answer is here: [`PublishTicket::finish`] returns without waiting.
+    pub fn is_done(&self) -> bool {
+        match self {
+            PublishTicket::Done(_) => true,
+            PublishTicket::Waiting { waiting, .. } => waiting.is_empty(),
+        }
+    }
+
+    /// Every draft's outcome, in input order. `Err` when nothing was accepted, as if it had
+    /// been refused up front.
+    pub async fn finish(self) -> Result<Vec<PublishOutcome>, BusError> {
+        let (mut answers, waiting) = match self {
+            PublishTicket::Done(done) => return Ok(done),
+            PublishTicket::Waiting { answers, waiting } => (answers, waiting),
+        };
+        for (indexes, answer) in waiting {
+            let answer = answer.await.unwrap_or(Err(BusError::Unavailable));
+            place(&mut answers, indexes, answer);
+        }
+        let answers: Vec<PublishOutcome> = answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Err(BusError::Unavailable)))
+            .collect();
+        match answers.iter().find_map(|a| a.as_ref().err()) {
+            Some(&e) if answers.iter().all(Result::is_err) => Err(e),
+            _ => Ok(answers),
+        }
+    }
+}
+
+/// Puts one owner's answer for its drafts into their input positions.
+fn place(
+    answers: &mut [Option<PublishOutcome>],
+    indexes: Vec<usize>,
+    answer: Result<Vec<Published>, BusError>,
+) {
+    match answer {
+        Ok(published) => {
+            for (i, p) in indexes.into_iter().zip(published) {
+                answers[i] = Some(Ok(p));
+            }
+        }
+        Err(e) => indexes.into_iter().for_each(|i| answers[i] = Some(Err(e))),
+    }
+}
+
 /// Errors of the bus layer, each mapped to an HTTP status by the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BusError {
@@ -642,9 +704,19 @@ impl Shard {
     /// is sequenced; only an owner shard refusing its part after another part was accepted
     /// (its own rings filled meanwhile) leaves errors in that part's places.
     pub async fn publish_each(&self, drafts: Vec<Draft>) -> Result<Vec<PublishOutcome>, BusError> {
+        self.publish_start(drafts)?.finish().await
+    }
+
+    /// The first half of [`Shard::publish_each`]: sequences this shard's part now and sends
+    /// the other owners theirs. The answer is [`PublishTicket::finish`]; a caller with several
+    /// publishes under way (a pipelining WebSocket client) starts them all before waiting for
+    /// the first, so they share the crossings between shards. Each owner sequences the drafts
+    /// it gets in the order they were started.
+    pub fn publish_start(&self, drafts: Vec<Draft>) -> Result<PublishTicket, BusError> {
         let shards = self.shards();
         if shards == 1 {
-            return Ok(self.publish_owned(drafts)?.into_iter().map(Ok).collect());
+            let done = self.publish_owned(drafts)?.into_iter().map(Ok).collect();
+            return Ok(PublishTicket::Done(done));
         }
         // Any congested ring refuses the whole batch up front: the owner's part would be
         // refused by `publish_owned` after other parts were already sent.
@@ -668,39 +740,14 @@ impl Shard {
                 continue;
             }
             if owner == self.id {
-                match self.publish_owned(drafts) {
-                    Ok(published) => {
-                        for (i, p) in indexes.into_iter().zip(published) {
-                            answers[i] = Some(Ok(p));
-                        }
-                    }
-                    Err(e) => indexes.into_iter().for_each(|i| answers[i] = Some(Err(e))),
-                }
+                place(&mut answers, indexes, self.publish_owned(drafts));
             } else {
                 let (reply, answer) = oneshot::channel();
                 self.outbox.send(owner, Msg::Publish { drafts, reply });
                 waiting.push((indexes, answer));
             }
         }
-        for (indexes, answer) in waiting {
-            match answer.await.unwrap_or(Err(BusError::Unavailable)) {
-                Ok(published) => {
-                    for (i, p) in indexes.into_iter().zip(published) {
-                        answers[i] = Some(Ok(p));
-                    }
-                }
-                Err(e) => indexes.into_iter().for_each(|i| answers[i] = Some(Err(e))),
-            }
-        }
-        let answers: Vec<PublishOutcome> = answers
-            .into_iter()
-            .map(|a| a.unwrap_or(Err(BusError::Unavailable)))
-            .collect();
-        // Nothing accepted: a plain refusal, as if it had been refused up front.
-        match answers.iter().find_map(|a| a.as_ref().err()) {
-            Some(&e) if answers.iter().all(Result::is_err) => Err(e),
-            _ => Ok(answers),
-        }
+        Ok(PublishTicket::Waiting { answers, waiting })
     }
 
     /// Sequences drafts this shard owns.

@@ -36,6 +36,7 @@ both_drivers!(
     fragmented_message_over_the_limit_closes_1009,
     frame_at_the_limit_is_accepted,
     messages_past_one_receive_buffer_are_all_read,
+    pipelined_publishes_are_answered_in_order,
     binary_frame_closes_1003,
     fragmented_text_is_one_message,
     ping_frame_gets_a_pong_with_the_same_payload,
@@ -1081,6 +1082,81 @@ fn messages_past_one_receive_buffer_are_all_read(driver: &str) {
     let refs: Vec<Value> = (0..300).map(|i| json!(i)).collect();
     pings_in_one_write(&mut c, &refs, "300 messages in one write");
     c.assert_alive("after the bursts");
+}
+
+/// Publishes sent in one write without waiting, to channels of both shards (the other shard's
+/// are on their way together), are answered in the order sent, each channel's seqs in order;
+/// a ping and a refused publish among them keep their places, and the close that ends the
+/// write is echoed only after every reply. With `websocket.max_publishes_in_flight` 2 the
+/// connection reads on only as the oldest are answered, which the client cannot tell.
+fn pipelined_publishes_are_answered_in_order(driver: &str) {
+    let channels: Vec<String> = (0..8).map(|i| format!("pipe.{i}")).collect();
+    let owners: HashSet<usize> = channels
+        .iter()
+        .map(|c| relay::bus::shard_of(c, 2))
+        .collect();
+    assert_eq!(owners.len(), 2, "the test's channels belong to both shards");
+    for in_flight in ["64", "2"] {
+        let server = Server::start_adjusted(driver, &[], |cmd| {
+            cmd.env("RELAY_WEBSOCKET_MAX_PUBLISHES_IN_FLIGHT", in_flight);
+        });
+        let what = format!("max_publishes_in_flight {in_flight}");
+        let mut c = WsClient::open_on_shard(server.addr, 0, WS_PATH, &[]);
+        let mut burst = Vec::new();
+        for i in 0..40u64 {
+            let channel = &channels[(i % 8) as usize];
+            let request = match i {
+                17 => json!({"op":"ping","ref":i}),
+                23 => json!({"op":"publish","channel":channel,"type":"t","ref":i}),
+                _ => json!({"op":"publish","channel":channel,"type":"t","data":i,"ref":i}),
+            };
+            let text = request.to_string();
+            burst.extend(encode_frame(
+                true,
+                0,
+                OP_TEXT,
+                text.as_bytes(),
+                Some(next_mask()),
+            ));
+        }
+        burst.extend(encode_frame(
+            true,
+            0,
+            OP_CLOSE,
+            &1000u16.to_be_bytes(),
+            Some(next_mask()),
+        ));
+        c.send_raw(&burst);
+        let mut seqs = std::collections::HashMap::new();
+        for i in 0..40u64 {
+            let v = c.reply(&format!("reply {i} ({what})"));
+            assert_eq!(
+                v["ref"], i,
+                "reply {i} comes in the order sent ({what}): {v}"
+            );
+            match i {
+                17 => assert_eq!(v["op"], "pong", "{v}"),
+                23 => assert_error(&v, "bad_request", Some(json!(i)), "publish without data"),
+                _ => {
+                    assert_eq!(v["op"], "published", "{what}: {v}");
+                    let seq = seqs.entry(i % 8).or_insert(0u64);
+                    *seq += 1;
+                    assert_eq!(
+                        v["seq"],
+                        *seq,
+                        "channel {}'s seqs in order ({what}): {v}",
+                        i % 8
+                    );
+                }
+            }
+        }
+        let (code, _) = c.expect_close(
+            READ_TIMEOUT,
+            &format!("the close echo after the replies ({what})"),
+        );
+        assert_eq!(code, 1000);
+        assert_serving(&server, &format!("pipelined publishes ({what})"));
+    }
 }
 
 /// Sends a ping op per ref in one write, then expects the pongs in order.

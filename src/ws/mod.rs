@@ -1004,6 +1004,9 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
                 }
             }
         }
+        // Publishes started from this read have all been sent on together; their replies
+        // go out before the connection waits for more.
+        side.session.settle().await;
         if side.conn().closing() {
             return Stopped::Closed;
         }
@@ -1043,6 +1046,8 @@ async fn handle_message(session: &mut protocol::Session, message: Message) -> bo
         session.handle(text).await;
         return true;
     }
+    // A close in particular must not overtake the replies to publishes sent before it.
+    session.settle().await;
     let conn = session.conn();
     match message {
         // Handled above, where the session may be borrowed mutably.
@@ -1260,7 +1265,15 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
         if conn.closing() {
             let close = conn.out.borrow().close;
             if let (Some((code, reason)), true) = (close, side.framing_intact && !batch.cut()) {
-                Box::pin(send_close(stream, code, reason)).await;
+                // What was queued before the close goes first (RFC 6455 7.1.2 lets an endpoint
+                // finish sending): above all the replies to what a client sent before its own
+                // close. Not to a client too slow to read its queue.
+                let flushed = code == close::TRY_AGAIN_LATER
+                    || (batch.is_empty() && !conn.has_pending())
+                    || Box::pin(flush_before_close(stream, &conn, batch)).await;
+                if flushed {
+                    Box::pin(send_close(stream, code, reason)).await;
+                }
             }
             return Stopped::Closed;
         }
@@ -1380,6 +1393,39 @@ async fn write_all(
         }
     }
     (Written::All, batch)
+}
+
+/// Writes `batch` and everything still queued, for at most `CLOSE_LINGER` (nothing more is
+/// queued once a close is decided). False when that failed or ran out of time: a frame may be
+/// cut on the wire, and no close frame can follow it.
+async fn flush_before_close(stream: &mut TcpStream, conn: &WsConn, mut batch: FrameBatch) -> bool {
+    let deadline = Instant::now() + CLOSE_LINGER;
+    // Latency samples of the events in it are not recorded: the connection is ending.
+    let mut live = Vec::new();
+    loop {
+        if batch.is_empty() {
+            conn.take_batch(&mut batch, &mut live);
+            batch.seal();
+            live.clear();
+            if batch.is_empty() {
+                return true;
+            }
+        }
+        while !batch.done() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match monoio::time::timeout(left, stream.writev(batch)).await {
+                Ok((Ok(n), returned)) if n > 0 => {
+                    batch = returned;
+                    batch.consume(n);
+                }
+                Ok((Err(e), returned)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    batch = returned;
+                }
+                _ => return false,
+            }
+        }
+        batch.clear();
+    }
 }
 
 /// Sends the close frame. The caller shuts the socket's sending side down as soon as this

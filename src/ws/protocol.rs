@@ -6,6 +6,7 @@
 //! the message parsed far enough to have one), or hold a `RefCell` borrow across an `.await`.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use crate::bus::{Member, Since};
 use crate::http::codec::json_escape_into;
 use crate::metrics::ErrorKind;
 use crate::names;
-use crate::shard::{BusError, Shard};
+use crate::shard::{BusError, PublishTicket, Shard};
 
 /// Error codes of API.md section 3.
 pub mod code {
@@ -75,6 +76,17 @@ pub struct Session {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
     grants: Grants,
+    /// Publishes on their way to other shards, oldest first, at most
+    /// `websocket.max_publishes_in_flight`. Every other reply waits until these are answered,
+    /// so replies leave in the order the client sent its requests.
+    in_flight: VecDeque<InFlight>,
+}
+
+/// A publish started and not yet answered.
+struct InFlight {
+    ticket: PublishTicket,
+    reference: Option<Box<RawValue>>,
+    started: std::time::Instant,
 }
 
 /// A reply error: code and message.
@@ -90,6 +102,7 @@ impl Session {
             shard,
             conn,
             grants,
+            in_flight: VecDeque::new(),
         }
     }
 
@@ -101,9 +114,12 @@ impl Session {
         &self.conn
     }
 
-    /// Handles one text message (valid UTF-8, at most `limits.max_frame_bytes`).
+    /// Handles one text message (valid UTF-8, at most `limits.max_frame_bytes`). A publish
+    /// another shard must sequence may still be under way when this returns; the caller
+    /// [`settles`](Session::settle) before it waits for more input.
     pub async fn handle(&mut self, text: Bytes) {
         let Ok(source) = std::str::from_utf8(&text) else {
+            self.settle().await;
             return self.error(None, code::BAD_REQUEST, "message is not UTF-8");
         };
         let request: Request = match serde_json::from_str(source) {
@@ -119,19 +135,47 @@ impl Session {
                 } else {
                     format!("invalid request: {e}")
                 };
+                self.settle().await;
                 return self.error(reference, code::BAD_REQUEST, &message);
             }
         };
         let reference = request.reference;
         if let Some(r) = reference {
             if !ref_is_valid(r) {
+                self.settle().await;
                 return self.error(None, code::BAD_REQUEST, "ref must be a string or a number");
             }
         }
+        if &*request.op == "publish" {
+            let started = std::time::Instant::now();
+            match self.start_publish(&request, &text) {
+                Ok(ticket) if ticket.is_done() && self.in_flight.is_empty() => {
+                    let outcome = self.published(ticket.finish().await, reference, started);
+                    self.send(outcome, reference);
+                }
+                Ok(ticket) => {
+                    self.in_flight.push_back(InFlight {
+                        ticket,
+                        reference: reference.map(ToOwned::to_owned),
+                        started,
+                    });
+                    let max = self.shard.config().websocket.max_publishes_in_flight;
+                    while self.in_flight.len() > max {
+                        self.answer_oldest().await;
+                    }
+                }
+                Err(refusal) => {
+                    self.settle().await;
+                    self.send(Err(refusal), reference);
+                }
+            }
+            return;
+        }
+        // Anything else sees every earlier publish answered, and replies after them.
+        self.settle().await;
         let outcome = match &*request.op {
             "subscribe" => self.subscribe(&request).await,
             "unsubscribe" => self.unsubscribe(&request),
-            "publish" => self.publish(&request, &text).await,
             "presence" => self.presence(&request).await,
             "ping" => {
                 let mut reply = Reply::new("pong", reference);
@@ -144,6 +188,26 @@ impl Session {
                 ),
             )),
         };
+        self.send(outcome, reference);
+    }
+
+    /// Waits for every publish under way and sends their replies, in order.
+    pub async fn settle(&mut self) {
+        while !self.in_flight.is_empty() {
+            self.answer_oldest().await;
+        }
+    }
+
+    async fn answer_oldest(&mut self) {
+        let Some(entry) = self.in_flight.pop_front() else {
+            return;
+        };
+        let reference = entry.reference.as_deref();
+        let outcome = self.published(entry.ticket.finish().await, reference, entry.started);
+        self.send(outcome, reference);
+    }
+
+    fn send(&self, outcome: Result<Option<Bytes>, Refusal>, reference: Option<&RawValue>) {
         match outcome {
             Ok(Some(frame)) => self.conn.send_frame(frame),
             Ok(None) => {}
@@ -254,12 +318,13 @@ impl Session {
         Ok(reply.finish())
     }
 
-    async fn publish(
+    /// Checks a publish and starts it: sequenced now when this shard owns the channel,
+    /// otherwise on its way to the owner.
+    fn start_publish(
         &mut self,
         request: &Request<'_>,
         text: &Bytes,
-    ) -> Result<Option<Bytes>, Refusal> {
-        let started = std::time::Instant::now();
+    ) -> Result<PublishTicket, Refusal> {
         let channel = self.channel(request)?;
         if !self.grants.may_publish(channel) {
             return Err(refuse(
@@ -292,13 +357,23 @@ impl Session {
             request.correlation_id.as_deref(),
         )
         .map_err(|e| refuse(code::BAD_REQUEST, e))?;
-        let published = self.shard.publish(vec![draft]).await.map_err(bus_refusal)?;
+        self.shard.publish_start(vec![draft]).map_err(bus_refusal)
+    }
+
+    /// The reply to a finished publish of one draft.
+    fn published(
+        &self,
+        answer: Result<Vec<crate::shard::PublishOutcome>, BusError>,
+        reference: Option<&RawValue>,
+        started: std::time::Instant,
+    ) -> Result<Option<Bytes>, Refusal> {
+        let p = match answer.map_err(bus_refusal)?.into_iter().next() {
+            Some(outcome) => outcome.map_err(bus_refusal)?,
+            None => return Err(refuse(code::INTERNAL, "the bus gave no answer")),
+        };
         self.shard.stats.publish_duration[crate::metrics::Transport::Ws as usize]
             .record(started.elapsed());
-        let Some(p) = published.first() else {
-            return Err(refuse(code::INTERNAL, "the bus gave no answer"));
-        };
-        let mut reply = Reply::new("published", request.reference);
+        let mut reply = Reply::new("published", reference);
         reply.str_field("channel", &p.channel);
         reply.num_field("seq", p.seq);
         reply.str_field("id", p.id());
