@@ -25,7 +25,7 @@ use crate::http::Response;
 use crate::metrics::{self, ErrorKind, ProcessInfo, ShardStats, Transport};
 use crate::names;
 use crate::query::{percent_decode, query_pairs};
-use crate::shard::{unix_ms, BusError, ConnCtl, PublishOutcome, Shard};
+use crate::shard::{unix_ms, BusError, ConnCtl, PublishOutcome, PublishTicket, Shard};
 
 /// What a request turns into.
 pub enum Reply {
@@ -34,6 +34,9 @@ pub enum Reply {
     Stream(crate::sse::StreamRequest),
     /// The connection becomes a WebSocket.
     WebSocket(crate::ws::WsRequest),
+    /// A publish on its way to other shards: the connection may go on to the requests behind
+    /// it and writes this one's response, in its place, once [`Publishing::response`] gives it.
+    Publishing(Box<Publishing>),
 }
 
 impl From<Response> for Reply {
@@ -164,7 +167,7 @@ async fn route(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes
             }
         }
         "/events" => match head.method {
-            Method::Post => publish(shard, ctl, head, body).await.into(),
+            Method::Post => publish(shard, ctl, head, body),
             _ => allow("POST"),
         },
         "/events/stream" => match head.method {
@@ -564,7 +567,9 @@ fn slice_of(body: &Bytes, part: &str) -> Bytes {
     }
 }
 
-async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Response {
+/// Starts a publish: answered at once when this shard owns every channel, otherwise a
+/// [`Reply::Publishing`] to answer once the owners have.
+fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) -> Reply {
     let started = std::time::Instant::now();
     let key = || {
         shard
@@ -573,11 +578,11 @@ async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Byt
     };
     if let Err(response) = shard.proxy.check_publish(key) {
         shard.stats.rate_limited.inc();
-        return response;
+        return response.into();
     }
     let drafts = match parse_drafts(&body) {
         Ok(d) => d,
-        Err(message) => return bad_request(&message),
+        Err(message) => return bad_request(&message).into(),
     };
     // Kept for the answer of a partly refused batch (the drafts move into the bus); one
     // shard never refuses part of a batch, so it keeps nothing.
@@ -586,16 +591,55 @@ async fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Byt
     } else {
         Vec::new()
     };
-    match shard.publish_each(drafts).await {
+    let ticket = match shard.publish_start(drafts) {
+        Ok(ticket) => ticket,
+        Err(e) => return bus_error(shard, e).into(),
+    };
+    match ticket.try_finish() {
+        Ok(outcome) => publish_response(shard, outcome, &channels, started).into(),
+        Err(ticket) => Reply::Publishing(Box::new(Publishing {
+            ticket,
+            channels,
+            started,
+        })),
+    }
+}
+
+/// A publish over HTTP whose owner shards have yet to answer.
+pub struct Publishing {
+    ticket: PublishTicket,
+    channels: Vec<Arc<str>>,
+    started: std::time::Instant,
+}
+
+impl Publishing {
+    /// The response, once every owner has answered.
+    pub async fn response(self, shard: &Shard) -> Response {
+        let Publishing {
+            ticket,
+            channels,
+            started,
+        } = self;
+        publish_response(shard, ticket.finish().await, &channels, started)
+    }
+}
+
+fn publish_response(
+    shard: &Shard,
+    outcome: Result<Vec<PublishOutcome>, BusError>,
+    channels: &[Arc<str>],
+    started: std::time::Instant,
+) -> Response {
+    match outcome {
         Ok(outcomes) => {
             shard.stats.publish_duration[Transport::Http as usize].record(started.elapsed());
             if outcomes.iter().all(Result::is_ok) {
-                return Response::json(202, publish_results(&outcomes, &channels));
+                return Response::json(202, publish_results(&outcomes, channels));
             }
             // Part of the batch was accepted before an owner shard refused the rest: 207, so a
             // client retries only the events whose entry carries `error`.
             shard.stats.error(ErrorKind::RingFull);
-            Response::json(207, publish_results(&outcomes, &channels))
+            Response::json(207, publish_results(&outcomes, channels))
                 .with_header("Retry-After", "1")
         }
         Err(e) => bus_error(shard, e),

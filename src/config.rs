@@ -208,6 +208,12 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Channel subscriptions one connection may hold. Default 1024.
     pub max_subscriptions_per_connection: usize,
+    /// Publishes one connection (WebSocket ops, or pipelined HTTP requests) may have waiting
+    /// for the shards that own their channels, 1..=65536. They are all on their way at once,
+    /// and their replies still leave in request order; past this many the connection reads
+    /// nothing more until the oldest is answered. Default 64: eight times the generator's
+    /// default pipeline, a few KiB per connection at most.
+    pub max_publishes_in_flight: usize,
     /// Channels one SSE stream may name. Default 64: they travel in the URL.
     pub max_channels_per_stream: usize,
     /// Messages queued towards one client before it counts as slow. Default 4096.
@@ -232,6 +238,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 8192,
             max_headers: 64,
             max_subscriptions_per_connection: 1024,
+            max_publishes_in_flight: 64,
             max_channels_per_stream: 64,
             outbound_queue_messages: 4096,
             outbound_queue_bytes: 4_194_304,
@@ -287,20 +294,12 @@ pub struct WebSocketConfig {
     /// Milliseconds between server pings on a quiet connection, >= 100; announced to clients in
     /// `welcome.heartbeat_ms`. Default 25000: under common proxy idle timeouts (30-60 s).
     pub heartbeat_ms: u64,
-    /// Publishes one connection may have waiting for their owner shards' answers,
-    /// 1..=65536. A client that sends several publishes without waiting for the replies
-    /// has them all on their way to the owners at once, and its replies still come back in
-    /// the order it sent them; past this many the connection reads nothing more until the
-    /// oldest is answered. Default 64: eight times the generator's default pipeline, and a
-    /// few KiB per connection at most.
-    pub max_publishes_in_flight: usize,
 }
 
 impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
             heartbeat_ms: 25_000,
-            max_publishes_in_flight: 64,
         }
     }
 }
@@ -831,6 +830,7 @@ const SETTINGS: &[Setting] = &[
     s("limits", "max_header_bytes", USIZE),
     s("limits", "max_headers", USIZE),
     s("limits", "max_subscriptions_per_connection", USIZE),
+    s("limits", "max_publishes_in_flight", USIZE),
     s("limits", "max_channels_per_stream", USIZE),
     s("limits", "outbound_queue_messages", USIZE),
     s("limits", "outbound_queue_bytes", USIZE),
@@ -842,7 +842,6 @@ const SETTINGS: &[Setting] = &[
     s("sse", "keepalive_s", U64),
     s("sse", "retry_ms", U64),
     s("websocket", "heartbeat_ms", U64),
-    s("websocket", "max_publishes_in_flight", USIZE),
     s("delivery", "max_hold_us", U64),
     s("delivery", "busy_percent", U32),
     s("webhooks", "queue_size", USIZE),
@@ -1568,6 +1567,12 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
         n(l.max_subscriptions_per_connection),
         1,
     )?;
+    o.between(
+        "limits.max_publishes_in_flight",
+        n(l.max_publishes_in_flight),
+        1,
+        65_536,
+    )?;
     o.at_least(
         "limits.max_channels_per_stream",
         n(l.max_channels_per_stream),
@@ -1589,12 +1594,6 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     o.at_least("sse.retry_ms", c.sse.retry_ms, 1)?;
 
     o.at_least("websocket.heartbeat_ms", c.websocket.heartbeat_ms, 100)?;
-    o.between(
-        "websocket.max_publishes_in_flight",
-        n(c.websocket.max_publishes_in_flight),
-        1,
-        65_536,
-    )?;
     o.between("delivery.max_hold_us", c.delivery.max_hold_us, 0, 1_000_000)?;
     o.between(
         "delivery.busy_percent",

@@ -95,11 +95,14 @@ pub enum PublishTicket {
 }
 
 impl PublishTicket {
-    /// True when every answer is here: [`PublishTicket::finish`] returns without waiting.
-    pub fn is_done(&self) -> bool {
+    /// Every draft's outcome when all the answers are here already; the ticket back otherwise.
+    pub fn try_finish(self) -> Result<Result<Vec<PublishOutcome>, BusError>, PublishTicket> {
         match self {
-            PublishTicket::Done(_) => true,
-            PublishTicket::Waiting { waiting, .. } => waiting.is_empty(),
+            PublishTicket::Done(done) => Ok(Ok(done)),
+            PublishTicket::Waiting { answers, waiting } if waiting.is_empty() => {
+                Ok(outcomes(answers))
+            }
+            waiting => Err(waiting),
         }
     }
 
@@ -114,14 +117,19 @@ impl PublishTicket {
             let answer = answer.await.unwrap_or(Err(BusError::Unavailable));
             place(&mut answers, indexes, answer);
         }
-        let answers: Vec<PublishOutcome> = answers
-            .into_iter()
-            .map(|a| a.unwrap_or(Err(BusError::Unavailable)))
-            .collect();
-        match answers.iter().find_map(|a| a.as_ref().err()) {
-            Some(&e) if answers.iter().all(Result::is_err) => Err(e),
-            _ => Ok(answers),
-        }
+        outcomes(answers)
+    }
+}
+
+/// The outcomes of a publish whose every answer is in; nothing accepted is a plain refusal.
+fn outcomes(answers: Vec<Option<PublishOutcome>>) -> Result<Vec<PublishOutcome>, BusError> {
+    let answers: Vec<PublishOutcome> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or(Err(BusError::Unavailable)))
+        .collect();
+    match answers.iter().find_map(|a| a.as_ref().err()) {
+        Some(&e) if answers.iter().all(Result::is_err) => Err(e),
+        _ => Ok(answers),
     }
 }
 

@@ -26,6 +26,7 @@ both_drivers!(
     chunked_publish,
     expect_continue,
     many_pipelined_requests,
+    pipelined_publishes_across_shards,
     wrong_methods_elsewhere,
 );
 
@@ -693,6 +694,85 @@ fn many_pipelined_requests(driver: &str) {
                 "pipelined history {i} sees every publish before it: {v}"
             );
         }
+    }
+}
+
+/// Pipelined publishes to channels of both shards (the other shard's wait for it while the
+/// connection reads on) are answered in request order, each channel's seqs in order, with a
+/// `/healthz` and a refused publish among them in their places; the last, `Connection:
+/// close`, is answered and then the connection ends. With `limits.max_publishes_in_flight` 2
+/// the connection reads on only as the oldest are answered, which the client cannot tell.
+fn pipelined_publishes_across_shards(driver: &str) {
+    let channels: Vec<String> = (0..8).map(|i| format!("pipe.{i}")).collect();
+    let owners: std::collections::HashSet<usize> = channels
+        .iter()
+        .map(|c| relay::bus::shard_of(c, 2))
+        .collect();
+    assert_eq!(owners.len(), 2, "the test's channels belong to both shards");
+    for in_flight in ["64", "2"] {
+        let server = Server::start_adjusted(driver, &[], |cmd| {
+            cmd.env("RELAY_LIMITS_MAX_PUBLISHES_IN_FLIGHT", in_flight);
+        });
+        let what = format!("max_publishes_in_flight {in_flight}");
+        let [mut c, _] = conns_on_both_shards(server.addr);
+        let mut bytes = Vec::new();
+        for i in 0..40usize {
+            let channel = &channels[i % 8];
+            let close: &[(&str, &str)] = if i == 39 {
+                &[("Connection", "close")]
+            } else {
+                &[]
+            };
+            bytes.extend(match i {
+                17 => build_request("GET", "/healthz", &[], b""),
+                23 => build_request("POST", "/api/v1/relay/events", &[], b"{\"channel\":"),
+                _ => build_request(
+                    "POST",
+                    "/api/v1/relay/events",
+                    close,
+                    event_json(channel, "t", &i.to_string()).as_bytes(),
+                ),
+            });
+        }
+        c.send_raw(&bytes);
+        let mut seqs = std::collections::HashMap::new();
+        for i in 0..40usize {
+            let r = c
+                .read_response()
+                .unwrap_or_else(|e| panic!("pipelined response {i} ({what}): {e}"));
+            match i {
+                17 => assert_eq!(r.text(), r#"{"status":"ok"}"#, "response {i} ({what}): {r}"),
+                23 => {
+                    assert_json_error(&r, 400, &format!("response {i}, a bad publish ({what})"));
+                }
+                _ => {
+                    assert_eq!(r.status, 202, "pipelined publish {i} ({what}): {r}");
+                    let result = &json(&r)["results"][0];
+                    assert_eq!(
+                        result["channel"],
+                        channels[i % 8],
+                        "response {i} in order ({what}): {r}"
+                    );
+                    let seq = seqs.entry(i % 8).or_insert(0u64);
+                    *seq += 1;
+                    assert_eq!(
+                        result["seq"],
+                        *seq,
+                        "channel {}'s seqs in order ({what}): {r}",
+                        i % 8
+                    );
+                }
+            }
+        }
+        assert!(
+            c.closed_within(READ_TIMEOUT),
+            "Connection: close ends the connection ({what})"
+        );
+        let r = server.get("/healthz");
+        assert_eq!(
+            r.status, 200,
+            "serving after the pipelined publishes ({what}): {r}"
+        );
     }
 }
 

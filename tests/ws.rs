@@ -1087,7 +1087,7 @@ fn messages_past_one_receive_buffer_are_all_read(driver: &str) {
 /// Publishes sent in one write without waiting, to channels of both shards (the other shard's
 /// are on their way together), are answered in the order sent, each channel's seqs in order;
 /// a ping and a refused publish among them keep their places, and the close that ends the
-/// write is echoed only after every reply. With `websocket.max_publishes_in_flight` 2 the
+/// write is echoed only after every reply. With `limits.max_publishes_in_flight` 2 the
 /// connection reads on only as the oldest are answered, which the client cannot tell.
 fn pipelined_publishes_are_answered_in_order(driver: &str) {
     let channels: Vec<String> = (0..8).map(|i| format!("pipe.{i}")).collect();
@@ -1098,7 +1098,7 @@ fn pipelined_publishes_are_answered_in_order(driver: &str) {
     assert_eq!(owners.len(), 2, "the test's channels belong to both shards");
     for in_flight in ["64", "2"] {
         let server = Server::start_adjusted(driver, &[], |cmd| {
-            cmd.env("RELAY_WEBSOCKET_MAX_PUBLISHES_IN_FLIGHT", in_flight);
+            cmd.env("RELAY_LIMITS_MAX_PUBLISHES_IN_FLIGHT", in_flight);
         });
         let what = format!("max_publishes_in_flight {in_flight}");
         let mut c = WsClient::open_on_shard(server.addr, 0, WS_PATH, &[]);

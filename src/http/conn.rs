@@ -11,6 +11,7 @@
 //! A peer's fault closes that peer only. Must never: panic on peer input, or buffer more than
 //! one request's head and body.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -194,11 +195,18 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
     // A new connection must send its first request within the request timeout.
     let mut request_started: Option<Instant> = Some(Instant::now());
     let mut timer = ReadTimer::new(Instant::now() + request_timeout);
+    // Pipelined publishes whose channels other shards own, waiting for their answers; every
+    // response written after them waits for them (see `answer_publishes`).
+    let mut publishing: VecDeque<Pending> = VecDeque::new();
 
     'conn: loop {
         let head = match codec::parse_head(&input, &limits) {
             Ok(Parsed::Complete(head)) => head,
             Ok(Parsed::Partial) => {
+                if !answer_publishes(&shard, &mut publishing, &mut output).await {
+                    flush(&mut stream, &mut output).await;
+                    break 'conn;
+                }
                 if !flush(&mut stream, &mut output).await {
                     break 'conn;
                 }
@@ -233,6 +241,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
             }
             Err(e) => {
                 shard.stats.error(http_error_kind(&e));
+                answer_publishes(&shard, &mut publishing, &mut output).await;
                 let response = Response::error(e.status(), e.code(), &e.message());
                 write(&mut output, &response, false, false, shard.id);
                 flush(&mut stream, &mut output).await;
@@ -242,7 +251,17 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         let start = request_started.unwrap_or_else(Instant::now);
         // The body must arrive within the request's time, counted from its first byte.
         timer.set(start + request_timeout);
-        if !api::is_own_path(head.path()) && proxy::routes(&shard, head.path()) {
+        // Only a request complete in the buffer may overtake the publishes before it: one
+        // that waits for its body (and may be answered `100 Continue`) or is proxied writes to
+        // the client before its own response.
+        let proxied = !api::is_own_path(head.path()) && proxy::routes(&shard, head.path());
+        if (proxied || !body_is_buffered(&head, &input))
+            && !answer_publishes(&shard, &mut publishing, &mut output).await
+        {
+            flush(&mut stream, &mut output).await;
+            break 'conn;
+        }
+        if proxied {
             shard.stats.http_requests.inc();
             // Boxed, like every long path below: a connection's future is only as large as
             // the state it holds at rest (see `serve`).
@@ -314,15 +333,37 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         shard.stats.http_requests.inc();
 
         let head_only = head.method == codec::Method::Head;
-        match Box::pin(api::dispatch(&shard, &ctl, &head, body)).await {
+        let reply = Box::pin(api::dispatch(&shard, &ctl, &head, body)).await;
+        let keep_alive = head.keep_alive && !ctl.is_closing();
+        let reply = match reply {
+            Reply::Publishing(answer) => {
+                publishing.push_back(Pending { answer, keep_alive });
+                let max = shard.config().limits.max_publishes_in_flight;
+                if (!keep_alive || publishing.len() >= max)
+                    && !answer_publishes(&shard, &mut publishing, &mut output).await
+                {
+                    flush(&mut stream, &mut output).await;
+                    break 'conn;
+                }
+                continue 'conn;
+            }
+            other => other,
+        };
+        // Every other response (and every change of protocol) comes after the publishes.
+        if !answer_publishes(&shard, &mut publishing, &mut output).await {
+            flush(&mut stream, &mut output).await;
+            break 'conn;
+        }
+        match reply {
             Reply::Response(response) => {
-                let keep_alive = head.keep_alive && !ctl.is_closing();
                 write(&mut output, &response, keep_alive, head_only, shard.id);
                 if !keep_alive {
                     flush(&mut stream, &mut output).await;
                     break 'conn;
                 }
             }
+            // Queued above; never reaches here.
+            Reply::Publishing(_) => {}
             Reply::Stream(stream_request) => {
                 if !flush(&mut stream, &mut output).await {
                     break 'conn;
@@ -344,6 +385,47 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         }
     }
     shard.close_conn(&ctl);
+}
+
+/// A pipelined publish waiting for other shards, and whether its connection carries on.
+struct Pending {
+    answer: Box<api::Publishing>,
+    keep_alive: bool,
+}
+
+/// Writes the responses of the publishes still waiting for other shards, in request order.
+/// False when one of them ends the connection (`Connection: close`); nothing follows it.
+async fn answer_publishes(
+    shard: &Shard,
+    pending: &mut VecDeque<Pending>,
+    output: &mut Vec<u8>,
+) -> bool {
+    if pending.is_empty() {
+        return true;
+    }
+    // Boxed: the wait would otherwise add its state to every connection's future at rest.
+    Box::pin(async {
+        while let Some(Pending { answer, keep_alive }) = pending.pop_front() {
+            let response = answer.response(shard).await;
+            write(output, &response, keep_alive, false, shard.id);
+            if !keep_alive {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+/// Whether the request's whole body (if any) is in `input` after its head.
+fn body_is_buffered(head: &RequestHead, input: &[u8]) -> bool {
+    match head.body {
+        BodyKind::None => true,
+        BodyKind::ContentLength(n) => {
+            usize::try_from(n).is_ok_and(|n| input.len().saturating_sub(head.head_len) >= n)
+        }
+        BodyKind::Chunked => false,
+    }
 }
 
 /// Proxies one request (its body streamed through when large) and passes the upstream's

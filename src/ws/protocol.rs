@@ -77,7 +77,7 @@ pub struct Session {
     conn: Rc<WsConn>,
     grants: Grants,
     /// Publishes on their way to other shards, oldest first, at most
-    /// `websocket.max_publishes_in_flight`. Every other reply waits until these are answered,
+    /// `limits.max_publishes_in_flight`. Every other reply waits until these are answered,
     /// so replies leave in the order the client sent its requests.
     in_flight: VecDeque<InFlight>,
 }
@@ -148,26 +148,33 @@ impl Session {
         }
         if &*request.op == "publish" {
             let started = std::time::Instant::now();
-            match self.start_publish(&request, &text) {
-                Ok(ticket) if ticket.is_done() && self.in_flight.is_empty() => {
-                    let outcome = self.published(ticket.finish().await, reference, started);
-                    self.send(outcome, reference);
-                }
-                Ok(ticket) => {
-                    self.in_flight.push_back(InFlight {
-                        ticket,
-                        reference: reference.map(ToOwned::to_owned),
-                        started,
-                    });
-                    let max = self.shard.config().websocket.max_publishes_in_flight;
-                    while self.in_flight.len() > max {
-                        self.answer_oldest().await;
-                    }
-                }
+            let ticket = match self.start_publish(&request, &text) {
+                Ok(ticket) => ticket,
                 Err(refusal) => {
                     self.settle().await;
-                    self.send(Err(refusal), reference);
+                    return self.send(Err(refusal), reference);
                 }
+            };
+            // Answered here and now only when no earlier publish is still waiting.
+            let ticket = if self.in_flight.is_empty() {
+                match ticket.try_finish() {
+                    Ok(answer) => {
+                        let outcome = self.published(answer, reference, started);
+                        return self.send(outcome, reference);
+                    }
+                    Err(ticket) => ticket,
+                }
+            } else {
+                ticket
+            };
+            self.in_flight.push_back(InFlight {
+                ticket,
+                reference: reference.map(ToOwned::to_owned),
+                started,
+            });
+            let max = self.shard.config().limits.max_publishes_in_flight;
+            while self.in_flight.len() > max {
+                self.answer_oldest().await;
             }
             return;
         }
