@@ -717,7 +717,7 @@ impl Shard {
 
     /// The first half of [`Shard::publish_each`]: sequences this shard's part now and sends
     /// the other owners theirs. The answer is [`PublishTicket::finish`]; a caller with several
-    /// publishes under way (a pipelining WebSocket client) starts them all before waiting for
+    /// publishes under way (a pipelining client) starts them all before waiting for
     /// the first, so they share the crossings between shards. Each owner sequences the drafts
     /// it gets in the order they were started.
     pub fn publish_start(&self, drafts: Vec<Draft>) -> Result<PublishTicket, BusError> {

@@ -703,16 +703,9 @@ fn many_pipelined_requests(driver: &str) {
 /// close`, is answered and then the connection ends. With `limits.max_publishes_in_flight` 2
 /// the connection reads on only as the oldest are answered, which the client cannot tell.
 fn pipelined_publishes_across_shards(driver: &str) {
-    let channels: Vec<String> = (0..8).map(|i| format!("pipe.{i}")).collect();
-    let owners: std::collections::HashSet<usize> = channels
-        .iter()
-        .map(|c| relay::bus::shard_of(c, 2))
-        .collect();
-    assert_eq!(owners.len(), 2, "the test's channels belong to both shards");
+    let channels = channels_of_both_shards();
     for in_flight in ["64", "2"] {
-        let server = Server::start_adjusted(driver, &[], |cmd| {
-            cmd.env("RELAY_LIMITS_MAX_PUBLISHES_IN_FLIGHT", in_flight);
-        });
+        let server = start_with_publishes_in_flight(driver, in_flight);
         let what = format!("max_publishes_in_flight {in_flight}");
         let [mut c, _] = conns_on_both_shards(server.addr);
         let mut bytes = Vec::new();

@@ -1090,16 +1090,9 @@ fn messages_past_one_receive_buffer_are_all_read(driver: &str) {
 /// write is echoed only after every reply. With `limits.max_publishes_in_flight` 2 the
 /// connection reads on only as the oldest are answered, which the client cannot tell.
 fn pipelined_publishes_are_answered_in_order(driver: &str) {
-    let channels: Vec<String> = (0..8).map(|i| format!("pipe.{i}")).collect();
-    let owners: HashSet<usize> = channels
-        .iter()
-        .map(|c| relay::bus::shard_of(c, 2))
-        .collect();
-    assert_eq!(owners.len(), 2, "the test's channels belong to both shards");
+    let channels = channels_of_both_shards();
     for in_flight in ["64", "2"] {
-        let server = Server::start_adjusted(driver, &[], |cmd| {
-            cmd.env("RELAY_LIMITS_MAX_PUBLISHES_IN_FLIGHT", in_flight);
-        });
+        let server = start_with_publishes_in_flight(driver, in_flight);
         let what = format!("max_publishes_in_flight {in_flight}");
         let mut c = WsClient::open_on_shard(server.addr, 0, WS_PATH, &[]);
         let mut burst = Vec::new();

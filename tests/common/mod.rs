@@ -686,6 +686,25 @@ impl Conn {
 
 /// Opens connections until one is served by shard 0 and one by shard 1 (at most 200 tries).
 /// Returns `[conn on shard 0, conn on shard 1]`, both keep-alive.
+/// `pipe.0` to `pipe.7`: channels the test server's two shards share between them (checked),
+/// so that publishes to them are sequenced some on the connection's shard, some on the other.
+pub fn channels_of_both_shards() -> Vec<String> {
+    let channels: Vec<String> = (0..8).map(|i| format!("pipe.{i}")).collect();
+    let owners: std::collections::HashSet<usize> = channels
+        .iter()
+        .map(|c| relay::bus::shard_of(c, 2))
+        .collect();
+    assert_eq!(owners.len(), 2, "the test's channels belong to both shards");
+    channels
+}
+
+/// A server whose connections may each have `in_flight` publishes waiting for other shards.
+pub fn start_with_publishes_in_flight(driver: &str, in_flight: &str) -> Server {
+    Server::start_adjusted(driver, &[], |cmd| {
+        cmd.env("RELAY_LIMITS_MAX_PUBLISHES_IN_FLIGHT", in_flight);
+    })
+}
+
 pub fn conns_on_both_shards(addr: SocketAddr) -> [Conn; 2] {
     let mut slots: [Option<Conn>; 2] = [None, None];
     for _ in 0..200 {
