@@ -314,8 +314,8 @@ pub struct DeliveryConfig {
     /// shard writing to thousands of busy subscribers out of its syscall limit, while p99
     /// stays within 10 ms.
     pub max_hold_us: u64,
-    /// Holds grow while the shard's thread is busier than this share of the time and shrink
-    /// below 0.85 of it, 10..=100. Default 90: pacing is for a shard near saturation; one at
+    /// Holds grow while the shard's thread has work (running, or ready and waiting for a CPU)
+    /// more than this share of the time, and shrink below 0.85 of it, 10..=100. Default 90: pacing is for a shard near saturation; one at
     /// three quarters of a core still writes every event at once.
     pub busy_percent: u32,
 }

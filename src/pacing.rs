@@ -11,6 +11,13 @@
 //! connection's next write for a few milliseconds turns N writes of one event into one write
 //! of N events.
 //!
+//! "Busy" is the share of the time the shard's thread had work: running, or ready to run and
+//! waiting for a CPU (the scheduler's run delay, from `/proc/thread-self/schedstat`). CPU time
+//! alone is not enough: a shard sharing its core with another busy thread (a second shard, a
+//! load generator, a sidecar) gets half the core however much work it has, and measured by CPU
+//! time it would never look busy, so it would write every event on its own exactly when it can
+//! least afford to.
+//!
 //! Must never: hold anything while the shard is not busy (the interval is then zero and every
 //! event is written as soon as it arrives), or hold a connection that has been quiet for longer
 //! than the interval (a lone event goes out at once). A held writer is released by its due
@@ -19,7 +26,9 @@
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::fs::File;
 use std::future::poll_fn;
+use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -29,20 +38,25 @@ use crate::config::DeliveryConfig;
 use crate::metrics::ShardStats;
 use crate::shard::ConnCtl;
 
-/// How often the busy level is measured (at most; lazily, by the writers that ask).
+/// How often the demand level is measured (at most; lazily, by the writers that ask).
 const WINDOW: Duration = Duration::from_millis(50);
 /// Busy windows in a row before the hold grows: a burst (one batch publish, one hypervisor
 /// hiccup) is not load, and holding after it would only add latency.
 const BUSY_WINDOWS_TO_GROW: u32 = 3;
+/// Quiet windows in a row before the hold shrinks: a hold lowers the demand that grew it, and
+/// letting go at the first quiet window makes a saturated shard swing between holding and
+/// writing every event (measured: 2 shards sharing their cores with the load generator).
+const QUIET_WINDOWS_TO_SHRINK: u32 = 3;
 /// The first non-zero hold, and the floor below which a shrinking hold becomes zero.
 const MIN_HOLD: Duration = Duration::from_micros(500);
 /// The release task's tick while writers are held (monoio's timer has 1 ms resolution).
 const TICK: Duration = Duration::from_millis(1);
 
 /// The adaptive hold interval: grows while the shard is busier than `busy_high`, shrinks while
-/// it is below `busy_low`, and stays put in the narrow band between. The band is narrow on
-/// purpose: a shard that is merely moderately loaded (a latency-sensitive workload at half a
-/// core, with the odd busy window) must drop back to zero, not keep a hold it grew in a burst.
+/// it is below `busy_low` (each after three windows in a row), and stays put in the narrow
+/// band between. The band is narrow on purpose: a shard that is merely moderately loaded (a
+/// latency-sensitive workload at half a core, with the odd busy window) must drop back to
+/// zero, not keep a hold it grew in a burst.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldControl {
     max: Duration,
@@ -51,6 +65,8 @@ pub struct HoldControl {
     hold: Duration,
     /// Busy windows in a row so far.
     busy_streak: u32,
+    /// Quiet windows in a row so far.
+    quiet_streak: u32,
 }
 
 impl HoldControl {
@@ -62,6 +78,7 @@ impl HoldControl {
             busy_low: busy_high * 0.85,
             hold: Duration::ZERO,
             busy_streak: 0,
+            quiet_streak: 0,
         }
     }
 
@@ -69,10 +86,14 @@ impl HoldControl {
         self.hold
     }
 
-    /// Takes one measurement: the fraction of the last window the shard's thread was running.
+    /// Takes one measurement: the fraction of the last window the shard's thread had work
+    /// (running, or ready and waiting for a CPU).
     pub fn observe(&mut self, busy: f64) {
         if self.max.is_zero() {
             return;
+        }
+        if busy >= self.busy_low {
+            self.quiet_streak = 0;
         }
         if busy > self.busy_high {
             self.busy_streak = self.busy_streak.saturating_add(1);
@@ -83,6 +104,10 @@ impl HoldControl {
         }
         self.busy_streak = 0;
         if busy < self.busy_low {
+            self.quiet_streak = self.quiet_streak.saturating_add(1);
+            if self.quiet_streak < QUIET_WINDOWS_TO_SHRINK {
+                return;
+            }
             self.hold /= 2;
             if self.hold < MIN_HOLD {
                 self.hold = Duration::ZERO;
@@ -117,7 +142,8 @@ impl Ord for Held {
 pub struct Pacer {
     control: Cell<HoldControl>,
     window_start: Cell<Instant>,
-    window_cpu_ns: Cell<u64>,
+    demand: DemandClock,
+    window_demand_ns: Cell<u64>,
     held: RefCell<BinaryHeap<Reverse<Held>>>,
     /// The release task, while it waits for a first held writer.
     waker: Cell<Option<Waker>>,
@@ -126,10 +152,12 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(config: &DeliveryConfig, stats: Arc<ShardStats>) -> Pacer {
+        let demand = DemandClock::for_this_thread();
         Pacer {
             control: Cell::new(HoldControl::new(config)),
             window_start: Cell::new(Instant::now()),
-            window_cpu_ns: Cell::new(thread_cpu_ns()),
+            window_demand_ns: Cell::new(demand.now_ns()),
+            demand,
             held: RefCell::new(BinaryHeap::new()),
             waker: Cell::new(None),
             stats,
@@ -190,8 +218,8 @@ impl Pacer {
         if elapsed < WINDOW {
             return;
         }
-        let cpu = thread_cpu_ns();
-        let used = cpu.saturating_sub(self.window_cpu_ns.get());
+        let demand = self.demand.now_ns();
+        let used = demand.saturating_sub(self.window_demand_ns.get());
         let busy = used as f64 / elapsed.as_nanos().max(1) as f64;
         let mut control = self.control.get();
         control.observe(busy);
@@ -200,8 +228,46 @@ impl Pacer {
             .write_hold_us
             .set(i64::try_from(control.hold().as_micros()).unwrap_or(i64::MAX));
         self.window_start.set(now);
-        self.window_cpu_ns.set(cpu);
+        self.window_demand_ns.set(demand);
     }
+}
+
+/// The time one thread has had work: its CPU time plus its run delay (ready to run, waiting
+/// for a CPU). Must be created and read on the thread it measures. Where the kernel does not
+/// expose the run delay it counts CPU time alone.
+struct DemandClock {
+    schedstat: Option<File>,
+}
+
+impl DemandClock {
+    fn for_this_thread() -> DemandClock {
+        let schedstat = File::open("/proc/thread-self/schedstat")
+            .ok()
+            .filter(|f| read_run_delay_ns(f).is_some());
+        DemandClock { schedstat }
+    }
+
+    /// CPU time comes from the thread's CPU clock, exact at the call; schedstat's run time is
+    /// brought up to date only at scheduler ticks. The run delay is exact: it only grows while
+    /// the thread is off the CPU, and the caller is on it.
+    fn now_ns(&self) -> u64 {
+        let run_delay = self.schedstat.as_ref().and_then(read_run_delay_ns);
+        thread_cpu_ns().saturating_add(run_delay.unwrap_or(0))
+    }
+}
+
+fn read_run_delay_ns(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 96];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    parse_run_delay_ns(buf.get(..n)?)
+}
+
+/// `<run ns> <run delay ns> <timeslices>` -> the run delay.
+fn parse_run_delay_ns(text: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut fields = text.split_ascii_whitespace();
+    let _run: u64 = fields.next()?.parse().ok()?;
+    fields.next()?.parse().ok()
 }
 
 /// CPU time the calling thread has used, in nanoseconds (0 if the clock is unavailable).
@@ -276,10 +342,38 @@ mod tests {
         }
         let held = c.hold();
         assert!(held > Duration::ZERO);
-        c.observe(0.8);
-        assert_eq!(c.hold(), held, "0.8 is between 0.765 and 0.9");
+        for _ in 0..10 {
+            c.observe(0.8);
+            assert_eq!(c.hold(), held, "0.8 is between 0.765 and 0.9");
+        }
+        c.observe(0.6);
+        c.observe(0.6);
+        assert_eq!(
+            c.hold(),
+            held,
+            "two quiet windows may be the hold's own effect"
+        );
         c.observe(0.6);
         assert_eq!(c.hold(), held / 2, "a moderately loaded shard lets go");
+    }
+
+    #[test]
+    fn quiet_windows_must_come_in_a_row() {
+        let mut c = control(8000, 90);
+        for _ in 0..20 {
+            c.observe(1.0);
+        }
+        let held = c.hold();
+        for _ in 0..20 {
+            c.observe(0.1);
+            c.observe(0.1);
+            c.observe(0.8);
+        }
+        assert_eq!(
+            c.hold(),
+            held,
+            "a window in the band breaks the quiet streak"
+        );
     }
 
     #[test]
@@ -292,9 +386,15 @@ mod tests {
         while c.hold() > Duration::ZERO {
             c.observe(0.1);
             steps += 1;
-            assert!(steps < 10, "the hold halves each quiet window");
+            assert!(
+                steps <= 7,
+                "after three quiet windows the hold halves each window"
+            );
         }
-        assert_eq!(steps, 5, "8 ms -> 4 -> 2 -> 1 -> 0.5 -> 0");
+        assert_eq!(
+            steps, 7,
+            "two windows of patience, then 8 ms -> 4 -> 2 -> 1 -> 0.5 -> 0"
+        );
     }
 
     #[test]
@@ -313,6 +413,87 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(thread_cpu_ns() > before);
+    }
+
+    #[test]
+    fn schedstat_gives_the_run_delay() {
+        assert_eq!(
+            parse_run_delay_ns(b"272974359 36168274 2381\n"),
+            Some(36_168_274)
+        );
+        assert_eq!(parse_run_delay_ns(b"5 0 1"), Some(0));
+        assert_eq!(parse_run_delay_ns(b""), None);
+        assert_eq!(parse_run_delay_ns(b"12"), None, "no run delay");
+        assert_eq!(parse_run_delay_ns(b"12 x 1"), None);
+        assert_eq!(parse_run_delay_ns(b"-1 2 3"), None);
+    }
+
+    #[test]
+    fn demand_clock_counts_work_and_not_sleep() {
+        let clock = DemandClock::for_this_thread();
+        let before = clock.now_ns();
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(clock.now_ns() > before);
+        let asleep = clock.now_ns();
+        std::thread::sleep(Duration::from_millis(100));
+        let slept_ns = clock.now_ns() - asleep;
+        assert!(
+            slept_ns < 60_000_000,
+            "sleeping is not demand: {slept_ns} ns"
+        );
+    }
+
+    /// Pins the calling thread to one CPU; false where that is not allowed.
+    fn pin_to_first_allowed_cpu() -> bool {
+        // SAFETY: both calls get a valid cpu_set_t of the size they are told.
+        unsafe {
+            let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if libc::sched_getaffinity(0, size, &mut allowed) != 0 {
+                return false;
+            }
+            let Some(cpu) = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &allowed))
+            else {
+                return false;
+            };
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            libc::sched_setaffinity(0, size, &one) == 0
+        }
+    }
+
+    #[test]
+    fn a_thread_sharing_its_cpu_has_more_demand_than_cpu_time() {
+        let spin = |measure: bool| {
+            move || {
+                if !pin_to_first_allowed_cpu() {
+                    return None;
+                }
+                let clock = DemandClock::for_this_thread();
+                clock.schedstat.as_ref()?;
+                let (demand, cpu) = (clock.now_ns(), thread_cpu_ns());
+                let start = Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                measure.then(|| (clock.now_ns() - demand, thread_cpu_ns() - cpu))
+            }
+        };
+        let rival = std::thread::spawn(spin(false));
+        let measured = std::thread::spawn(spin(true)).join().expect("spinner");
+        let _ = rival.join();
+        if let Some((demand_ns, cpu_ns)) = measured {
+            // Two spinners on one CPU each run about half the time and wait the other half.
+            assert!(
+                demand_ns >= cpu_ns + 50_000_000,
+                "demand {demand_ns} ns, cpu {cpu_ns} ns: the wait for the CPU is not counted"
+            );
+        }
     }
 
     #[test]
