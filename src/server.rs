@@ -73,6 +73,8 @@ fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
         .map_err(bind_err)?;
     socket.set_reuse_address(true).map_err(bind_err)?;
     socket.set_reuse_port(true).map_err(bind_err)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener, which saves a setsockopt per
+    // connection (a test below holds the kernel to it).
     socket.set_nodelay(true).map_err(bind_err)?;
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
@@ -403,5 +405,18 @@ mod tests {
         assert_eq!(limit.soft, limit.hard);
         let again = super::raise_open_file_limit().expect("idempotent");
         assert_eq!(again, limit);
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_no_delay_from_the_listener() {
+        let listener = super::listener("127.0.0.1:0".parse().unwrap()).expect("a listener");
+        listener.set_nonblocking(false).expect("blocking accept");
+        let addr = listener.local_addr().expect("bound");
+        let _client = std::net::TcpStream::connect(addr).expect("connects");
+        let (accepted, _) = listener.accept().expect("accepts");
+        assert!(
+            accepted.nodelay().expect("getsockopt"),
+            "serve() relies on this"
+        );
     }
 }

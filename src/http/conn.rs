@@ -184,8 +184,9 @@ fn decimal_on_stack(digits: &mut [u8; 20], n: usize) -> &str {
 /// proxying, the SSE and WebSocket sessions) is therefore boxed, so a connection at rest costs
 /// only what it is doing: an idle WebSocket holds its session's small future, not the largest
 /// request handler's.
+///
+/// The socket already has TCP_NODELAY: accepted sockets inherit it from the listener.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
-    let _ = stream.set_nodelay(true);
     let limits = limits(&shard);
     let config = shard.config();
     let request_timeout = Duration::from_secs(config.limits.request_timeout_s);
