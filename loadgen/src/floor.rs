@@ -27,6 +27,7 @@ use hdrhistogram::Histogram;
 use crate::cli::set;
 use crate::clock::{clock_ns, mono_ns, secs_to_ns, Ramp, Schedule, TimerFd};
 use crate::error::LoadgenError;
+use crate::floor_connect::ConnectFloorOptions;
 use crate::net;
 use crate::stats::{bump, get, new_histogram, Percentiles};
 
@@ -44,7 +45,7 @@ const SINK_IDLE_WAIT_MS: i32 = 10;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The scenario shapes of relay-loadgen the floor reproduces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shape {
     /// 1 channel, 1,000 subscribers, a rising rate.
@@ -170,12 +171,20 @@ impl FloorOptions {
     about = "The loopback floor: a minimal sink and driver in one process, over loopback TCP, \
              with a relay-loadgen scenario's shape and no relay. Shows what this machine's \
              kernel allows, so that relay's figures can be read against it. Connects only to \
-             its own listener on 127.0.0.1."
+             its own listener on 127.0.0.1. `relay-floor connect` is instead a minimal \
+             WebSocket handshake server (loopback only) for `relay-loadgen connect` to drive."
 )]
 pub struct FloorCli {
-    /// The scenario shape (its defaults are relay-loadgen's for the same scenario)
+    /// The scenario shape (its defaults are relay-loadgen's for the same scenario), or
+    /// `connect`: a minimal WebSocket server for `relay-loadgen connect` (no driver)
     #[arg(value_enum)]
-    pub shape: Shape,
+    pub shape: FloorShape,
+    /// connect: where to serve handshakes (loopback only) [default: 127.0.0.1:8004]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// connect: connections held at once [default: 19000]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Subscriber sockets (subscriber i on channel i % channels)
     #[arg(long)]
     pub subscribers: Option<usize>,
@@ -190,7 +199,7 @@ pub struct FloorCli {
     /// Rate steps START:END:FACTOR [default fanout: 250,500,1000,2000,3500]
     #[arg(long, value_name = "START:END:FACTOR")]
     pub ramp: Option<Ramp>,
-    /// Length of each step, seconds [default: 5 for fanout, else 10]
+    /// Length of each step, seconds [default: 5 for fanout, else 10; connect: the whole run, 30]
     #[arg(long, value_name = "S", alias = "duration-s")]
     pub step_s: Option<f64>,
     /// Bytes written per delivered event [default: 250, relay's frame for 100-byte data]
@@ -227,10 +236,82 @@ pub struct FloorCli {
     pub json: bool,
 }
 
+/// What `relay-floor` is asked to run: a scenario shape, or the handshake server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FloorShape {
+    /// 1 channel, 1,000 subscribers, a rising rate
+    Fanout,
+    /// 100 subscribers on 10 channels, 10 publishers, 5,000 events/s
+    Latency,
+    /// 5,000 subscribers on 5,000 channels, 4 publishers, 20,000 events/s
+    Channels,
+    /// A minimal WebSocket handshake server; drive it with `relay-loadgen connect`
+    Connect,
+}
+
+/// One parsed `relay-floor` command.
+#[derive(Debug, Clone)]
+pub enum FloorPlan {
+    Shape(FloorOptions),
+    Connect(ConnectFloorOptions),
+}
+
 impl FloorCli {
-    /// The options, and whether to print JSON; an error names the flag.
-    pub fn into_options(self) -> Result<(FloorOptions, bool), LoadgenError> {
-        let mut o = FloorOptions::new(self.shape);
+    /// The plan, and whether to print JSON; an error names the flag.
+    pub fn into_plan(self) -> Result<(FloorPlan, bool), LoadgenError> {
+        let shape = match self.shape {
+            FloorShape::Fanout => Shape::Fanout,
+            FloorShape::Latency => Shape::Latency,
+            FloorShape::Channels => Shape::Channels,
+            FloorShape::Connect => {
+                let json = self.json;
+                return Ok((FloorPlan::Connect(self.into_connect_options()?), json));
+            }
+        };
+        if self.listen.is_some() || self.max_connections.is_some() {
+            return Err(LoadgenError::Config(
+                "--listen and --max-connections are for `relay-floor connect` only".into(),
+            ));
+        }
+        let (o, json) = self.into_options_for(shape)?;
+        Ok((FloorPlan::Shape(o), json))
+    }
+
+    fn into_connect_options(self) -> Result<ConnectFloorOptions, LoadgenError> {
+        let shape_only = [
+            ("--subscribers", self.subscribers.is_some()),
+            ("--channels", self.channels.is_some()),
+            ("--publishers", self.publishers.is_some()),
+            ("--rate", self.rate.is_some()),
+            ("--ramp", self.ramp.is_some()),
+            ("--frame-bytes", self.frame_bytes.is_some()),
+            ("--publish-bytes", self.publish_bytes.is_some()),
+            ("--hold-us", self.hold_us.is_some()),
+            ("--ack-bytes", self.ack_bytes.is_some()),
+            ("--driver-cpu", self.driver_cpu.is_some()),
+            ("--spin", self.spin),
+            ("--stop-p99-ms", self.stop_p99_ms.is_some()),
+            ("--drain-ms", self.drain_ms.is_some()),
+        ];
+        if let Some((flag, _)) = shape_only.iter().find(|(_, given)| *given) {
+            return Err(LoadgenError::Config(format!(
+                "{flag} is not used by `relay-floor connect` (it has no driver:                  relay-loadgen connect is the driver)"
+            )));
+        }
+        let o = ConnectFloorOptions {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8004))),
+            duration_s: self.step_s.unwrap_or(30.0),
+            sink_cpu: self.sink_cpu,
+            max_connections: self.max_connections.unwrap_or(19_000),
+        };
+        o.validate()?;
+        Ok(o)
+    }
+
+    fn into_options_for(self, shape: Shape) -> Result<(FloorOptions, bool), LoadgenError> {
+        let mut o = FloorOptions::new(shape);
         set(&mut o.subscribers, self.subscribers);
         set(&mut o.channels, self.channels);
         set(&mut o.publishers, self.publishers);
@@ -309,7 +390,7 @@ impl Splitter {
 
 /// A CPU-time clock of a thread, readable from any thread of the process.
 #[derive(Clone, Copy)]
-struct ThreadClock(libc::clockid_t);
+pub(crate) struct ThreadClock(libc::clockid_t);
 
 impl ThreadClock {
     fn of(thread: libc::pthread_t) -> Option<ThreadClock> {
@@ -318,20 +399,20 @@ impl ThreadClock {
         (unsafe { libc::pthread_getcpuclockid(thread, &mut id) } == 0).then_some(ThreadClock(id))
     }
 
-    fn current() -> ThreadClock {
+    pub(crate) fn current() -> ThreadClock {
         ThreadClock(libc::CLOCK_THREAD_CPUTIME_ID)
     }
 
-    fn ns(self) -> u64 {
+    pub(crate) fn ns(self) -> u64 {
         clock_ns(self.0)
     }
 }
 
 /// An epoll instance, level-triggered, with a `u64` token per fd.
-struct Epoll(OwnedFd);
+pub(crate) struct Epoll(OwnedFd);
 
 impl Epoll {
-    fn new() -> io::Result<Epoll> {
+    pub(crate) fn new() -> io::Result<Epoll> {
         // SAFETY: plain syscall; a non-negative result is a new fd we own.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -341,7 +422,7 @@ impl Epoll {
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: token,
@@ -354,7 +435,11 @@ impl Epoll {
     }
 
     /// Ready tokens into `events`; an interrupted wait returns none.
-    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+    pub(crate) fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout_ms: i32,
+    ) -> io::Result<usize> {
         let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
         // SAFETY: events is a valid buffer of `max` entries.
         let n =
@@ -395,7 +480,7 @@ struct PublisherIn {
 
 /// Pins the calling thread to `cpu` when one is asked for; a refusal ends the run, since
 /// figures from an unpinned thread would be read as pinned ones.
-fn pin(flag: &str, cpu: Option<usize>) -> Result<(), LoadgenError> {
+pub(crate) fn pin(flag: &str, cpu: Option<usize>) -> Result<(), LoadgenError> {
     match cpu {
         Some(cpu) if !net::pin_to_cpu(cpu) => Err(LoadgenError::Config(format!(
             "{flag} {cpu}: the kernel refused to run the thread there (is that CPU online and \
@@ -739,7 +824,7 @@ impl FloorReport {
 }
 
 /// Names what the floor could not do with its own sockets.
-fn floor_err(what: &'static str) -> impl Fn(io::Error) -> LoadgenError {
+pub(crate) fn floor_err(what: &'static str) -> impl Fn(io::Error) -> LoadgenError {
     move |source| LoadgenError::Floor { what, source }
 }
 
@@ -1106,6 +1191,49 @@ mod tests {
         assert!(refused(|o| o.ack_bytes = 1 << 20).contains("--ack-bytes"));
     }
 
+    fn shape_plan((plan, json): (FloorPlan, bool)) -> (FloorOptions, bool) {
+        match plan {
+            FloorPlan::Shape(o) => (o, json),
+            FloorPlan::Connect(c) => panic!("a shape was asked for, got {c:?}"),
+        }
+    }
+
+    #[test]
+    fn connect_takes_its_own_flags_and_refuses_the_shapes() {
+        let plan = |args: &[&str]| {
+            FloorCli::try_parse_from(std::iter::once("relay-floor").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())
+                .and_then(|cli| cli.into_plan().map_err(|e| e.to_string()))
+        };
+        let Ok((FloorPlan::Connect(c), true)) = plan(&[
+            "connect",
+            "--listen",
+            "127.0.0.1:8014",
+            "--duration-s",
+            "12",
+            "--sink-cpu",
+            "0",
+            "--json",
+        ]) else {
+            panic!("a connect plan");
+        };
+        assert_eq!(c.listen, "127.0.0.1:8014".parse().unwrap());
+        assert_eq!(
+            (c.duration_s, c.sink_cpu, c.max_connections),
+            (12.0, Some(0), 19_000)
+        );
+        let Ok((FloorPlan::Connect(c), false)) = plan(&["connect"]) else {
+            panic!("a connect plan");
+        };
+        assert_eq!((c.listen.port(), c.duration_s), (8004, 30.0));
+        let e = plan(&["connect", "--subscribers", "5"]).unwrap_err();
+        assert!(e.contains("--subscribers is not used"), "{e}");
+        let e = plan(&["connect", "--listen", "10.1.2.3:80"]).unwrap_err();
+        assert!(e.contains("loopback only"), "{e}");
+        let e = plan(&["fanout", "--listen", "127.0.0.1:1"]).unwrap_err();
+        assert!(e.contains("relay-floor connect` only"), "{e}");
+    }
+
     #[test]
     fn cli_overrides_the_shape_and_refuses_bad_ramps() {
         let parse = |args: &[&str]| {
@@ -1122,14 +1250,16 @@ mod tests {
             "--json",
         ])
         .unwrap()
-        .into_options()
+        .into_plan()
+        .map(shape_plan)
         .unwrap();
         assert_eq!(o.rates, [100, 200, 400]);
         assert_eq!((o.hold_us, o.subscribers, json), (500, 1000, true));
         assert_eq!(o.ack_bytes, 200);
         let (o, _) = parse(&["channels", "--rate", "7", "--duration-s", "0.5"])
             .unwrap()
-            .into_options()
+            .into_plan()
+            .map(shape_plan)
             .unwrap();
         assert_eq!((o.rates.as_slice(), o.step_s), (&[7][..], 0.5));
         let e = parse(&["fanout", "--ramp", "0:10:2"]).unwrap_err();

@@ -37,11 +37,14 @@
 //! - [`error`]: `LoadgenError` (the run) and `ConnError` (one connection).
 //! - [`floor`]: `relay-floor`, the loopback floor: a scenario's shape with a minimal sink in
 //!   place of relay, to show what the machine's kernel allows.
+//! - [`floor_connect`]: `relay-floor connect`, a minimal WebSocket handshake server to drive
+//!   with `relay-loadgen connect`, the same for handshakes.
 
 pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod floor;
+pub mod floor_connect;
 pub mod http;
 pub mod nats;
 pub mod net;

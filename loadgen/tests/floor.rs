@@ -91,3 +91,82 @@ fn bad_command_lines_exit_2_and_say_why() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+/// `relay-floor connect` driven by `relay-loadgen connect`, as docs/performance.md runs it:
+/// every handshake the generator counts is one the floor answered and closed gracefully; a
+/// request it does not answer gets a 400 and the floor keeps serving.
+#[test]
+fn the_handshake_floor_serves_the_connect_scenario() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let server = Command::new(env!("CARGO_BIN_EXE_relay-floor"))
+        .args([
+            "connect",
+            "--listen",
+            &target,
+            "--duration-s",
+            "4",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("relay-floor starts");
+    let started = std::time::Instant::now();
+    let mut bad = loop {
+        match std::net::TcpStream::connect(&target) {
+            Ok(s) => break s,
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(3) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("the floor does not listen: {e}"),
+        }
+    };
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("sends");
+    let mut answer = String::new();
+    bad.read_to_string(&mut answer).expect("reads to the close");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+
+    let generator = Command::new(env!("CARGO_BIN_EXE_relay-loadgen"))
+        .args([
+            "connect",
+            "--concurrency",
+            "2",
+            "--duration-s",
+            "0.5",
+            "--json",
+        ])
+        .args(["--target", &target])
+        .output()
+        .expect("relay-loadgen runs");
+    assert!(generator.status.success(), "{generator:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&generator.stdout).expect("one JSON object");
+    let handshakes = report["connect"]["handshakes"]
+        .as_u64()
+        .expect("handshakes");
+    assert!(handshakes > 0, "{report}");
+    assert_eq!(report["connect"]["failures"], 0, "{report}");
+
+    let out = server.wait_with_output().expect("the floor ends by itself");
+    assert!(out.status.success(), "{out:?}");
+    let floor: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(floor["handshakes"].as_u64(), Some(handshakes), "{floor}");
+    assert_eq!(
+        floor["closed_gracefully"].as_u64(),
+        Some(handshakes),
+        "{floor}"
+    );
+    assert_eq!(floor["refused"], 1, "{floor}");
+    assert!(
+        floor["cpu_us_per_handshake"]
+            .as_f64()
+            .is_some_and(|us| us > 0.0),
+        "{floor}"
+    );
+}

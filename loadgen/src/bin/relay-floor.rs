@@ -7,19 +7,35 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use relay_loadgen::floor::{run_floor, FloorCli};
+use relay_loadgen::floor::{run_floor, FloorCli, FloorPlan};
+use relay_loadgen::floor_connect::run_connect_floor;
 
 fn main() -> ExitCode {
-    let (opts, json) = match FloorCli::parse().into_options() {
+    let (plan, json) = match FloorCli::parse().into_plan() {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("relay-floor: error: {e}");
             return ExitCode::from(2);
         }
     };
-    match run_floor(&opts) {
-        Ok(report) if json => println!("{}", report.to_json()),
-        Ok(report) => print!("{}", report.to_table()),
+    let printed = match plan {
+        FloorPlan::Shape(opts) => run_floor(&opts).map(|r| {
+            if json {
+                r.to_json() + "\n"
+            } else {
+                r.to_table()
+            }
+        }),
+        FloorPlan::Connect(opts) => run_connect_floor(&opts).map(|r| {
+            if json {
+                r.to_json() + "\n"
+            } else {
+                r.to_table()
+            }
+        }),
+    };
+    match printed {
+        Ok(text) => print!("{text}"),
         Err(e) => {
             eprintln!("relay-floor: error: {e}");
             return ExitCode::from(1);
