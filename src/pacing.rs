@@ -334,12 +334,18 @@ mod tests {
         }
     }
 
+    /// A control (8 ms, 90%) after `windows` fully busy windows.
+    fn holding_after(windows: usize) -> HoldControl {
+        let mut c = control(8000, 90);
+        for _ in 0..windows {
+            c.observe(1.0);
+        }
+        c
+    }
+
     #[test]
     fn between_the_thresholds_the_hold_stays() {
-        let mut c = control(8000, 90);
-        for _ in 0..6 {
-            c.observe(0.95);
-        }
+        let mut c = holding_after(6);
         let held = c.hold();
         assert!(held > Duration::ZERO);
         for _ in 0..10 {
@@ -359,10 +365,7 @@ mod tests {
 
     #[test]
     fn quiet_windows_must_come_in_a_row() {
-        let mut c = control(8000, 90);
-        for _ in 0..20 {
-            c.observe(1.0);
-        }
+        let mut c = holding_after(20);
         let held = c.hold();
         for _ in 0..20 {
             c.observe(0.1);
@@ -378,10 +381,7 @@ mod tests {
 
     #[test]
     fn quiet_shard_lets_go_of_the_hold() {
-        let mut c = control(8000, 90);
-        for _ in 0..20 {
-            c.observe(1.0);
-        }
+        let mut c = holding_after(20);
         let mut steps = 0;
         while c.hold() > Duration::ZERO {
             c.observe(0.1);

@@ -18,24 +18,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let printed = match plan {
-        FloorPlan::Shape(opts) => run_floor(&opts).map(|r| {
-            if json {
-                r.to_json() + "\n"
-            } else {
-                r.to_table()
-            }
-        }),
-        FloorPlan::Connect(opts) => run_connect_floor(&opts).map(|r| {
-            if json {
-                r.to_json() + "\n"
-            } else {
-                r.to_table()
-            }
-        }),
+    // Each report renders both ways; which one is printed is the flag's choice.
+    let rendered = match plan {
+        FloorPlan::Shape(opts) => run_floor(&opts).map(|r| (r.to_json(), r.to_table())),
+        FloorPlan::Connect(opts) => run_connect_floor(&opts).map(|r| (r.to_json(), r.to_table())),
     };
-    match printed {
-        Ok(text) => print!("{text}"),
+    match rendered {
+        Ok((object, _)) if json => println!("{object}"),
+        Ok((_, table)) => print!("{table}"),
         Err(e) => {
             eprintln!("relay-floor: error: {e}");
             return ExitCode::from(1);
