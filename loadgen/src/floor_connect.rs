@@ -204,6 +204,13 @@ fn recv_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Reads into `buf`: `Ok(0)` at EOF.
+fn recv_slice(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Serves handshakes on `o.listen` for `o.duration_s`; prints to stderr when it is ready.
 pub fn run_connect_floor(o: &ConnectFloorOptions) -> Result<ConnectFloorReport, LoadgenError> {
     o.validate()?;
@@ -353,13 +360,13 @@ impl HandshakeSink {
                 }
             }
             Stage::Open | Stage::Closing => {
-                let mut scratch = Vec::with_capacity(256);
-                match recv_into(fd, &mut scratch) {
+                let mut frame = [0u8; 256];
+                match recv_slice(fd, &mut frame) {
                     Ok(0) | Err(_) => Some(conn.stage == Stage::Closing),
                     Ok(_) if conn.stage == Stage::Closing => None,
                     Ok(_) => {
                         // A client frame: relay-loadgen sends only its close frame here.
-                        if scratch.first().is_some_and(|b| b & 0x0f == 0x8) {
+                        if frame[0] & 0x0f == 0x8 {
                             send(fd, &CLOSE_FRAME, true);
                             // SAFETY: shutdown(2) on an open fd.
                             unsafe { libc::shutdown(fd, libc::SHUT_WR) };
