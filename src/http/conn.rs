@@ -760,33 +760,59 @@ mod tests {
         )
     }
 
+    /// What `serve` keeps per connection for reading requests and their bodies.
+    struct ReadState {
+        input: Vec<u8>,
+        output: Vec<u8>,
+        timer: ReadTimer,
+        limits: super::Limits,
+    }
+
+    impl ReadState {
+        fn new(shard: &Shard) -> Self {
+            ReadState {
+                input: Vec::new(),
+                output: Vec::new(),
+                timer: ReadTimer::new(Instant::now()),
+                limits: super::limits(shard),
+            }
+        }
+
+        fn body_reader<'a>(
+            &'a mut self,
+            stream: &'a mut TcpStream,
+            head: &RequestHead,
+            ctl: &'a ConnCtl,
+        ) -> BodyReader<'a> {
+            BodyReader::new(
+                stream,
+                &mut self.input,
+                &mut self.output,
+                head,
+                &self.limits,
+                &mut self.timer,
+                ctl,
+            )
+            .unwrap()
+        }
+    }
+
     #[test]
     fn a_body_already_read_is_taken_without_waiting() {
         runtime().block_on(async {
             let (shard, mut stream, ctl, _listener) = test_conn().await;
-            let limits = super::limits(&shard);
-            let mut timer = ReadTimer::new(Instant::now());
-            let (mut input, mut output) = (Vec::new(), Vec::new());
+            let mut state = ReadState::new(&shard);
             let mut take = |request: &[u8]| {
-                input.clear();
-                input.extend_from_slice(request);
-                let head = match parse_head(&input, &limits) {
+                state.input.clear();
+                state.input.extend_from_slice(request);
+                let head = match parse_head(&state.input, &state.limits) {
                     Ok(Parsed::Complete(head)) => head,
                     other => panic!("{other:?}"),
                 };
-                let mut reader = BodyReader::new(
-                    &mut stream,
-                    &mut input,
-                    &mut output,
-                    &head,
-                    &limits,
-                    &mut timer,
-                    &ctl,
-                )
-                .unwrap();
+                let mut reader = state.body_reader(&mut stream, &head, &ctl);
                 let body = reader.buffered_body().map(Result::ok);
                 drop(reader);
-                (body, input.clone())
+                (body, state.input.clone())
             };
             // The whole body, and the next request left in the buffer.
             let (body, rest) = take(b"POST /e HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /");
@@ -820,22 +846,11 @@ mod tests {
             assert!(std::mem::align_of_val(&dispatch) <= plain);
             drop(dispatch);
 
-            let (mut input, mut output) = (Vec::new(), Vec::new());
-            let mut timer = ReadTimer::new(Instant::now());
-            let limits = super::limits(&shard);
-            let read = read_more(&mut stream, &mut input, &mut timer, &ctl);
+            let mut state = ReadState::new(&shard);
+            let read = read_more(&mut stream, &mut state.input, &mut state.timer, &ctl);
             assert!(std::mem::align_of_val(&read) <= plain);
             drop(read);
-            let reader = BodyReader::new(
-                &mut stream,
-                &mut input,
-                &mut output,
-                &head,
-                &limits,
-                &mut timer,
-                &ctl,
-            )
-            .unwrap();
+            let reader = state.body_reader(&mut stream, &head, &ctl);
             assert!(std::mem::align_of_val(&reader.read_all()) <= plain);
         });
     }
