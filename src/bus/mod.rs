@@ -587,7 +587,17 @@ impl LocalSubs {
     /// subscribers that revisit, a cache miss or more per sink, is most of a delivery's
     /// cost). Sorts `events` by channel, stably: one channel's events keep their order.
     /// Returns the deliveries made.
-    pub fn deliver_batch(&self, events: &mut [Arc<Event>]) -> usize {
+    ///
+    /// Calls `then` once: after the first `ahead` sinks have been offered their runs, or after
+    /// the last sink when there are fewer (see [`crate::shard::Shard::local_deliveries_first`]).
+    pub fn deliver_batch(
+        &self,
+        events: &mut [Arc<Event>],
+        ahead: usize,
+        then: impl FnOnce(),
+    ) -> usize {
+        let mut then = Some(then);
+        let mut offered = 0;
         if events
             .windows(2)
             .any(|w| matches!(w, [a, b] if a.channel != b.channel))
@@ -600,9 +610,18 @@ impl LocalSubs {
                 continue;
             };
             for (_, sink) in sinks {
+                if offered == ahead {
+                    if let Some(then) = then.take() {
+                        then();
+                    }
+                }
                 sink.offer_many(run);
+                offered += 1;
             }
             delivered += sinks.len() * run.len();
+        }
+        if let Some(then) = then.take() {
+            then();
         }
         delivered
     }
@@ -629,7 +648,7 @@ impl LocalSubs {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     fn settings(size: usize, ttl_s: u64, join_leave: bool) -> ChannelSettings {
         ChannelSettings {
@@ -820,11 +839,30 @@ mod tests {
         local.add(&Arc::from("d"), 2, only_d.clone());
         let ev = |channel: &str, seq| crate::bus::event::testing::event(channel, seq, "t");
         let mut batch = vec![ev("d", 7), ev("c", 1), ev("d", 8), ev("x", 1), ev("c", 2)];
-        assert_eq!(local.deliver_batch(&mut batch), 2 + 2 * 2);
+        // `then` runs once, after the first two sinks' offers (both's "c" and "d" runs).
+        let offers_before_then = Cell::new(None);
+        let offers = || both.0.borrow().len() + only_d.0.borrow().len();
+        let then = || offers_before_then.set(Some(offers()));
+        assert_eq!(local.deliver_batch(&mut batch, 2, then), 2 + 2 * 2);
+        assert_eq!(offers_before_then.get(), Some(2));
         let c = |s| ("c".to_string(), s);
         let d = |s| ("d".to_string(), s);
         assert_eq!(*both.0.borrow(), vec![vec![c(1), c(2)], vec![d(7), d(8)]]);
         assert_eq!(*only_d.0.borrow(), vec![vec![d(7), d(8)]]);
+        // Fewer sinks than `ahead`: `then` still runs, once, after the last offer.
+        let calls = Cell::new(0);
+        let mut batch = vec![ev("c", 3)];
+        assert_eq!(
+            local.deliver_batch(&mut batch, 16, || calls.set(calls.get() + 1)),
+            1
+        );
+        assert_eq!((calls.get(), offers()), (1, 4));
+        let mut nobody = vec![ev("x", 2)];
+        assert_eq!(
+            local.deliver_batch(&mut nobody, 16, || calls.set(calls.get() + 1)),
+            0
+        );
+        assert_eq!(calls.get(), 2);
     }
 
     #[test]

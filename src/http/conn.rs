@@ -208,6 +208,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                     flush(&mut stream, &mut output).await;
                     break 'conn;
                 }
+                if !output.is_empty() {
+                    shard.local_deliveries_first().await;
+                }
                 if !flush(&mut stream, &mut output).await {
                     break 'conn;
                 }

@@ -319,6 +319,11 @@ impl WsConn {
         out.queue.len() > out.frames_queued
     }
 
+    /// Whether replies or pushes are queued (not only events).
+    fn replies_pending(&self) -> bool {
+        self.out.borrow().frames_queued > 0
+    }
+
     /// Whether the writer has something to send and all of it may wait for write pacing.
     fn only_events_pending(&self) -> bool {
         let out = self.out.borrow();
@@ -1290,6 +1295,13 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
             }
         }
         if batch.is_empty() {
+            // A publisher's `published` goes after the deliveries of what it published (see
+            // `Shard::local_deliveries_first`). Only a writer with replies waits: one that
+            // waited whenever a publish was under way would take its next event right after
+            // the deliverer, past write pacing, and fan-out fell behind at half its rate.
+            if conn.replies_pending() {
+                shard.local_deliveries_first().await;
+            }
             conn.take_batch(&mut batch, &mut live);
             batch.seal();
         }
