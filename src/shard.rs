@@ -192,7 +192,7 @@ pub struct ShardChannels {
 /// [`Shard::local_deliveries_first`]). Each is a few microseconds of kernel time: a handful
 /// ahead saves each of them the answer's send, while a large fan-out ahead (a thousand
 /// subscribers: milliseconds) would hold the answer, and with it a pipelining publisher's
-/// next sends, for the whole fan-out (measured: fan-out fell behind at half its rate).
+/// next sends once its window is full, for the whole fan-out.
 pub const DELIVERIES_BEFORE_ANSWERS: usize = 16;
 
 /// Process-wide facts every shard reads; written rarely (start, drain).
