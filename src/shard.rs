@@ -513,7 +513,8 @@ pub struct Shard {
     deliveries: RefCell<Vec<Arc<Event>>>,
     deliverer_waker: Cell<Option<Waker>>,
     /// Tasks waiting in [`Shard::local_deliveries_first`]; woken by the deliverer once it has
-    /// offered the round's events. At most one per connection task.
+    /// offered the round's first [`DELIVERIES_BEFORE_ANSWERS`] subscribers. At most one per
+    /// connection task.
     behind_deliveries: RefCell<Vec<Waker>>,
     next_id: Cell<u64>,
     draining: Cell<bool>,
@@ -1290,7 +1291,7 @@ mod tests {
         waker: Cell<Option<Waker>>,
     }
 
-    impl crate::bus::Sink for Writer {
+    impl Sink for Writer {
         fn offer(&self, _event: &Arc<Event>) {
             self.offered.set(true);
             if let Some(waker) = self.waker.take() {
