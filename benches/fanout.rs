@@ -11,6 +11,10 @@
 //! `Arc<Event>` that drops its oldest entry when full (capacity 64, so after the first 64
 //! publishes every delivery also releases an old event, as a queue under steady load does).
 //! Writing to sockets is not included.
+//!
+//! A second group publishes to 5,000 channels with one subscriber each, the `channels`
+//! scenario's shape, against one channel published over and over: the difference is the cost of
+//! reaching channel state that is no longer in the core's caches.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -119,9 +123,11 @@ fn bench_fanout(c: &mut Criterion) {
                 (published, delivered)
             })
         });
-        assert!(sinks
-            .iter()
-            .all(|s| s.queue.borrow().len() == QUEUE_CAPACITY));
+        // Every subscriber got every publish (the queues are full unless a filter skipped
+        // the measurement).
+        let first = sinks[0].queue.borrow().len();
+        assert!((1..=QUEUE_CAPACITY).contains(&first));
+        assert!(sinks.iter().all(|s| s.queue.borrow().len() == first));
     }
 
     {
@@ -147,5 +153,89 @@ fn bench_fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_fanout);
+/// Channels in the many-channels case: the `channels` scenario's 5,000.
+const MANY_CHANNELS: usize = 5000;
+/// Per-channel history in the many-channels case: small enough that every ring is full and
+/// evicting after the first passes (as in a steady state), and that 5,000 rings stay in memory.
+const MANY_HISTORY: usize = 64;
+
+/// Publishes one event to each of 5,000 channels in turn, each with one local subscriber: the
+/// `channels` scenario's bus work without its sockets. Against one channel published over and
+/// over (everything it touches stays in the core's caches), the difference is what reaching
+/// 5,000 channels' state in memory costs: the state of the next channel was last touched 5,000
+/// publishes ago, far outside the caches this machine gives one core.
+fn bench_many_channels(c: &mut Criterion) {
+    let settings = |_: &str| ChannelSettings {
+        history_size: MANY_HISTORY,
+        history_ttl: Duration::from_secs(3600),
+        presence: true,
+        join_leave: false,
+    };
+    let drafts: Vec<Draft> = (0..MANY_CHANNELS)
+        .map(|i| Draft {
+            channel: Arc::from(format!("ch.{i}")),
+            ..draft()
+        })
+        .collect();
+    // A fixed shuffle, so consecutive publishes do not walk memory in allocation order.
+    let mut order: Vec<usize> = (0..MANY_CHANNELS).collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..order.len()).rev() {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        order.swap(i, (state >> 33) as usize % (i + 1));
+    }
+
+    let mut group = c.benchmark_group("many_channels_5000");
+    group.throughput(Throughput::Elements(1));
+    for (name, spread) in [("same_channel", false), ("next_of_5000", true)] {
+        let mut owned = Owned::new(Box::new(settings), 42);
+        let mut local = LocalSubs::default();
+        let mut sinks = Vec::with_capacity(MANY_CHANNELS);
+        for (id, draft) in drafts.iter().enumerate() {
+            owned.subscribe(&draft.channel, ME, None);
+            let sink = Rc::new(QueueSink::new());
+            local.add(&draft.channel, id as u64, sink.clone());
+            sinks.push(sink);
+        }
+        // Fill every ring, so that each measured publish also evicts, as it does in a
+        // steady state.
+        for _ in 0..MANY_HISTORY {
+            for &i in &order {
+                owned.publish(&drafts[i], 0, Instant::now(), |_, ev| {
+                    local.deliver(ev);
+                });
+            }
+        }
+        let mut next = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let draft = if spread {
+                    next = (next + 1) % MANY_CHANNELS;
+                    &drafts[order[next]]
+                } else {
+                    &drafts[order[0]]
+                };
+                let mut delivered = 0usize;
+                let published = owned.publish(
+                    black_box(draft),
+                    1_742_000_000_000,
+                    Instant::now(),
+                    |_, ev| {
+                        delivered += local.deliver(ev);
+                    },
+                );
+                debug_assert_eq!(delivered, 1);
+                (published, delivered)
+            })
+        });
+        assert!(sinks
+            .iter()
+            .all(|s| s.queue.borrow().len() <= QUEUE_CAPACITY));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_fanout, bench_many_channels);
 criterion_main!(benches);
