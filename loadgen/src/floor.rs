@@ -78,6 +78,12 @@ pub struct FloorOptions {
     /// (HTTP `202` with its `results`, or a WebSocket `published`), about 150 bytes; the
     /// floor without it is the floor of fire-and-forget publishing.
     pub ack_bytes: usize,
+    /// Cache lines of its own state the sink reads and writes per delivery, one after the
+    /// other (each line's address is read from the line before), scattered over
+    /// `subscribers × touch_lines` lines of memory (0: none). relay keeps per-event state that
+    /// the floor does not (a connection's, a channel's, its runtime's); this prices it: how
+    /// far does touching that many lines out of the caches move the floor?
+    pub touch_lines: usize,
     pub sink_cpu: Option<usize>,
     pub driver_cpu: Option<usize>,
     /// Both threads poll without sleeping (each takes its whole core), so no wake-up from
@@ -111,6 +117,7 @@ impl FloorOptions {
             publish_bytes: 200,
             hold_us: 0,
             ack_bytes: 0,
+            touch_lines: 0,
             sink_cpu: None,
             driver_cpu: None,
             spin: false,
@@ -143,6 +150,12 @@ impl FloorOptions {
             return bad(format!(
                 "--ack-bytes must be at most {READ_BUFFER_BYTES}, got {}",
                 self.ack_bytes
+            ));
+        }
+        if self.touch_lines > MAX_TOUCH_LINES {
+            return bad(format!(
+                "--touch-lines must be at most {MAX_TOUCH_LINES}, got {}",
+                self.touch_lines
             ));
         }
         if !(self.step_s.is_finite() && self.step_s > 0.0) {
@@ -216,6 +229,11 @@ pub struct FloorCli {
     /// publish (about 150 bytes) [default: 0, no answer]
     #[arg(long, value_name = "BYTES")]
     pub ack_bytes: Option<usize>,
+    /// Read and write this many cache lines of the sink's own state per delivery, scattered
+    /// over memory, each found from the one before: prices per-event state like relay's
+    /// [default: 0]
+    #[arg(long, value_name = "LINES")]
+    pub touch_lines: Option<usize>,
     /// Pin the sink (the stand-in for relay) to this CPU
     #[arg(long)]
     pub sink_cpu: Option<usize>,
@@ -288,6 +306,7 @@ impl FloorCli {
             ("--publish-bytes", self.publish_bytes.is_some()),
             ("--hold-us", self.hold_us.is_some()),
             ("--ack-bytes", self.ack_bytes.is_some()),
+            ("--touch-lines", self.touch_lines.is_some()),
             ("--driver-cpu", self.driver_cpu.is_some()),
             ("--spin", self.spin),
             ("--stop-p99-ms", self.stop_p99_ms.is_some()),
@@ -326,6 +345,7 @@ impl FloorCli {
         set(&mut o.step_s, self.step_s);
         set(&mut o.hold_us, self.hold_us);
         set(&mut o.ack_bytes, self.ack_bytes);
+        set(&mut o.touch_lines, self.touch_lines);
         o.sink_cpu = self.sink_cpu;
         o.driver_cpu = self.driver_cpu;
         o.spin = self.spin;
@@ -529,6 +549,7 @@ fn sink(
     };
     let frame_pad = o.frame_bytes - HEADER_BYTES;
     let hold_ns = o.hold_us * 1000;
+    let mut state = ScatteredState::new(o.subscribers, o.touch_lines);
     let mut by_channel: Vec<Vec<u8>> = vec![Vec::new(); o.channels];
     let mut dirty: Vec<usize> = Vec::new();
     let mut backlogged: Vec<usize> = Vec::new();
@@ -577,6 +598,7 @@ fn sink(
             for ch in dirty.drain(..) {
                 let bytes = &by_channel[ch];
                 for &s in &subs_of[ch] {
+                    state.touch(s);
                     deliver(&mut subs[s], s, bytes, o, counters, &mut backlogged);
                 }
                 by_channel[ch].clear();
@@ -590,6 +612,68 @@ fn sink(
         if stop.load(Ordering::Relaxed) || (publishers_gone && dirty.is_empty()) {
             return;
         }
+    }
+}
+
+/// Most lines `--touch-lines` may ask for per delivery (with 5,000 subscribers, 312 MiB).
+const MAX_TOUCH_LINES: usize = 1024;
+
+/// One cache line of [`ScatteredState`].
+#[repr(align(64))]
+#[derive(Clone, Copy)]
+struct StateLine {
+    /// The subscriber's next line, or `usize::MAX` after its last.
+    next: usize,
+    touched: u64,
+}
+
+/// Per-subscriber state spread over memory the way a server's is (its connection, its
+/// channel, its runtime's entries are separate allocations): subscriber `s` owns `per` lines
+/// chained in a shuffled order over the whole area, so touching them is `per` dependent
+/// loads, each likely out of the caches once the area is larger than they are.
+struct ScatteredState {
+    lines: Vec<StateLine>,
+    first: Vec<usize>,
+}
+
+impl ScatteredState {
+    fn new(subscribers: usize, per: usize) -> ScatteredState {
+        let total = subscribers * per;
+        let mut order: Vec<usize> = (0..total).collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for i in (1..total).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let mut lines = vec![
+            StateLine {
+                next: usize::MAX,
+                touched: 0
+            };
+            total
+        ];
+        let mut first = vec![usize::MAX; subscribers];
+        for (s, chain) in order.chunks(per.max(1)).enumerate() {
+            first[s] = chain[0];
+            for pair in chain.windows(2) {
+                lines[pair[0]].next = pair[1];
+            }
+        }
+        ScatteredState { lines, first }
+    }
+
+    /// Reads and writes every line of subscriber `s`; returns how many.
+    fn touch(&mut self, s: usize) -> usize {
+        let mut at = self.first.get(s).copied().unwrap_or(usize::MAX);
+        let mut touched = 0;
+        while let Some(line) = self.lines.get_mut(at) {
+            line.touched += 1;
+            at = line.next;
+            touched += 1;
+        }
+        touched
     }
 }
 
@@ -771,7 +855,7 @@ impl FloorReport {
         let cpu = |c: Option<usize>| c.map_or("unpinned".to_string(), |c| format!("CPU {c}"));
         let mut t = format!(
             "relay-floor {:?}: {} subscribers on {} channels, {} publishers, frame {} B, \
-             publish {} B, ack {} B, hold {} µs; sink {}, driver {}\n",
+             publish {} B, ack {} B, hold {} µs, touch {} lines; sink {}, driver {}\n",
             o.shape,
             o.subscribers,
             o.channels,
@@ -780,6 +864,7 @@ impl FloorReport {
             o.publish_bytes,
             o.ack_bytes,
             o.hold_us,
+            o.touch_lines,
             cpu(o.sink_cpu),
             cpu(o.driver_cpu),
         );
@@ -1133,6 +1218,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn scattered_state_gives_each_subscriber_its_own_lines_once() {
+        let mut state = ScatteredState::new(50, 7);
+        for s in 0..50 {
+            assert_eq!(state.touch(s), 7);
+        }
+        // Every line belongs to exactly one subscriber: each was touched once.
+        assert!(state.lines.iter().all(|l| l.touched == 1));
+        // Not laid out in order: a subscriber's lines are spread over the whole area.
+        let mut at = state.first[0];
+        let mut spread = Vec::new();
+        while at != usize::MAX {
+            spread.push(at);
+            at = state.lines[at].next;
+        }
+        assert_ne!(spread, (spread[0]..spread[0] + 7).collect::<Vec<_>>());
+        assert_eq!(state.touch(50), 0, "no such subscriber: nothing touched");
+        let mut none = ScatteredState::new(50, 0);
+        assert_eq!(none.touch(3), 0);
+    }
+
+    #[test]
     fn header_round_trips_and_a_wrong_marker_is_refused() {
         let mut msg = vec![0u8; 40];
         write_header(&mut msg, 123_456_789_012, 4242);
@@ -1189,6 +1295,7 @@ mod tests {
         assert!(refused(|o| o.step_s = f64::NAN).contains("--step-s"));
         assert!(refused(|o| o.publishers = 0).contains("--publishers"));
         assert!(refused(|o| o.ack_bytes = 1 << 20).contains("--ack-bytes"));
+        assert!(refused(|o| o.touch_lines = MAX_TOUCH_LINES + 1).contains("--touch-lines"));
     }
 
     fn shape_plan((plan, json): (FloorPlan, bool)) -> (FloorOptions, bool) {
