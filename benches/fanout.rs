@@ -28,6 +28,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use relay::bus::event::{Draft, Event};
 use relay::bus::{ChannelSettings, LocalSubs, Owned, Sink};
 
+#[path = "common/shuffle.rs"]
+mod shuffle;
+
 const SUBSCRIBERS: usize = 1000;
 const QUEUE_CAPACITY: usize = 64;
 /// The shard this benchmark plays; owner and subscribers are both here.
@@ -177,15 +180,8 @@ fn bench_many_channels(c: &mut Criterion) {
             ..draft()
         })
         .collect();
-    // A fixed shuffle, so consecutive publishes do not walk memory in allocation order.
-    let mut order: Vec<usize> = (0..MANY_CHANNELS).collect();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    for i in (1..order.len()).rev() {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        order.swap(i, (state >> 33) as usize % (i + 1));
-    }
+    // Consecutive publishes do not walk memory in allocation order.
+    let order = shuffle::shuffled(MANY_CHANNELS);
 
     let mut group = c.benchmark_group("many_channels_5000");
     group.throughput(Throughput::Elements(1));

@@ -14,6 +14,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
+#[path = "common/shuffle.rs"]
+mod shuffle;
+
 /// One cache line; the first word holds the index of the next line to visit.
 #[repr(align(64))]
 #[derive(Clone, Copy)]
@@ -22,14 +25,7 @@ struct Line([usize; 8]);
 /// A single cycle through every line of `bytes` of memory, in a fixed shuffled order.
 fn chain(bytes: usize) -> Vec<Line> {
     let lines = bytes / std::mem::size_of::<Line>();
-    let mut order: Vec<usize> = (0..lines).collect();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    for i in (1..lines).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        order.swap(i, (state % (i as u64 + 1)) as usize);
-    }
+    let order = shuffle::shuffled(lines);
     let mut memory = vec![Line([0; 8]); lines];
     for (at, &line) in order.iter().enumerate() {
         memory[line].0[0] = order[(at + 1) % lines];
