@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use relay::api::parse_drafts;
-use relay::bus::event::{Draft, Event};
+use relay::bus::event::{Draft, Epoch, Event};
 
 /// A JSON object of exactly `len` bytes, shaped like a document edit.
 fn payload(len: usize) -> String {
@@ -49,7 +49,7 @@ fn envelope_in(i: usize, data: &str) -> String {
 }
 
 fn bench_encode(c: &mut Criterion) {
-    let epoch: Arc<str> = Arc::from("k3x9AbCd");
+    let epoch = Epoch::new("k3x9AbCd").expect("a valid epoch");
     let accepted_at = Instant::now();
     let id = "0190f5a2-7c3e-7b4d-9a1f-2e6c8d4b0a17";
 
@@ -57,7 +57,7 @@ fn bench_encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for (name, len) in [("data_100B", 100), ("data_4KiB", 4096)] {
         let draft = draft(&payload(len));
-        let sample = Event::encode(&draft, &epoch, 1, id, 1_742_000_000_000, accepted_at);
+        let sample = Event::encode(&draft, epoch, 1, id, 1_742_000_000_000, accepted_at);
         assert!(sample.sse_len() > len && sample.ws_frame().len() > len);
         let mut seq = 0u64;
         group.bench_function(name, |b| {
@@ -68,7 +68,7 @@ fn bench_encode(c: &mut Criterion) {
                     seq += 1;
                     Event::encode(
                         black_box(&draft),
-                        &epoch,
+                        epoch,
                         seq,
                         id,
                         1_742_000_000_000,

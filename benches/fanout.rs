@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use relay::bus::event::{Draft, Event};
+use relay::bus::event::{Draft, Epoch, Event};
 use relay::bus::{ChannelSettings, LocalSubs, Owned, Sink};
 
 #[path = "common/shuffle.rs"]
@@ -136,12 +136,12 @@ fn bench_fanout(c: &mut Criterion) {
     {
         // Delivery only: cycle through pre-encoded events, so queues hold distinct events.
         let (local, _sinks) = subscribers(&channel);
-        let epoch: Arc<str> = Arc::from("k3x9AbCd");
+        let epoch = Epoch::new("k3x9AbCd").expect("a valid epoch");
         let now = Instant::now();
         let events: Vec<Arc<Event>> = (0..256u64)
             .map(|seq| {
                 let id = format!("ev-{seq}");
-                Arc::new(Event::encode(&draft, &epoch, seq + 1, &id, 0, now))
+                Arc::new(Event::encode(&draft, epoch, seq + 1, &id, 0, now))
             })
             .collect();
         let mut next = 0usize;

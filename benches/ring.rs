@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crossbeam_utils::{Backoff, CachePadded};
-use relay::bus::event::{Draft, Event};
+use relay::bus::event::{Draft, Epoch, Event};
 use relay::mesh::Mesh;
 use relay::shard::Msg;
 
@@ -51,7 +51,7 @@ const POOL: usize = 4096;
 const BATCH_SIZES: [usize; 4] = [1, 16, 64, 256];
 
 fn event_pool() -> Vec<Arc<Event>> {
-    let epoch: Arc<str> = Arc::from("k3x9AbCd");
+    let epoch = Epoch::new("k3x9AbCd").expect("a valid epoch");
     let draft = Draft {
         channel: Arc::from("doc.42"),
         event_type: "document.edit".into(),
@@ -69,7 +69,7 @@ fn event_pool() -> Vec<Arc<Event>> {
             let id = format!("ev-{seq}");
             Arc::new(Event::encode(
                 &draft,
-                &epoch,
+                epoch,
                 seq + 1,
                 &id,
                 1_742_000_000_000,

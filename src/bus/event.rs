@@ -23,7 +23,7 @@ use crate::http::codec::json_escape_into;
 #[derive(Debug)]
 pub struct Event {
     pub channel: Arc<str>,
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     pub seq: u64,
     /// When the owner accepted it: the start of `relay_event_route_duration_seconds`.
     pub accepted_at: Instant,
@@ -70,18 +70,72 @@ const WS_HEADER_MAX: usize = 10;
 pub struct Stamp<'a> {
     /// The owner's name for the channel, shared by all its events.
     pub channel: &'a Arc<str>,
-    pub epoch: &'a Arc<str>,
+    pub epoch: Epoch,
     pub seq: u64,
     pub id: &'a str,
     pub ts_ms: u64,
     pub accepted_at: Instant,
 }
 
+/// A channel's epoch: a few characters of `[0-9A-Za-z]`, kept inline (by the channel and by
+/// each of its events) where a shared string would cost every publish a trip to a separate,
+/// long-cold allocation to read it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch {
+    bytes: [u8; Epoch::MAX_LEN],
+    len: u8,
+}
+
+impl Epoch {
+    pub const MAX_LEN: usize = 15;
+
+    /// `None` unless `text` is 1..=[`Epoch::MAX_LEN`] characters of `[0-9A-Za-z]` (written
+    /// into JSON and SSE ids unescaped).
+    pub fn new(text: &str) -> Option<Epoch> {
+        let valid = (1..=Epoch::MAX_LEN).contains(&text.len())
+            && text.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !valid {
+            return None;
+        }
+        let mut bytes = [0u8; Epoch::MAX_LEN];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Some(Epoch {
+            bytes,
+            len: text.len() as u8,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // ASCII by construction, so this never falls back.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Epoch {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 impl Event {
     /// Encodes every wire form of `draft` once (see [`Event::write`]).
     pub fn encode(
         draft: &Draft,
-        epoch: &Arc<str>,
+        epoch: Epoch,
         seq: u64,
         id: &str,
         ts_ms: u64,
@@ -116,7 +170,7 @@ impl Event {
     fn fresh(draft: &Draft, stamp: &Stamp) -> Event {
         let mut event = Event {
             channel: stamp.channel.clone(),
-            epoch: stamp.epoch.clone(),
+            epoch: stamp.epoch,
             seq: stamp.seq,
             accepted_at: stamp.accepted_at,
             wire: Vec::new(),
@@ -145,9 +199,7 @@ impl Event {
         if !Arc::ptr_eq(&self.channel, stamp.channel) {
             self.channel = stamp.channel.clone();
         }
-        if !Arc::ptr_eq(&self.epoch, stamp.epoch) {
-            self.epoch = stamp.epoch.clone();
-        }
+        self.epoch = stamp.epoch;
         self.seq = stamp.seq;
         self.accepted_at = stamp.accepted_at;
         let estimate = WS_HEADER_MAX
@@ -172,7 +224,7 @@ impl Event {
         buf.resize(WS_HEADER_MAX, 0);
         buf.extend_from_slice(WS_EVENT_PREFIX);
         let body_start = buf.len();
-        write_envelope_body(buf, draft, stamp.epoch, stamp.seq, id, stamp.ts_ms);
+        write_envelope_body(buf, draft, &stamp.epoch, stamp.seq, id, stamp.ts_ms);
         assert!(
             buf.len() < u32::MAX as usize / 2,
             "publish bodies are bounded by limits.max_body_bytes"
@@ -431,14 +483,36 @@ pub mod testing {
             source: None,
             correlation_id: None,
         };
-        let epoch: Arc<str> = Arc::from("e");
-        Arc::new(Event::encode(&draft, &epoch, seq, id, 0, accepted_at))
+        let epoch = Epoch::new("e").expect("a valid epoch");
+        Arc::new(Event::encode(&draft, epoch, seq, id, 0, accepted_at))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_are_short_alphanumeric_and_kept_inline() {
+        let epoch = Epoch::new("k3x9AbCd").expect("a valid epoch");
+        assert_eq!(epoch.as_str(), "k3x9AbCd");
+        assert_eq!(&*epoch, "k3x9AbCd");
+        assert_eq!(epoch.to_string(), "k3x9AbCd");
+        assert_eq!(format!("{epoch:?}"), "\"k3x9AbCd\"");
+        assert_eq!(Epoch::new("k3x9AbCd"), Some(epoch));
+        assert_ne!(Epoch::new("k3x9AbCe"), Some(epoch));
+        assert!(Epoch::new(&"a".repeat(Epoch::MAX_LEN)).is_some());
+        for refused in [
+            "",
+            "a-b",
+            "é",
+            "with space",
+            &"a".repeat(Epoch::MAX_LEN + 1),
+        ] {
+            assert_eq!(Epoch::new(refused), None, "{refused:?}");
+        }
+        assert!(std::mem::size_of::<Epoch>() <= 16);
+    }
 
     fn envelope(ev: &Event) -> Vec<u8> {
         let mut out = Vec::new();
@@ -465,10 +539,10 @@ mod tests {
 
     #[test]
     fn envelope_keeps_data_byte_for_byte_and_escapes_free_text() {
-        let epoch: Arc<str> = Arc::from("k3x9");
+        let epoch = Epoch::new("k3x9").expect("a valid epoch");
         let ev = Event::encode(
             &draft(r#"{"b": 1,  "a":[1.50]}"#),
-            &epoch,
+            epoch,
             17,
             "e1",
             99,
@@ -487,10 +561,10 @@ mod tests {
 
     #[test]
     fn line_breaks_in_data_become_sse_continuations_and_round_trip() {
-        let epoch: Arc<str> = Arc::from("e");
+        let epoch = Epoch::new("e").expect("a valid epoch");
         let ev = Event::encode(
             &draft("{\n  \"a\": 1\r\n}"),
-            &epoch,
+            epoch,
             1,
             "x",
             1,
@@ -534,8 +608,8 @@ mod tests {
             assert_eq!(out.len(), header, "len {len}");
             assert_eq!(out[0], 0x81);
         }
-        let epoch: Arc<str> = Arc::from("e");
-        let ev = Event::encode(&draft("1"), &epoch, 1, "x", 1, Instant::now());
+        let epoch = Epoch::new("e").expect("a valid epoch");
+        let ev = Event::encode(&draft("1"), epoch, 1, "x", 1, Instant::now());
         let payload = &ev.ws_frame()[2..];
         assert_eq!(ev.ws_frame()[1] as usize, payload.len());
         let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
@@ -545,11 +619,11 @@ mod tests {
 
     #[test]
     fn one_buffer_holds_every_form_and_the_header_fits_any_length() {
-        let epoch: Arc<str> = Arc::from("e");
+        let epoch = Epoch::new("e").expect("a valid epoch");
         // Payloads whose frames need the 2-, 4- and 10-byte headers.
         for (data_len, header) in [(1usize, 2usize), (300, 4), (70_000, 10)] {
             let data = format!("\"{}\"", "a".repeat(data_len.saturating_sub(2)));
-            let ev = Event::encode(&draft(&data), &epoch, 3, "id-3", 5, Instant::now());
+            let ev = Event::encode(&draft(&data), epoch, 3, "id-3", 5, Instant::now());
             assert_eq!((ev.id(), ev.event_type()), ("id-3", "document.edit"));
             let frame = ev.ws_frame();
             let payload = &frame[header..];
@@ -572,12 +646,12 @@ mod tests {
             assert_eq!(ev.sse_len(), sse(&ev).len());
         }
         // A rewritten SSE block is kept apart, and the id and type still read back.
-        let ev = Event::encode(&draft("{\n}"), &epoch, 1, "x", 1, Instant::now());
+        let ev = Event::encode(&draft("{\n}"), epoch, 1, "x", 1, Instant::now());
         assert_eq!((ev.id(), ev.event_type()), ("x", "document.edit"));
         assert!(ev.own_sse.is_some());
     }
 
-    fn stamp<'a>(epoch: &'a Arc<str>, seq: u64, id: &'a str, at: Instant) -> Stamp<'a> {
+    fn stamp<'a>(epoch: Epoch, seq: u64, id: &'a str, at: Instant) -> Stamp<'a> {
         static CHANNEL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         Stamp {
             channel: CHANNEL.get_or_init(|| Arc::from("doc.42")),
@@ -591,20 +665,20 @@ mod tests {
 
     #[test]
     fn an_event_leaving_history_lends_its_memory_to_the_next_unless_still_held() {
-        let epoch: Arc<str> = Arc::from("e");
+        let epoch = Epoch::new("e").expect("a valid epoch");
         let at = Instant::now();
-        let old = Event::encode_reusing(None, &draft("1"), &stamp(&epoch, 1, "a", at));
+        let old = Event::encode_reusing(None, &draft("1"), &stamp(epoch, 1, "a", at));
         let (old_event, old_wire) = (Arc::as_ptr(&old), old.wire.as_ptr());
         let names_held = Arc::strong_count(&old.channel);
         // No larger than the event before it: both allocations are reused as they are, and
         // the channel's name is not let go of and taken again.
-        let next = Event::encode_reusing(Some(old), &draft("2"), &stamp(&epoch, 2, "b", at));
+        let next = Event::encode_reusing(Some(old), &draft("2"), &stamp(epoch, 2, "b", at));
         assert_eq!(
             (Arc::as_ptr(&next), next.wire.as_ptr()),
             (old_event, old_wire)
         );
         assert_eq!(Arc::strong_count(&next.channel), names_held);
-        let fresh = Event::encode(&draft("2"), &epoch, 2, "b", 2, at);
+        let fresh = Event::encode(&draft("2"), epoch, 2, "b", 2, at);
         assert_eq!(
             next.ws_frame(),
             fresh.ws_frame(),
@@ -614,14 +688,14 @@ mod tests {
 
         // A subscriber queue still holding it: the old event is left alone.
         let held = next.clone();
-        let third = Event::encode_reusing(Some(next), &draft("3"), &stamp(&epoch, 3, "c", at));
+        let third = Event::encode_reusing(Some(next), &draft("3"), &stamp(epoch, 3, "c", at));
         assert_ne!(Arc::as_ptr(&third), Arc::as_ptr(&held));
         assert_eq!((held.id(), third.id()), ("b", "c"));
 
         // A buffer far larger than the next event needs is not kept.
         let big = format!("\"{}\"", "x".repeat(100_000));
-        let large = Arc::new(Event::encode(&draft(&big), &epoch, 4, "d", 4, at));
-        let small = Event::encode_reusing(Some(large), &draft("5"), &stamp(&epoch, 5, "e", at));
+        let large = Arc::new(Event::encode(&draft(&big), epoch, 4, "d", 4, at));
+        let small = Event::encode_reusing(Some(large), &draft("5"), &stamp(epoch, 5, "e", at));
         assert!(small.footprint() < 4096, "{} bytes kept", small.footprint());
     }
 

@@ -4,6 +4,7 @@
 //! Must never hold more than `size` events, and never keep an id whose event has left.
 
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ pub struct History {
     /// seq), so evicting costs no probe into the table, and the stored hash lets the table
     /// grow and rehash without reading any event.
     ids: HashTable<IdEntry>,
-    hasher: ahash::RandomState,
+    hasher: super::ProcessHasher,
     size: usize,
     ttl: Duration,
     /// No retained event expires before this (`None`: nothing retained, or a TTL too long to
@@ -56,7 +57,7 @@ impl History {
             events: VecDeque::new(),
             first_seq: 0,
             ids: HashTable::new(),
-            hasher: ahash::RandomState::new(),
+            hasher: super::ProcessHasher,
             size,
             ttl,
             expires_no_sooner: None,

@@ -9,6 +9,7 @@
 pub mod event;
 pub mod history;
 
+use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +18,23 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use event::{Draft, Event, Stamp};
+use event::{Draft, Epoch, Event, Stamp};
 use history::{History, Reach};
+
+/// The hasher of a channel's own small tables (its history's id index, its presence): seeded
+/// at random once per process, and of no size, where a seeded hasher per table would add 32
+/// bytes to every channel (three of them: 96), and a channel's entry is read on every publish.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessHasher;
+
+impl BuildHasher for ProcessHasher {
+    type Hasher = ahash::AHasher;
+
+    fn build_hasher(&self) -> ahash::AHasher {
+        static SEEDS: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+        SEEDS.get_or_init(ahash::RandomState::new).build_hasher()
+    }
+}
 
 /// The owner shard of a channel: a fixed hash of its name, the same on every thread.
 pub fn shard_of(channel: &str, shards: usize) -> usize {
@@ -79,7 +95,7 @@ impl Published {
 /// The owner's answer to a subscribe.
 #[derive(Debug, Clone)]
 pub struct Subscribed {
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     /// The channel's last assigned seq when the subscription took effect.
     pub seq: u64,
     /// With `since`: whether every missed event is in `replay`.
@@ -90,7 +106,7 @@ pub struct Subscribed {
 /// The owner's answer to a history query.
 #[derive(Debug, Clone)]
 pub struct HistoryPage {
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     pub seq: u64,
     pub events: Vec<Arc<Event>>,
 }
@@ -99,7 +115,7 @@ pub struct HistoryPage {
 #[derive(Debug, Clone)]
 pub struct OwnedInfo {
     pub channel: Arc<str>,
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     pub seq: u64,
     pub history: usize,
     pub subscribers: u64,
@@ -133,16 +149,16 @@ struct Presence {
     /// Members, found by the hash of their connection id: each member once, its connection id
     /// the key (a map would keep the id twice).
     by_conn: hashbrown::HashTable<Member>,
-    hasher: ahash::RandomState,
+    hasher: ProcessHasher,
     /// Connections per user with a JWT; a connection without one is its own user (its
     /// `user` is its `conn`), always one connection, so it is not counted here.
-    conns_per_user: AHashMap<Arc<str>, u32>,
+    conns_per_user: std::collections::HashMap<Arc<str>, u32, ProcessHasher>,
 }
 
 struct OwnedChannel {
     /// The name the channel's events and answers share (its key in [`Owned::channels`]).
     name: Arc<str>,
-    epoch: Arc<str>,
+    epoch: Epoch,
     last_seq: u64,
     history: History,
     /// (shard, subscribers there). Small: a channel is rarely on more shards than a few.
@@ -240,7 +256,7 @@ impl Owned {
         let (evicted, spare) = channel.history.make_room();
         let stamp = Stamp {
             channel: &channel.name,
-            epoch: &channel.epoch,
+            epoch: channel.epoch,
             seq,
             id,
             ts_ms,
@@ -310,7 +326,7 @@ impl Owned {
             Some(_) => (false, Vec::new()),
         };
         let answer = Subscribed {
-            epoch: channel.epoch.clone(),
+            epoch: channel.epoch,
             seq: channel.last_seq,
             recovered,
             replay,
@@ -384,7 +400,7 @@ impl Owned {
     pub fn history(&self, name: &str, since: u64, limit: usize) -> Option<HistoryPage> {
         let channel = self.channels.get(name)?;
         Some(HistoryPage {
-            epoch: channel.epoch.clone(),
+            epoch: channel.epoch,
             seq: channel.last_seq,
             events: channel.history.after(since, limit),
         })
@@ -410,7 +426,7 @@ impl Owned {
             .iter()
             .map(|(name, channel)| OwnedInfo {
                 channel: name.clone(),
-                epoch: channel.epoch.clone(),
+                epoch: channel.epoch,
                 seq: channel.last_seq,
                 history: channel.history.len(),
                 subscribers: channel.subscribers(),
@@ -500,7 +516,7 @@ impl EpochSource {
         EpochSource { state: seed }
     }
 
-    fn next(&mut self) -> Arc<str> {
+    fn next(&mut self) -> Epoch {
         const ALPHABET: &[u8; 62] =
             b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         // splitmix64: a counter through a bijective mixer never repeats within 2^64 calls.
@@ -509,12 +525,13 @@ impl EpochSource {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        let mut out = String::with_capacity(8);
-        for _ in 0..8 {
-            out.push(char::from(ALPHABET[(z % 62) as usize]));
+        let mut out = [0u8; 8];
+        for byte in &mut out {
+            *byte = ALPHABET[(z % 62) as usize];
             z /= 62;
         }
-        Arc::from(out)
+        let text = std::str::from_utf8(&out).unwrap_or_default();
+        Epoch::new(text).expect("eight characters of the epoch alphabet")
     }
 }
 

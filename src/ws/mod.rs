@@ -1511,7 +1511,7 @@ mod tests {
 
     fn answer(seq: u64, recovered: bool, replay: Vec<Arc<Event>>) -> Subscribed {
         Subscribed {
-            epoch: Arc::from("e"),
+            epoch: crate::bus::event::Epoch::new("e").expect("a valid epoch"),
             seq,
             recovered,
             replay,
