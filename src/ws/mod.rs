@@ -466,9 +466,9 @@ impl WsConn {
         }
     }
 
-    /// Takes the next slice of frames to write; gap announcements go first.
-    /// `live` gets the acceptance time of each live event taken (its latency sample).
-    fn take_batch(&self, batch: &mut FrameBatch, live: &mut Vec<Instant>) {
+    /// Takes the next slice of frames to write; gap announcements go first. Live events are
+    /// marked so (see [`FrameBatch::record_delivered`]).
+    fn take_batch(&self, batch: &mut FrameBatch) {
         let mut out = self.out.borrow_mut();
         let out = &mut *out;
         for (channel, from, to) in out.gaps.drain(..) {
@@ -483,9 +483,8 @@ impl WsConn {
                     if is_live {
                         out.counted -= 1;
                         out.counted_bytes -= event.ws_frame().len();
-                        live.push(event.accepted_at);
                     }
-                    batch.push(Frame::Event(event));
+                    batch.push(Frame::Event(event, is_live));
                 }
                 Item::Frame(frame) => {
                     out.counted -= 1;
@@ -570,16 +569,17 @@ impl Sink for WsConn {
 }
 
 /// One frame of a write: an event's own frame (the `Arc` moved out of the queue, so taking
-/// an event for a write touches no reference count), or a reply, push or control frame.
+/// an event for a write touches no reference count), live or a replay, or a reply, push or
+/// control frame.
 enum Frame {
-    Event(Arc<Event>),
+    Event(Arc<Event>, bool),
     Own(Bytes),
 }
 
 impl Frame {
     fn bytes(&self) -> &[u8] {
         match self {
-            Frame::Event(event) => event.ws_frame(),
+            Frame::Event(event, _) => event.ws_frame(),
             Frame::Own(bytes) => bytes,
         }
     }
@@ -635,6 +635,27 @@ impl FrameBatch {
         self.start = 0;
         self.bytes = 0;
         self.sent = 0;
+    }
+
+    /// Counts the live events of a written batch as delivered and records their latency (from
+    /// their acceptance to `written_at`). Read from the frames themselves: the events were
+    /// just read for the write, where a list of samples of its own was one more buffer, long
+    /// cold, touched per write.
+    fn record_delivered(&self, stats: &ShardStats, written_at: Instant) -> bool {
+        let mut delivered = 0;
+        for frame in &self.frames {
+            if let Frame::Event(event, true) = frame {
+                delivered += 1;
+                let ns = written_at
+                    .saturating_duration_since(event.accepted_at)
+                    .as_nanos();
+                stats
+                    .route_duration
+                    .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
+            }
+        }
+        stats.events_delivered.add(delivered);
+        delivered > 0
     }
 
     /// Whether every byte has been written.
@@ -1159,9 +1180,8 @@ impl WriteSide {
         }
         conn.ctl.clear_notified();
         let mut batch = FrameBatch::new();
-        // No events are queued, so no latency samples are taken.
-        let mut no_samples = Vec::new();
-        conn.take_batch(&mut batch, &mut no_samples);
+        // No events are queued, so there are no latency samples to record.
+        conn.take_batch(&mut batch);
         if batch.is_empty() {
             return true;
         }
@@ -1182,20 +1202,6 @@ impl WriteSide {
 
 fn token_expired(expires_at_s: Option<u64>) -> bool {
     expires_at_s.is_some_and(|exp| crate::shard::unix_ms() / 1000 >= exp)
-}
-
-/// Counts delivered live events and records their latency, as of `written_at`.
-fn record_delivered(stats: &ShardStats, live: &mut Vec<Instant>, written_at: Instant) {
-    if live.is_empty() {
-        return;
-    }
-    stats.events_delivered.add(live.len() as u64);
-    for accepted_at in live.drain(..) {
-        let ns = written_at.saturating_duration_since(accepted_at).as_nanos();
-        stats
-            .route_duration
-            .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
-    }
 }
 
 /// Runs the writing side until it parks or the connection ends. `stream` is the socket's
@@ -1265,7 +1271,8 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
         .unsent
         .take()
         .map_or_else(FrameBatch::new, |unsent| *unsent);
-    let mut live = Vec::new();
+    // Whether the writer has written live events since it last gave its buffers back.
+    let mut wrote_live = false;
     loop {
         if conn.closing() {
             let close = conn.out.borrow().close;
@@ -1302,7 +1309,7 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
             if conn.replies_pending() {
                 shard.local_deliveries_first().await;
             }
-            conn.take_batch(&mut batch, &mut live);
+            conn.take_batch(&mut batch);
             batch.seal();
         }
         if !batch.is_empty() {
@@ -1311,7 +1318,6 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
             // writer future for good; one allocation per `writev` (which carries every pending
             // frame) costs well under 1% of the syscall.
             (outcome, batch) = Box::pin(write_all(stream, batch, &conn)).await;
-            batch.clear();
             match outcome {
                 Written::All => {}
                 Written::Failed => {
@@ -1321,13 +1327,14 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
                 Written::Abandoned => {
                     // Part of a frame may be on the wire: nothing more can be framed after it.
                     side.framing_intact = false;
-                    live.clear();
+                    batch.clear();
                     continue;
                 }
             }
             let written_at = Instant::now();
             side.last_write = Stamp::reading(written_at);
-            record_delivered(&shard.stats, &mut live, written_at);
+            wrote_live |= batch.record_delivered(&shard.stats, written_at);
+            batch.clear();
             continue;
         }
         if conn.ctl.is_closing() {
@@ -1351,10 +1358,10 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
         // `RELEASE_AFTER` (the next event is likely near); one that wrote only replies, or has
         // been quiet that long, gives them back and parks: an idle connection holds no write
         // buffers and no task.
-        let streaming = live.capacity() > 0 && side.last_write().elapsed() < RELEASE_AFTER;
+        let streaming = wrote_live && side.last_write().elapsed() < RELEASE_AFTER;
         if !streaming {
             batch = FrameBatch::new();
-            live = Vec::new();
+            wrote_live = false;
             conn.out.borrow_mut().queue.shrink_to(0);
         }
         if side.last_write().elapsed() >= heartbeat {
@@ -1413,12 +1420,10 @@ async fn write_all(
 async fn flush_before_close(stream: &mut TcpStream, conn: &WsConn, mut batch: FrameBatch) -> bool {
     let deadline = Instant::now() + CLOSE_LINGER;
     // Latency samples of the events in it are not recorded: the connection is ending.
-    let mut live = Vec::new();
     loop {
         if batch.is_empty() {
-            conn.take_batch(&mut batch, &mut live);
+            conn.take_batch(&mut batch);
             batch.seal();
-            live.clear();
             if batch.is_empty() {
                 return true;
             }
@@ -1484,8 +1489,7 @@ mod tests {
     /// What the writer would send, as (kind, channel or op, seq).
     fn drain(conn: &WsConn) -> Vec<String> {
         let mut batch = FrameBatch::new();
-        let mut live = Vec::new();
-        conn.take_batch(&mut batch, &mut live);
+        conn.take_batch(&mut batch);
         batch
             .frames
             .iter()
@@ -1715,6 +1719,36 @@ mod tests {
     }
 
     #[test]
+    fn a_written_batch_records_its_live_events_only() {
+        let c = conn(&Config::default());
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        let since = Since {
+            epoch: "e".into(),
+            seq: 0,
+        };
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(2, true, vec![event("a", 1), event("a", 2)]),
+            Some(&since),
+        );
+        c.offer(&event("a", 3));
+        c.offer_many(&[event("a", 4), event("a", 5)]);
+        let mut batch = FrameBatch::new();
+        c.take_batch(&mut batch);
+        assert_eq!(
+            batch.len(),
+            6,
+            "the reply, two replays and three live events"
+        );
+        let stats = ShardStats::new(0);
+        assert!(batch.record_delivered(&stats, Instant::now()));
+        assert_eq!(stats.events_delivered.get(), 3);
+        assert_eq!(stats.route_duration.snapshot().count, 3);
+    }
+
+    #[test]
     fn writes_go_out_in_bounded_batches() {
         let c = conn(&Config::default());
         let a: Arc<str> = Arc::from("a");
@@ -1726,12 +1760,16 @@ mod tests {
         };
         c.recovered(&a, Bytes::new(), &answer(1500, true, replay), Some(&since));
         let mut batch = FrameBatch::new();
-        let mut live = Vec::new();
-        c.take_batch(&mut batch, &mut live);
+        c.take_batch(&mut batch);
         assert_eq!(batch.len(), WRITE_BATCH_FRAMES);
         batch.seal();
         assert_eq!(batch.read_iovec_len(), WRITE_BATCH_FRAMES);
-        assert!(live.is_empty(), "replays are not latency samples");
+        let stats = ShardStats::new(0);
+        assert!(
+            !batch.record_delivered(&stats, Instant::now()),
+            "replays are not latency samples"
+        );
+        assert_eq!(stats.events_delivered.get(), 0);
     }
 
     #[test]
