@@ -1522,6 +1522,18 @@ mod tests {
         }
     }
 
+    /// Subscribes `c` to channel `a` from seq 0, recovering events 1..=`events` after `reply`.
+    fn subscribe_with_replay(c: &WsConn, reply: Bytes, events: u64) {
+        let a: Arc<str> = Arc::from("a");
+        c.begin_subscription(&a);
+        let replay: Vec<Arc<Event>> = (1..=events).map(|s| event("a", s)).collect();
+        let since = Since {
+            epoch: "e".into(),
+            seq: 0,
+        };
+        c.recovered(&a, reply, &answer(events, true, replay), Some(&since));
+    }
+
     fn reply(op: &str) -> Bytes {
         protocol::Reply::new(op, None).finish().unwrap_or_default()
     }
@@ -1658,19 +1670,7 @@ mod tests {
         let mut config = Config::default();
         config.limits.outbound_queue_messages = 4;
         let c = conn(&config);
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        let replay: Vec<Arc<Event>> = (1..=50).map(|s| event("a", s)).collect();
-        let since = Since {
-            epoch: "e".into(),
-            seq: 0,
-        };
-        c.recovered(
-            &a,
-            reply("subscribed"),
-            &answer(50, true, replay),
-            Some(&since),
-        );
+        subscribe_with_replay(&c, reply("subscribed"), 50);
         assert!(c.out.borrow().close.is_none());
         assert_eq!(c.out.borrow().queue.len(), 51);
     }
@@ -1721,18 +1721,7 @@ mod tests {
     #[test]
     fn a_written_batch_records_its_live_events_only() {
         let c = conn(&Config::default());
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        let since = Since {
-            epoch: "e".into(),
-            seq: 0,
-        };
-        c.recovered(
-            &a,
-            reply("subscribed"),
-            &answer(2, true, vec![event("a", 1), event("a", 2)]),
-            Some(&since),
-        );
+        subscribe_with_replay(&c, reply("subscribed"), 2);
         c.offer(&event("a", 3));
         c.offer_many(&[event("a", 4), event("a", 5)]);
         let mut batch = FrameBatch::new();
@@ -1751,14 +1740,7 @@ mod tests {
     #[test]
     fn writes_go_out_in_bounded_batches() {
         let c = conn(&Config::default());
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        let replay: Vec<Arc<Event>> = (1..=1500).map(|s| event("a", s)).collect();
-        let since = Since {
-            epoch: "e".into(),
-            seq: 0,
-        };
-        c.recovered(&a, Bytes::new(), &answer(1500, true, replay), Some(&since));
+        subscribe_with_replay(&c, Bytes::new(), 1500);
         let mut batch = FrameBatch::new();
         c.take_batch(&mut batch);
         assert_eq!(batch.len(), WRITE_BATCH_FRAMES);
