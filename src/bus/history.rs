@@ -72,8 +72,15 @@ impl History {
         self.events.is_empty()
     }
 
-    /// The seq of an event with this id still in history.
+    /// The seq of an event with this id still in history: a publisher's id through the
+    /// index, an id relay generated through the seq it carries (see [`super::ids`]).
     pub fn seq_of(&self, id: &str) -> Option<u64> {
+        if let Some(seq) = self.generated_seq_of(id) {
+            return Some(seq);
+        }
+        if self.ids.is_empty() {
+            return None;
+        }
         let hash = self.hasher.hash_one(id.as_bytes());
         self.ids
             .find(hash, |entry| {
@@ -83,6 +90,20 @@ impl History {
                         .is_some_and(|e| e.id_bytes() == id.as_bytes())
             })
             .map(|entry| entry.seq)
+    }
+
+    /// The retained event whose seq ends in the bits `id` would carry, if it is that id.
+    fn generated_seq_of(&self, id: &str) -> Option<u64> {
+        let low = super::ids::seq_hint(id)?;
+        let last = self.events.back()?.seq;
+        // The one retained seq with these low 32 bits (a ring holds far fewer than 2^32).
+        let seq = self.first_seq + u64::from(low.wrapping_sub(self.first_seq as u32));
+        if seq > last {
+            return None;
+        }
+        self.retained(seq)
+            .filter(|e| e.id_bytes() == id.as_bytes())
+            .map(|e| e.seq)
     }
 
     /// The retained event with this seq.
@@ -103,8 +124,9 @@ impl History {
         (evicted, last)
     }
 
-    /// Appends `event` (seq must follow the last one); returns how many events were evicted.
-    pub fn push(&mut self, event: Arc<Event>) -> usize {
+    /// Appends `event` (seq must follow the last one), in the id index when `indexed` (an id
+    /// its publisher gave; see [`History::seq_of`]); returns how many events were evicted.
+    pub fn push(&mut self, event: Arc<Event>, indexed: bool) -> usize {
         // Consecutive seqs let a seq find its event by position.
         debug_assert!(self
             .events
@@ -116,17 +138,19 @@ impl History {
             self.expires_no_sooner = event.accepted_at.checked_add(self.ttl);
         }
         self.sweep_if_due();
-        let hash = self.hasher.hash_one(event.id_bytes());
-        // A publisher's id is refused while it is retained, so at most one of its entries (the
-        // others left with evicted events) leads to a retained event.
-        self.ids.insert_unique(
-            hash,
-            IdEntry {
-                seq: event.seq,
+        if indexed {
+            let hash = self.hasher.hash_one(event.id_bytes());
+            // A publisher's id is refused while it is retained, so at most one of its entries
+            // (the others left with evicted events) leads to a retained event.
+            self.ids.insert_unique(
                 hash,
-            },
-            |entry| entry.hash,
-        );
+                IdEntry {
+                    seq: event.seq,
+                    hash,
+                },
+                |entry| entry.hash,
+            );
+        }
         self.events.push_back(event);
         self.prefetch_next_evictions();
         evicted
@@ -233,11 +257,39 @@ mod tests {
     }
 
     #[test]
+    fn generated_ids_are_found_by_their_seq_without_an_index_entry() {
+        let now = Instant::now();
+        let mut source = crate::bus::ids::IdSource::new();
+        let mut h = History::new(3, Duration::from_secs(60));
+        let mut ids = Vec::new();
+        for seq in 1..=5 {
+            let id = source.next(1_000, seq);
+            let id = std::str::from_utf8(&id).expect("ASCII").to_string();
+            h.push(ev(seq, &id, now), false);
+            ids.push(id);
+        }
+        assert!(h.ids.is_empty(), "no index entry for a generated id");
+        assert_eq!(h.seq_of(&ids[0]), None, "evicted");
+        assert_eq!(h.seq_of(&ids[1]), None, "evicted");
+        assert_eq!(h.seq_of(&ids[2]), Some(3));
+        assert_eq!(h.seq_of(&ids[4]), Some(5));
+        assert_eq!(h.seq_of(&ids[4].to_uppercase()), None, "the same id only");
+        // Any UUID v7 ending in a retained seq is compared whole, not trusted.
+        let lookalike = format!("{}000000000004", &ids[3][..24]);
+        assert_ne!(lookalike, ids[3]);
+        assert_eq!(h.seq_of(&lookalike), None);
+        // A publisher's v7 id is indexed, and found, whatever its last bits say.
+        let theirs = "0193f1d2-0000-7000-8000-000000000004";
+        h.push(ev(6, theirs, now), true);
+        assert_eq!(h.seq_of(theirs), Some(6));
+    }
+
+    #[test]
     fn bounded_by_size_and_ids_follow_evictions() {
         let now = Instant::now();
         let mut h = History::new(3, Duration::from_secs(60));
         for seq in 1..=5 {
-            h.push(ev(seq, &format!("id{seq}"), now));
+            h.push(ev(seq, &format!("id{seq}"), now), true);
         }
         assert_eq!(h.len(), 3);
         assert_eq!(h.seq_of("id1"), None);
@@ -254,7 +306,7 @@ mod tests {
         let now = Instant::now();
         let mut h = History::new(3000, Duration::from_secs(60));
         for seq in 1..=10_000 {
-            h.push(ev(seq, &format!("id-{seq}"), now));
+            h.push(ev(seq, &format!("id-{seq}"), now), true);
         }
         // Every retained event is indexed, and evicted ones only until the next sweep.
         assert!(
@@ -276,7 +328,7 @@ mod tests {
         let now = Instant::now();
         let mut h = History::new(10, Duration::from_secs(60));
         for seq in 1..=6 {
-            h.push(ev(seq, &seq.to_string(), now));
+            h.push(ev(seq, &seq.to_string(), now), true);
         }
         let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(seqs(h.after(2, 2)), vec![3, 4]);
@@ -290,7 +342,7 @@ mod tests {
         let now = Instant::now();
         let mut h = History::new(3, Duration::from_secs(60));
         for seq in 1..=5 {
-            h.push(ev(seq, &seq.to_string(), now));
+            h.push(ev(seq, &seq.to_string(), now), true);
         }
         // Retained: 3, 4, 5.
         assert_eq!(h.reach(2, 5), Reach::Complete);
@@ -305,8 +357,8 @@ mod tests {
     fn ttl_expires_from_the_front() {
         let start = Instant::now();
         let mut h = History::new(10, Duration::from_secs(5));
-        h.push(ev(1, "a", start));
-        h.push(ev(2, "b", start + Duration::from_secs(3)));
+        h.push(ev(1, "a", start), true);
+        h.push(ev(2, "b", start + Duration::from_secs(3)), true);
         assert_eq!(h.expire(start + Duration::from_secs(4)), 0);
         assert_eq!(h.expire(start + Duration::from_secs(6)), 1);
         assert_eq!(h.len(), 1);
@@ -315,7 +367,7 @@ mod tests {
         assert!(h.is_empty());
         assert_eq!(h.ids.len(), 0, "an emptied history keeps no index");
         // The next event starts the ring again where the seqs left off.
-        h.push(ev(3, "c", start + Duration::from_secs(10)));
+        h.push(ev(3, "c", start + Duration::from_secs(10)), true);
         assert_eq!((h.seq_of("c"), h.seq_of("b")), (Some(3), None));
         assert_eq!(
             h.after(0, 10).iter().map(|e| e.seq).collect::<Vec<_>>(),
@@ -330,11 +382,11 @@ mod tests {
         let at = |s: u64| start + Duration::from_secs(s);
         let mut h = History::new(2, Duration::from_secs(5));
         assert_eq!(h.expires_no_sooner, None);
-        h.push(ev(1, "a", at(0)));
-        h.push(ev(2, "b", at(2)));
+        h.push(ev(1, "a", at(0)), true);
+        h.push(ev(2, "b", at(2)), true);
         // Evicts seq 1 by size: the bound stays at its time (earlier than seq 2's), so a
         // sweep then reads the front, expires nothing, and makes the bound exact.
-        h.push(ev(3, "c", at(4)));
+        h.push(ev(3, "c", at(4)), true);
         assert_eq!(h.expires_no_sooner, Some(at(5)));
         assert_eq!(h.expire(at(6)), 0);
         assert_eq!(h.expires_no_sooner, Some(at(7)));
@@ -346,7 +398,7 @@ mod tests {
         assert_eq!(h.expires_no_sooner, None);
         // A TTL past the clock's end never expires, and costs no read either.
         let mut forever = History::new(2, Duration::MAX);
-        forever.push(ev(1, "a", at(0)));
+        forever.push(ev(1, "a", at(0)), true);
         assert_eq!(forever.expire(at(1_000_000)), 0);
         assert_eq!(forever.len(), 1);
     }
@@ -357,7 +409,7 @@ mod tests {
         let mut h = History::new(10, Duration::from_secs(60));
         let mut most = 0;
         for seq in 1..=1000 {
-            h.push(ev(seq, &format!("id-{seq}"), now));
+            h.push(ev(seq, &format!("id-{seq}"), now), true);
             most = most.max(h.ids.len());
             // Only the last 10 ids are found, whatever the index still holds.
             let first_kept = seq.saturating_sub(9).max(1);

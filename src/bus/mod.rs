@@ -8,6 +8,7 @@
 
 pub mod event;
 pub mod history;
+pub mod ids;
 
 use std::hash::BuildHasher;
 use std::rc::Rc;
@@ -179,8 +180,8 @@ pub struct Owned {
     policy: ChannelPolicy,
     epochs: EpochSource,
     history_events: usize,
-    /// Orders the v7 ids this shard gives within one millisecond.
-    v7_context: uuid::ContextV7,
+    /// The ids this shard gives events whose publisher gave none.
+    ids: ids::IdSource,
 }
 
 /// What a maintenance sweep did.
@@ -197,7 +198,7 @@ impl Owned {
             policy,
             epochs: EpochSource::new(epoch_seed),
             history_events: 0,
-            v7_context: uuid::ContextV7::new(),
+            ids: ids::IdSource::new(),
         }
     }
 
@@ -210,10 +211,19 @@ impl Owned {
     }
 
     fn channel(&mut self, name: &Arc<str>) -> &mut OwnedChannel {
+        Self::channel_in(&mut self.channels, &self.policy, &mut self.epochs, name)
+    }
+
+    /// [`Owned::channel`] over the fields it needs, so that the others stay free to borrow.
+    fn channel_in<'a>(
+        channels: &'a mut AHashMap<Arc<str>, OwnedChannel>,
+        policy: &ChannelPolicy,
+        epochs: &mut EpochSource,
+        name: &Arc<str>,
+    ) -> &'a mut OwnedChannel {
         // One probe: the key is a clone of the name's `Arc` (a count on a line the caller
         // already holds), where looking up and then inserting would probe twice.
-        let (policy, epochs) = (&self.policy, &mut self.epochs);
-        self.channels.entry(name.clone()).or_insert_with(|| {
+        channels.entry(name.clone()).or_insert_with(|| {
             let settings = policy(name);
             OwnedChannel {
                 name: name.clone(),
@@ -235,24 +245,28 @@ impl Owned {
         now: Instant,
         mut deliver: impl FnMut(usize, &Arc<Event>),
     ) -> Published {
-        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let id: &str = match &draft.id {
-            Some(id) => id,
-            None => {
-                // The event's own `ts`, not another clock read, and this shard's counter (no
-                // process-wide lock), which keeps its ids in order within a millisecond.
-                let nanos = (ts_ms % 1000) as u32 * 1_000_000;
-                let ts = uuid::Timestamp::from_unix(&self.v7_context, ts_ms / 1000, nanos);
-                uuid::Uuid::new_v7(ts).hyphenated().encode_lower(&mut uuid)
-            }
-        };
-        let channel = self.channel(&draft.channel);
+        let channel = Self::channel_in(
+            &mut self.channels,
+            &self.policy,
+            &mut self.epochs,
+            &draft.channel,
+        );
         if let Some(id) = &draft.id {
             if let Some(seq) = channel.history.seq_of(id) {
                 return Published::duplicate(draft.channel.clone(), seq, id.clone());
             }
         }
         let seq = channel.last_seq + 1;
+        let generated;
+        let id: &str = match &draft.id {
+            Some(id) => id,
+            // The event's own `ts`, not another clock read, and this shard's counter (no
+            // process-wide lock), which keeps its ids in order within a millisecond.
+            None => {
+                generated = self.ids.next(ts_ms, seq);
+                std::str::from_utf8(&generated).unwrap_or_default()
+            }
+        };
         let (evicted, spare) = channel.history.make_room();
         let stamp = Stamp {
             channel: &channel.name,
@@ -264,7 +278,8 @@ impl Owned {
         };
         let event = Event::encode_reusing(spare, draft, &stamp);
         channel.last_seq = seq;
-        channel.history.push(event.clone());
+        // A generated id is found by the seq it carries (see `ids`), not through the index.
+        channel.history.push(event.clone(), draft.id.is_some());
         for &(shard, _) in &channel.interest {
             deliver(usize::from(shard), &event);
         }
@@ -719,6 +734,9 @@ mod tests {
         let c = bus.publish(&draft("c", None), 0, now, |_, _| delivered += 1);
         assert_eq!(c.seq, 2);
         assert_eq!(c.id().len(), 36, "a generated UUID");
+        // A publisher retrying with the id relay gave it publishes nothing new.
+        let again = bus.publish(&draft("c", Some(c.id())), 0, now, |_, _| delivered += 1);
+        assert_eq!((again.seq, again.duplicate, again.id()), (2, true, c.id()));
         assert_eq!(delivered, 0, "nobody subscribed");
     }
 
