@@ -658,7 +658,9 @@ impl FrameBatch {
                     .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
             }
         }
-        stats.events_delivered.add(delivered);
+        if delivered > 0 {
+            stats.events_delivered.add(delivered);
+        }
         delivered > 0
     }
 
