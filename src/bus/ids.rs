@@ -43,7 +43,7 @@ impl IdSource {
         if ts_ms > self.last_ms {
             self.last_ms = ts_ms;
             // The top bit stays clear: at least 2^41 ids fit in the millisecond after it.
-            self.counter = self.next_random() >> (64 - COUNTER_BITS + 1);
+            self.counter = super::splitmix64(&mut self.random) >> (64 - COUNTER_BITS + 1);
         } else if self.counter < COUNTER_MAX {
             self.counter += 1;
         } else {
@@ -69,14 +69,6 @@ impl IdSource {
         bytes[1] = rand_a as u8;
         bytes[2..].copy_from_slice(&rand_b.to_be_bytes());
         bytes
-    }
-
-    fn next_random(&mut self) -> u64 {
-        self.random = self.random.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.random;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 

@@ -521,6 +521,15 @@ fn presence_frame(op: &str, channel: &str, user: &str, conn: &str) -> Bytes {
     Bytes::from(frame)
 }
 
+/// splitmix64: a counter through a bijective mixer, so it never repeats within 2^64 calls.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Makes epochs: 8 characters of `[0-9A-Za-z]`, unique per channel life and per process start.
 struct EpochSource {
     state: u64,
@@ -534,12 +543,7 @@ impl EpochSource {
     fn next(&mut self) -> Epoch {
         const ALPHABET: &[u8; 62] =
             b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        // splitmix64: a counter through a bijective mixer never repeats within 2^64 calls.
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
+        let mut z = splitmix64(&mut self.state);
         let mut out = [0u8; 8];
         for byte in &mut out {
             *byte = ALPHABET[(z % 62) as usize];
