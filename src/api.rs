@@ -591,7 +591,7 @@ fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) ->
     } else {
         Vec::new()
     };
-    let ticket = match shard.publish_start(drafts) {
+    let ticket = match shard.publish_start(drafts, started) {
         Ok(ticket) => ticket,
         Err(e) => return bus_error(shard, e).into(),
     };

@@ -24,7 +24,7 @@ use futures_channel::oneshot;
 
 use crate::bus::event::{Draft, Event};
 use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Since, Subscribed};
-use crate::clock::Stamp;
+use crate::clock::{Stamp, WallClock};
 use crate::config::Config;
 use crate::mesh::{Mesh, Outbox};
 use crate::metrics::{ShardStats, Transport};
@@ -491,6 +491,9 @@ pub struct Shard {
     pub outbox: Outbox<Msg>,
     pub owned: RefCell<Owned>,
     pub local: RefCell<LocalSubs>,
+    /// Event `ts` from the monotonic reading a publish already has (calibrated by
+    /// [`Shard::maintenance`]).
+    wall: WallClock,
     conns: RefCell<AHashMap<u64, Rc<ConnCtl>>>,
     /// Connections per client address on this shard (`limits.max_connections_per_ip`).
     per_ip: RefCell<AHashMap<std::net::IpAddr, u32>>,
@@ -587,6 +590,7 @@ impl Shard {
             outbox,
             owned: RefCell::new(Owned::new(policy, seed)),
             local: RefCell::new(LocalSubs::default()),
+            wall: WallClock::new(),
             conns: RefCell::new(AHashMap::new()),
             per_ip: RefCell::new(AHashMap::new()),
             users: RefCell::new(AHashMap::new()),
@@ -724,18 +728,27 @@ impl Shard {
     /// is sequenced; only an owner shard refusing its part after another part was accepted
     /// (its own rings filled meanwhile) leaves errors in that part's places.
     pub async fn publish_each(&self, drafts: Vec<Draft>) -> Result<Vec<PublishOutcome>, BusError> {
-        self.publish_start(drafts)?.finish().await
+        self.publish_start(drafts, Instant::now())?.finish().await
     }
 
     /// The first half of [`Shard::publish_each`]: sequences this shard's part now and sends
     /// the other owners theirs. The answer is [`PublishTicket::finish`]; a caller with several
     /// publishes under way (a pipelining client) starts them all before waiting for
     /// the first, so they share the crossings between shards. Each owner sequences the drafts
-    /// it gets in the order they were started.
-    pub fn publish_start(&self, drafts: Vec<Draft>) -> Result<PublishTicket, BusError> {
+    /// it gets in the order they were started. `accepted_at` is when the request arrived (the
+    /// caller has read the clock already): the events this shard owns carry it.
+    pub fn publish_start(
+        &self,
+        drafts: Vec<Draft>,
+        accepted_at: Instant,
+    ) -> Result<PublishTicket, BusError> {
         let shards = self.shards();
         if shards == 1 {
-            let done = self.publish_owned(drafts)?.into_iter().map(Ok).collect();
+            let done = self
+                .publish_owned(drafts, accepted_at)?
+                .into_iter()
+                .map(Ok)
+                .collect();
             return Ok(PublishTicket::Done(done));
         }
         // Any congested ring refuses the whole batch up front: the owner's part would be
@@ -760,7 +773,11 @@ impl Shard {
                 continue;
             }
             if owner == self.id {
-                place(&mut answers, indexes, self.publish_owned(drafts));
+                place(
+                    &mut answers,
+                    indexes,
+                    self.publish_owned(drafts, accepted_at),
+                );
             } else {
                 let (reply, answer) = oneshot::channel();
                 self.outbox.send(owner, Msg::Publish { drafts, reply });
@@ -770,15 +787,14 @@ impl Shard {
         Ok(PublishTicket::Waiting { answers, waiting })
     }
 
-    /// Sequences drafts this shard owns.
-    fn publish_owned(&self, drafts: Vec<Draft>) -> Result<Vec<Published>, BusError> {
+    /// Sequences drafts this shard owns, accepted at `now` (history age, route latency, `ts`).
+    fn publish_owned(&self, drafts: Vec<Draft>, now: Instant) -> Result<Vec<Published>, BusError> {
         if let Some(shard) = (0..self.shards()).find(|&s| s != self.id && self.outbox.congested(s))
         {
             self.stats.publish_rejected_full.inc();
             return Err(BusError::Congested { shard });
         }
-        let now = Instant::now();
-        let ts_ms = unix_ms();
+        let ts_ms = self.wall.unix_ms(now);
         let mut owned = self.owned.borrow_mut();
         let table = self.shared.table.load();
         let mut out = Vec::with_capacity(drafts.len());
@@ -976,7 +992,7 @@ impl Shard {
         match msg {
             Msg::Deliver(event) => self.queue_delivery(event),
             Msg::Publish { drafts, reply } => {
-                let _ = reply.send(self.publish_owned(drafts));
+                let _ = reply.send(self.publish_owned(drafts, Instant::now()));
             }
             Msg::Subscribe {
                 channel,
@@ -1139,6 +1155,7 @@ impl Shard {
     pub async fn maintenance(self: Rc<Self>) {
         loop {
             let now = Instant::now();
+            self.wall.calibrate();
             {
                 let mut owned = self.owned.borrow_mut();
                 owned.sweep(now);

@@ -840,9 +840,8 @@ impl ReadSide {
         since.unwrap_or_else(|| self.conn().ctl.opened_at()) + idle
     }
 
-    /// Notes a whole message from the client.
-    fn heard(&mut self) {
-        let now = Instant::now();
+    /// Notes a whole message from the client, read at `now`.
+    fn heard(&mut self, now: Instant) {
         self.chatty = (self.last_message.instant())
             .is_some_and(|last| now.saturating_duration_since(last) < PARK_AFTER);
         self.last_message = Stamp::reading(now);
@@ -1014,6 +1013,10 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
             }
         }
         receive_first = true;
+        // One clock reading per read: when its messages arrived (their publishes' acceptance
+        // time and `ts`), and "now" for the idle check below, which a late reading can only
+        // delay, never bring forward.
+        let now = Instant::now();
         // Everything complete in the buffer first.
         loop {
             match side.reader.read(&side.input) {
@@ -1022,8 +1025,8 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
                     match decoded {
                         codec::Decoded::Partial => break,
                         codec::Decoded::Message(message) => {
-                            side.heard();
-                            let handled = handle_message(&mut side.session, message);
+                            side.heard(now);
+                            let handled = handle_message(&mut side.session, message, now);
                             if !Box::pin(handled).await {
                                 return Stopped::Closed;
                             }
@@ -1049,7 +1052,7 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
             side.input = Vec::new();
         }
         let idle_at = side.idle_at();
-        if Instant::now() >= idle_at {
+        if now >= idle_at {
             side.conn().close_with(close::NORMAL, "idle timeout");
             return Stopped::Closed;
         }
@@ -1059,7 +1062,7 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
         // A chatty client: wait on readiness here for a while before parking. Waiting on
         // readiness rather than with a read in flight is what lets a quiet connection lend the
         // kernel no buffer.
-        let park_at = Instant::now() + PARK_AFTER;
+        let park_at = now + PARK_AFTER;
         match wait_readable(side, idle_at.min(park_at)).await {
             Wait::Readable => {}
             Wait::TimedOut => side.chatty = false,
@@ -1071,11 +1074,15 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
     }
 }
 
-/// Handles one complete message; false when the connection must end.
-async fn handle_message(session: &mut protocol::Session, message: Message) -> bool {
+/// Handles one complete message, read at `arrived`; false when the connection must end.
+async fn handle_message(
+    session: &mut protocol::Session,
+    message: Message,
+    arrived: Instant,
+) -> bool {
     if let Message::Text(text) = message {
         session.shard().stats.ws_messages_received.inc();
-        session.handle(text).await;
+        session.handle(text, arrived).await;
         return true;
     }
     // A close in particular must not overtake the replies to publishes sent before it.

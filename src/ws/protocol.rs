@@ -116,8 +116,9 @@ impl Session {
 
     /// Handles one text message (valid UTF-8, at most `limits.max_frame_bytes`). A publish
     /// another shard must sequence may still be under way when this returns; the caller
-    /// [`settles`](Session::settle) before it waits for more input.
-    pub async fn handle(&mut self, text: Bytes) {
+    /// [`settles`](Session::settle) before it waits for more input. `arrived` is when the read
+    /// that carried it completed: a publish is timed, and its event stamped, from then.
+    pub async fn handle(&mut self, text: Bytes, arrived: std::time::Instant) {
         let Ok(source) = std::str::from_utf8(&text) else {
             self.settle().await;
             return self.error(None, code::BAD_REQUEST, "message is not UTF-8");
@@ -147,8 +148,7 @@ impl Session {
             }
         }
         if &*request.op == "publish" {
-            let started = std::time::Instant::now();
-            let ticket = match self.start_publish(&request, &text) {
+            let ticket = match self.start_publish(&request, &text, arrived) {
                 Ok(ticket) => ticket,
                 Err(refusal) => {
                     self.settle().await;
@@ -159,7 +159,7 @@ impl Session {
             let ticket = if self.in_flight.is_empty() {
                 match ticket.try_finish() {
                     Ok(answer) => {
-                        let outcome = self.published(answer, reference, started);
+                        let outcome = self.published(answer, reference, arrived);
                         return self.send(outcome, reference);
                     }
                     Err(ticket) => ticket,
@@ -170,7 +170,7 @@ impl Session {
             self.in_flight.push_back(InFlight {
                 ticket,
                 reference: reference.map(ToOwned::to_owned),
-                started,
+                started: arrived,
             });
             let max = self.shard.config().limits.max_publishes_in_flight;
             while self.in_flight.len() > max {
@@ -331,6 +331,7 @@ impl Session {
         &mut self,
         request: &Request<'_>,
         text: &Bytes,
+        accepted_at: std::time::Instant,
     ) -> Result<PublishTicket, Refusal> {
         let channel = self.channel(request)?;
         if !self.grants.may_publish(channel) {
@@ -364,7 +365,9 @@ impl Session {
             request.correlation_id.as_deref(),
         )
         .map_err(|e| refuse(code::BAD_REQUEST, e))?;
-        self.shard.publish_start(vec![draft]).map_err(bus_refusal)
+        self.shard
+            .publish_start(vec![draft], accepted_at)
+            .map_err(bus_refusal)
     }
 
     /// The reply to a finished publish of one draft.
