@@ -1,18 +1,15 @@
-//! The node tuning scripts (`tuning/`): each runs on this machine, reports every check in its
-//! fixed format, refuses bad usage with exit status 2, and changes nothing without `--apply`.
+//! The operations scripts: the node tuning scripts (`tuning/`) each run on this machine, report
+//! every check in their fixed format, refuse bad usage with exit status 2, and change nothing
+//! without `--apply`; `deploy/pgo-build.sh` refuses bad usage before building anything, and its
+//! training steps are arguments relay-loadgen accepts.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tuning")
-        .join(name)
-}
-
-fn run(name: &str, args: &[&str]) -> (i32, String, String) {
+/// Runs the script at `path` (relative to the repository root) with bash.
+fn run(path: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new("bash")
-        .arg(script(name))
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path))
         .args(args)
         .output()
         .expect("run bash");
@@ -26,7 +23,7 @@ fn run(name: &str, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn check_node_reports_every_check() {
     // Ten connections fit any machine's descriptor limit, so only FAIL-free runs exit 0.
-    let (code, out, err) = run("check-node.sh", &["--connections", "10"]);
+    let (code, out, err) = run("tuning/check-node.sh", &["--connections", "10"]);
     let lines: Vec<&str> = out.lines().collect();
     for line in &lines {
         let status = line.split_whitespace().next().unwrap_or("");
@@ -56,7 +53,7 @@ fn check_node_reports_every_check() {
     );
 
     // More connections than this process may open files: the descriptor check fails.
-    let (code, out, _) = run("check-node.sh", &["--connections", "100000000"]);
+    let (code, out, _) = run("tuning/check-node.sh", &["--connections", "100000000"]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.lines()
@@ -72,27 +69,69 @@ fn check_node_refuses_bad_usage() {
         &["--bogus"][..],
         &["--pid", "999999999"][..],
     ] {
-        let (code, _, err) = run("check-node.sh", args);
+        let (code, _, err) = run("tuning/check-node.sh", args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(!err.trim().is_empty(), "{args:?} says what is wrong");
     }
-    let (code, out, _) = run("check-node.sh", &["--help"]);
+    let (code, out, _) = run("tuning/check-node.sh", &["--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("Usage"), "{out}");
 }
 
 #[test]
 fn irq_affinity_only_prints_without_apply() {
-    let (code, _, err) = run("irq-affinity.sh", &[]);
+    let (code, _, err) = run("tuning/irq-affinity.sh", &[]);
     assert_eq!(code, 2, "an interface is required: {err}");
-    let (code, _, err) = run("irq-affinity.sh", &["no-such-iface0"]);
+    let (code, _, err) = run("tuning/irq-affinity.sh", &["no-such-iface0"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no interface"), "{err}");
     // The loopback interface exists everywhere; without --apply nothing is written.
-    let (code, out, err) = run("irq-affinity.sh", &["lo", "--cpus", "0"]);
+    let (code, out, err) = run("tuning/irq-affinity.sh", &["lo", "--cpus", "0"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         !out.contains("wrote"),
         "nothing written without --apply: {out}"
     );
+}
+
+#[test]
+fn pgo_build_refuses_bad_usage_before_building() {
+    for args in [
+        &["--bogus"][..],
+        &["--listen", "0.0.0.0:8004"][..],
+        &["--listen", "127.0.0.1"][..],
+        &["--shards", "two"][..],
+        &["--out"][..],
+    ] {
+        let (code, out, err) = run("deploy/pgo-build.sh", args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(!err.trim().is_empty(), "{args:?} says what is wrong");
+        assert!(!out.contains("== 1/4"), "{args:?} built nothing: {out}");
+    }
+    let (code, out, _) = run("deploy/pgo-build.sh", &["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Usage") && out.contains("llvm-tools"), "{out}");
+}
+
+#[test]
+fn pgo_build_trains_with_arguments_the_loadgen_accepts() {
+    use clap::Parser;
+    let (code, out, err) = run("deploy/pgo-build.sh", &["--print-scenarios"]);
+    assert_eq!(code, 0, "{err}");
+    let steps: Vec<&str> = out.lines().collect();
+    // Every scenario but `idle` (which publishes nothing) is trained.
+    for scenario in ["channels", "latency", "fanout", "ingest", "sse", "connect"] {
+        assert!(
+            steps.iter().any(|s| s.starts_with(scenario)),
+            "{scenario} is trained: {steps:?}"
+        );
+    }
+    for step in steps {
+        let argv = std::iter::once("relay-loadgen")
+            .chain(step.split_whitespace())
+            .chain(["--target", "127.0.0.1:18004", "-q"]);
+        if let Err(e) = relay_loadgen::cli::Cli::try_parse_from(argv) {
+            panic!("relay-loadgen refuses the training step '{step}': {e}");
+        }
+    }
 }
