@@ -7,7 +7,6 @@
 //! the number of subscribers (which only share the encoded bytes). Throughput is in events.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -34,7 +33,7 @@ fn payload(len: usize) -> String {
 
 fn draft(data: &str) -> Draft {
     Draft {
-        channel: Arc::from("doc.42"),
+        channel: "doc.42".into(),
         event_type: "document.edit".into(),
         id: None,
         data: Bytes::copy_from_slice(data.as_bytes()),

@@ -61,7 +61,7 @@ impl Sink for QueueSink {
 
 fn draft() -> Draft {
     Draft {
-        channel: Arc::from("doc.42"),
+        channel: "doc.42".into(),
         event_type: "document.edit".into(),
         // No publisher id: the owner generates a v7 UUID, and no duplicate check short-circuits.
         id: None,
@@ -87,7 +87,7 @@ fn subscribers(channel: &Arc<str>) -> (LocalSubs, Vec<Rc<QueueSink>>) {
 
 fn bench_fanout(c: &mut Criterion) {
     let draft = draft();
-    let channel = draft.channel.clone();
+    let channel: Arc<str> = Arc::from(&*draft.channel);
 
     let mut group = c.benchmark_group("fanout_1000_local");
     group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
@@ -176,7 +176,7 @@ fn bench_many_channels(c: &mut Criterion) {
     };
     let drafts: Vec<Draft> = (0..MANY_CHANNELS)
         .map(|i| Draft {
-            channel: Arc::from(format!("ch.{i}")),
+            channel: format!("ch.{i}").into(),
             ..draft()
         })
         .collect();
@@ -190,9 +190,10 @@ fn bench_many_channels(c: &mut Criterion) {
         let mut local = LocalSubs::default();
         let mut sinks = Vec::with_capacity(MANY_CHANNELS);
         for (id, draft) in drafts.iter().enumerate() {
-            owned.subscribe(&draft.channel, ME, None);
+            let channel: Arc<str> = Arc::from(&*draft.channel);
+            owned.subscribe(&channel, ME, None);
             let sink = Rc::new(QueueSink::new());
-            local.add(&draft.channel, id as u64, sink.clone());
+            local.add(&channel, id as u64, sink.clone());
             sinks.push(sink);
         }
         // Fill every ring, so that each measured publish also evicts, as it does in a

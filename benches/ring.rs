@@ -53,7 +53,7 @@ const BATCH_SIZES: [usize; 4] = [1, 16, 64, 256];
 fn event_pool() -> Vec<Arc<Event>> {
     let epoch = Epoch::new("k3x9AbCd").expect("a valid epoch");
     let draft = Draft {
-        channel: Arc::from("doc.42"),
+        channel: "doc.42".into(),
         event_type: "document.edit".into(),
         id: None,
         data: Bytes::from(format!(

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::auth::Principal;
-use crate::bus::event::Draft;
+use crate::bus::event::{ByteString, Draft};
 use crate::bus::Published;
 use crate::cursor::Cursor;
 use crate::glob::GlobSet;
@@ -546,13 +546,19 @@ pub fn make_draft(
         }
     }
     Ok(Draft {
-        channel: Arc::from(channel),
-        event_type: event_type.into(),
+        channel: text_of(body, channel),
+        event_type: text_of(body, event_type),
         id: id.map(Into::into),
         data: slice_of(body, data),
         source: source.map(Into::into),
         correlation_id: correlation_id.map(Into::into),
     })
+}
+
+/// `part` borrowed from `body`'s bytes as zero-copy text; a copy if it is not (a JSON string
+/// with escapes, which the parser unescaped into a buffer of its own).
+fn text_of(body: &Bytes, part: &str) -> ByteString {
+    ByteString::try_from(slice_of(body, part)).unwrap_or_else(|_| ByteString::from(part))
 }
 
 /// `part` borrowed from `body`'s bytes, as a zero-copy `Bytes`; a copy if it is not.
@@ -586,7 +592,7 @@ fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) ->
     };
     // Kept for the answer of a partly refused batch (the drafts move into the bus); one
     // shard never refuses part of a batch, so it keeps nothing.
-    let channels: Vec<Arc<str>> = if shard.shards() > 1 {
+    let channels: Vec<ByteString> = if shard.shards() > 1 {
         drafts.iter().map(|d| d.channel.clone()).collect()
     } else {
         Vec::new()
@@ -608,7 +614,7 @@ fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) ->
 /// A publish over HTTP whose owner shards have yet to answer.
 pub struct Publishing {
     ticket: PublishTicket,
-    channels: Vec<Arc<str>>,
+    channels: Vec<ByteString>,
     started: std::time::Instant,
 }
 
@@ -627,7 +633,7 @@ impl Publishing {
 fn publish_response(
     shard: &Shard,
     outcome: Result<Vec<PublishOutcome>, BusError>,
-    channels: &[Arc<str>],
+    channels: &[ByteString],
     started: std::time::Instant,
 ) -> Response {
     match outcome {
@@ -648,7 +654,7 @@ fn publish_response(
 
 /// The `results` of a batch, in its order. Refused entries (some events of a batch spread
 /// over shards) carry `channel` and `error` instead of `seq`, `id` and `duplicate`.
-fn publish_results(outcomes: &[PublishOutcome], channels: &[Arc<str>]) -> Vec<u8> {
+fn publish_results(outcomes: &[PublishOutcome], channels: &[ByteString]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + outcomes.len() * 96);
     out.extend_from_slice(b"{\"results\":[");
     for (i, outcome) in outcomes.iter().enumerate() {
@@ -884,6 +890,22 @@ mod tests {
         assert_eq!(drafts[0].id.as_deref(), Some("x-1"));
         assert_eq!(&drafts[1].data[..], br#""s""#);
         assert_eq!(drafts[1].source.as_deref(), Some("sift"));
+    }
+
+    #[test]
+    fn channel_and_type_are_the_bodys_bytes_unless_escaped() {
+        let body = Bytes::from(br#"{"channel":"doc.1","type":"doc\u002eedit","data":1}"#.to_vec());
+        let drafts = parse_drafts(&body).unwrap();
+        let within = |text: &str| {
+            let at = text.as_ptr() as usize;
+            let base = body.as_ptr() as usize;
+            at >= base && at + text.len() <= base + body.len()
+        };
+        assert_eq!(&*drafts[0].channel, "doc.1");
+        assert!(within(&drafts[0].channel), "no copy of a plain name");
+        // An escaped string was unescaped by the parser into its own buffer: copied.
+        assert_eq!(&*drafts[0].event_type, "doc.edit");
+        assert!(!within(&drafts[0].event_type));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytes::Bytes;
+use hashbrown::hash_map::EntryRef;
 use smallvec::SmallVec;
 
 use event::{Draft, Epoch, Event, Stamp};
@@ -174,9 +175,13 @@ impl OwnedChannel {
     }
 }
 
+/// A shard's owned channels by name. hashbrown's, for `entry_ref`: a publish looks its channel
+/// up by the name it borrows from the request, and a name is copied only for a new channel.
+type ChannelMap = hashbrown::HashMap<Arc<str>, OwnedChannel, ahash::RandomState>;
+
 /// The channels one shard owns.
 pub struct Owned {
-    channels: AHashMap<Arc<str>, OwnedChannel>,
+    channels: ChannelMap,
     policy: ChannelPolicy,
     epochs: EpochSource,
     history_events: usize,
@@ -194,7 +199,7 @@ pub struct Sweep {
 impl Owned {
     pub fn new(policy: ChannelPolicy, epoch_seed: u64) -> Self {
         Owned {
-            channels: AHashMap::new(),
+            channels: ChannelMap::with_hasher(ahash::RandomState::new()),
             policy,
             epochs: EpochSource::new(epoch_seed),
             history_events: 0,
@@ -211,30 +216,43 @@ impl Owned {
     }
 
     fn channel(&mut self, name: &Arc<str>) -> &mut OwnedChannel {
-        Self::channel_in(&mut self.channels, &self.policy, &mut self.epochs, name)
+        Self::channel_in(
+            &mut self.channels,
+            &self.policy,
+            &mut self.epochs,
+            name,
+            Some(name),
+        )
     }
 
     /// [`Owned::channel`] over the fields it needs, so that the others stay free to borrow.
+    /// The channel `name`, created if new. `shared` is the caller's own `Arc` of the name, when
+    /// it has one (a subscriber's), so that a new channel's key and name share its allocation.
     fn channel_in<'a>(
-        channels: &'a mut AHashMap<Arc<str>, OwnedChannel>,
+        channels: &'a mut ChannelMap,
         policy: &ChannelPolicy,
         epochs: &mut EpochSource,
-        name: &Arc<str>,
+        name: &str,
+        shared: Option<&Arc<str>>,
     ) -> &'a mut OwnedChannel {
-        // One probe: the key is a clone of the name's `Arc` (a count on a line the caller
-        // already holds), where looking up and then inserting would probe twice.
-        channels.entry(name.clone()).or_insert_with(|| {
-            let settings = policy(name);
-            OwnedChannel {
-                name: name.clone(),
-                epoch: epochs.next(),
-                last_seq: 0,
-                history: History::new(settings.history_size, settings.history_ttl),
-                interest: SmallVec::new(),
-                settings,
-                presence: Presence::default(),
+        // One probe, by the borrowed name.
+        match channels.entry_ref(name) {
+            EntryRef::Occupied(entry) => entry.into_mut(),
+            EntryRef::Vacant(entry) => {
+                let name: Arc<str> = shared.cloned().unwrap_or_else(|| Arc::from(name));
+                let settings = policy(&name);
+                let channel = OwnedChannel {
+                    name: name.clone(),
+                    epoch: epochs.next(),
+                    last_seq: 0,
+                    history: History::new(settings.history_size, settings.history_ttl),
+                    interest: SmallVec::new(),
+                    settings,
+                    presence: Presence::default(),
+                };
+                entry.insert_with_key(name, channel)
             }
-        })
+        }
     }
 
     /// Sequences one draft; calls `deliver(shard, &event)` for every shard with subscribers.
@@ -250,10 +268,11 @@ impl Owned {
             &self.policy,
             &mut self.epochs,
             &draft.channel,
+            None,
         );
         if let Some(id) = &draft.id {
             if let Some(seq) = channel.history.seq_of(id) {
-                return Published::duplicate(draft.channel.clone(), seq, id.clone());
+                return Published::duplicate(channel.name.clone(), seq, id.clone());
             }
         }
         let seq = channel.last_seq + 1;
@@ -702,7 +721,7 @@ mod tests {
 
     fn draft(channel: &str, id: Option<&str>) -> Draft {
         Draft {
-            channel: Arc::from(channel),
+            channel: channel.into(),
             event_type: "t".into(),
             id: id.map(Into::into),
             data: Bytes::from_static(b"{}"),

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_channel::oneshot;
 
 use super::{validate, Change, FieldError, Lifecycle, Registry, RegistryError, Table, Thresholds};
-use crate::bus::event::Draft;
+use crate::bus::event::{ByteString, Draft};
 use crate::config::{Config, SubsystemConfig};
 use crate::http::client::Request;
 use crate::shard::Shard;
@@ -312,8 +312,8 @@ pub fn change_event(change: &Change) -> Draft {
         ),
     };
     Draft {
-        channel: Arc::from(SYSTEM_CHANNEL),
-        event_type: event_type.into(),
+        channel: ByteString::from_static(SYSTEM_CHANNEL),
+        event_type: ByteString::from_static(event_type),
         id: None,
         data: Bytes::from(data.to_string()),
         source: Some("relay".into()),
