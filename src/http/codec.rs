@@ -672,6 +672,23 @@ impl BodyDecoder {
         })
     }
 
+    /// For a `Content-Length` body whose remaining bytes are all among the `available` at
+    /// hand: how many remain, the decoder then done. The caller takes those bytes as they
+    /// are, without a copy. `None` for anything else (chunked, or not all of it here).
+    pub fn take_whole(&mut self, available: usize) -> Option<usize> {
+        match self.state {
+            DecodeState::Length { remaining } => {
+                let length = usize::try_from(remaining)
+                    .ok()
+                    .filter(|&n| n <= available)?;
+                self.state = DecodeState::Done;
+                Some(length)
+            }
+            DecodeState::Done => Some(0),
+            _ => None,
+        }
+    }
+
     /// True once the whole body (including any chunked trailer) has been consumed.
     pub fn is_done(&self) -> bool {
         self.state == DecodeState::Done
@@ -1169,6 +1186,25 @@ mod tests {
         assert!(dec.is_done());
         assert_eq!(dec.decode(b"more", &mut out).unwrap(), (0, true));
         assert_eq!(out, b"abcde");
+    }
+
+    #[test]
+    fn a_whole_length_body_is_taken_without_decoding() {
+        let mut dec = BodyDecoder::new(&BodyKind::ContentLength(5), &limits()).unwrap();
+        assert_eq!(dec.take_whole(4), None, "not all of it here");
+        assert!(!dec.is_done());
+        assert_eq!(dec.take_whole(9), Some(5));
+        assert!(dec.is_done());
+        for kind in [BodyKind::None, BodyKind::ContentLength(0)] {
+            let mut dec = BodyDecoder::new(&kind, &limits()).unwrap();
+            assert_eq!(dec.take_whole(0), Some(0));
+        }
+        let mut chunked = BodyDecoder::new(&BodyKind::Chunked, &limits()).unwrap();
+        assert_eq!(chunked.take_whole(100), None, "chunked bodies are decoded");
+        // After part of it was decoded: the rest.
+        let mut dec = BodyDecoder::new(&BodyKind::ContentLength(5), &limits()).unwrap();
+        dec.decode(b"ab", &mut Vec::new()).unwrap();
+        assert_eq!(dec.take_whole(3), Some(3));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -82,7 +82,7 @@ impl ReadTimer {
 /// a cancelled read takes its buffer with it, and a half-read request must be finished.
 async fn read_more(
     stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
+    buf: &mut BytesMut,
     timer: &mut ReadTimer,
     ctl: &ConnCtl,
 ) -> Read {
@@ -191,7 +191,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
     let config = shard.config();
     let request_timeout = Duration::from_secs(config.limits.request_timeout_s);
     let idle_timeout = Duration::from_secs(config.limits.idle_timeout_s);
-    let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // `BytesMut`: a publish's body is split off it as `Bytes` without a copy, and a consumed
+    // head is skipped without moving what follows.
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output: Vec<u8> = Vec::new();
     // A new connection must send its first request within the request timeout.
     let mut request_started: Option<Instant> = Some(Instant::now());
@@ -382,7 +384,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 }
                 // The session gets a task of its own and this one ends: its future is sized
                 // for every HTTP path and would sit idle for the WebSocket's whole life.
-                let early = std::mem::take(&mut input);
+                let early = Vec::from(std::mem::take(&mut input));
                 monoio::spawn(crate::ws::serve(shard, ctl, stream, request, early));
                 return;
             }
@@ -439,7 +441,7 @@ async fn serve_proxied(
     shard: &Rc<Shard>,
     ctl: &Rc<ConnCtl>,
     stream: &mut TcpStream,
-    input: &mut Vec<u8>,
+    input: &mut BytesMut,
     output: &mut Vec<u8>,
     head: &RequestHead,
     limits: &Limits,
@@ -585,14 +587,12 @@ enum BodyFailure {
 /// The body of one request, read from the client and decoded piece by piece.
 struct BodyReader<'a> {
     stream: &'a mut TcpStream,
-    /// Holds the head and body bytes read so far; drained as they are decoded.
-    input: &'a mut Vec<u8>,
+    /// Holds the head and body bytes read so far; consumed as they are decoded.
+    input: &'a mut BytesMut,
     output: &'a mut Vec<u8>,
     decoder: BodyDecoder,
     content_length: Option<u64>,
     expect_continue: bool,
-    /// Body bytes decoded before `read_all` took over.
-    decoded: Vec<u8>,
     timer: &'a mut ReadTimer,
     ctl: &'a ConnCtl,
     done: bool,
@@ -602,7 +602,7 @@ impl<'a> BodyReader<'a> {
     /// Consumes the head from `input`; the body follows it.
     fn new(
         stream: &'a mut TcpStream,
-        input: &'a mut Vec<u8>,
+        input: &'a mut BytesMut,
         output: &'a mut Vec<u8>,
         head: &RequestHead,
         limits: &Limits,
@@ -610,7 +610,7 @@ impl<'a> BodyReader<'a> {
         ctl: &'a ConnCtl,
     ) -> Result<Self, HttpError> {
         let decoder = BodyDecoder::new(&head.body, limits)?;
-        input.drain(..head.head_len.min(input.len()));
+        input.advance(head.head_len.min(input.len()));
         let content_length = match head.body {
             BodyKind::None => Some(0),
             BodyKind::ContentLength(n) => Some(n),
@@ -623,7 +623,6 @@ impl<'a> BodyReader<'a> {
             decoder,
             content_length,
             expect_continue: head.expect_continue,
-            decoded: Vec::new(),
             timer,
             ctl,
             done: false,
@@ -642,7 +641,7 @@ impl<'a> BodyReader<'a> {
                 .decode(self.input, &mut piece)
                 .map_err(BodyFailure::Http)?;
             // Keep only the unconsumed part so the buffer stays bounded by one read.
-            self.input.drain(..used.min(self.input.len()));
+            self.input.advance(used.min(self.input.len()));
             self.done = done;
             if !piece.is_empty() || done {
                 return Ok((!piece.is_empty()).then_some(piece));
@@ -669,26 +668,16 @@ impl<'a> BodyReader<'a> {
         if self.done || self.input.len() < length {
             return None;
         }
-        let mut body = Vec::new();
-        let (used, done) = match self.decoder.decode(self.input, &mut body) {
-            Ok(decoded) => decoded,
-            Err(e) => return Some(Err(BodyFailure::Http(e))),
-        };
-        self.input.drain(..used.min(self.input.len()));
-        self.done = done;
-        if done {
-            Some(Ok(Bytes::from(body)))
-        } else {
-            // Not expected of a Content-Length body whose bytes are all here; `read_all`
-            // carries on from what was decoded.
-            self.decoded = body;
-            None
-        }
+        // The body's own bytes in the read buffer, shared rather than copied: the drafts of a
+        // publish are slices of it. The buffer gets its memory back once they are dropped.
+        let length = self.decoder.take_whole(self.input.len())?;
+        self.done = true;
+        Some(Ok(self.input.split_to(length).freeze()))
     }
 
     /// The whole body.
     async fn read_all(mut self) -> Result<Bytes, BodyFailure> {
-        let mut body: Vec<u8> = std::mem::take(&mut self.decoded);
+        let mut body: Vec<u8> = Vec::new();
         while let Some(piece) = self.next_piece().await? {
             if body.is_empty() {
                 body = piece;
@@ -732,7 +721,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    use bytes::Bytes;
+    use bytes::{Bytes, BytesMut};
     use monoio::net::TcpStream;
 
     use super::{decimal_on_stack, read_more, BodyReader, ReadTimer};
@@ -765,7 +754,7 @@ mod tests {
 
     /// What `serve` keeps per connection for reading requests and their bodies.
     struct ReadState {
-        input: Vec<u8>,
+        input: BytesMut,
         output: Vec<u8>,
         timer: ReadTimer,
         limits: super::Limits,
@@ -774,7 +763,7 @@ mod tests {
     impl ReadState {
         fn new(shard: &Shard) -> Self {
             ReadState {
-                input: Vec::new(),
+                input: BytesMut::new(),
                 output: Vec::new(),
                 timer: ReadTimer::new(Instant::now()),
                 limits: super::limits(shard),
@@ -814,8 +803,7 @@ mod tests {
                 };
                 let mut reader = state.body_reader(&mut stream, &head, &ctl);
                 let body = reader.buffered_body().map(Result::ok);
-                drop(reader);
-                (body, state.input.clone())
+                (body, state.input.to_vec())
             };
             // The whole body, and the next request left in the buffer.
             let (body, rest) = take(b"POST /e HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /");
