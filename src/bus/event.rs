@@ -75,7 +75,9 @@ pub struct Stamp<'a> {
     pub channel: &'a Arc<str>,
     pub epoch: Epoch,
     pub seq: u64,
-    pub id: &'a str,
+    /// Checked text (a publisher's id, or one the owner generated), kept as bytes: encoding
+    /// only copies it, so it is not checked as UTF-8 again.
+    pub id: &'a [u8],
     pub ts_ms: u64,
     pub accepted_at: Instant,
 }
@@ -110,7 +112,12 @@ impl Epoch {
 
     pub fn as_str(&self) -> &str {
         // ASCII by construction, so this never falls back.
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    /// The characters as bytes, which is all that encoding an event needs of them.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
     }
 }
 
@@ -151,7 +158,7 @@ impl Event {
             channel: &channel,
             epoch,
             seq,
-            id,
+            id: id.as_bytes(),
             ts_ms,
             accepted_at,
         };
@@ -212,7 +219,7 @@ impl Event {
             + WS_EVENT_PREFIX.len()
             + 128
             + id.len()
-            + stamp.epoch.len()
+            + stamp.epoch.as_bytes().len()
             + draft.channel.len()
             + draft.event_type.len()
             + draft.data.len()
@@ -230,7 +237,14 @@ impl Event {
         buf.resize(WS_HEADER_MAX, 0);
         buf.extend_from_slice(WS_EVENT_PREFIX);
         let body_start = buf.len();
-        write_envelope_body(buf, draft, &stamp.epoch, stamp.seq, id, stamp.ts_ms);
+        write_envelope_body(
+            buf,
+            draft,
+            stamp.epoch.as_bytes(),
+            stamp.seq,
+            id,
+            stamp.ts_ms,
+        );
         assert!(
             buf.len() < u32::MAX as usize / 2,
             "publish bodies are bounded by limits.max_body_bytes"
@@ -251,12 +265,12 @@ impl Event {
             sse.into_boxed_slice()
         });
         let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
-        let len_u8 = |s: &str| u8::try_from(s.len()).unwrap_or(u8::MAX);
+        let len_u8 = |s: &[u8]| u8::try_from(s.len()).unwrap_or(u8::MAX);
         self.ws_start = offset(ws_start);
         self.body_start = offset(body_start);
         self.id_len = len_u8(id);
-        self.channel_len = len_u8(&draft.channel);
-        self.type_len = len_u8(&draft.event_type);
+        self.channel_len = len_u8(draft.channel.as_bytes());
+        self.type_len = len_u8(draft.event_type.as_bytes());
     }
 
     /// Asks the CPU to fetch the event's bytes into its cache ahead of a write over them.
@@ -373,14 +387,14 @@ fn name_at(bytes: &[u8], at: usize, len: u8) -> &[u8] {
 fn write_envelope_body(
     out: &mut Vec<u8>,
     draft: &Draft,
-    epoch: &str,
+    epoch: &[u8],
     seq: u64,
-    id: &str,
+    id: &[u8],
     ts_ms: u64,
 ) {
     // id, channel, type and epoch are validated to JSON-safe character sets: no escaping needed.
     out.extend_from_slice(b"\"id\":\"");
-    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(id);
     out.extend_from_slice(b"\",\"channel\":\"");
     out.extend_from_slice(draft.channel.as_bytes());
     out.extend_from_slice(b"\",\"type\":\"");
@@ -388,7 +402,7 @@ fn write_envelope_body(
     out.extend_from_slice(b"\",\"seq\":");
     push_u64(out, seq);
     out.extend_from_slice(b",\"epoch\":\"");
-    out.extend_from_slice(epoch.as_bytes());
+    out.extend_from_slice(epoch);
     out.extend_from_slice(b"\",\"ts\":");
     push_u64(out, ts_ms);
     out.extend_from_slice(b",\"data\":");
@@ -663,7 +677,7 @@ mod tests {
             channel: CHANNEL.get_or_init(|| Arc::from("doc.42")),
             epoch,
             seq,
-            id,
+            id: id.as_bytes(),
             ts_ms: seq,
             accepted_at: at,
         }

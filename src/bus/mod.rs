@@ -277,13 +277,13 @@ impl Owned {
         }
         let seq = channel.last_seq + 1;
         let generated;
-        let id: &str = match &draft.id {
-            Some(id) => id,
+        let id: &[u8] = match &draft.id {
+            Some(id) => id.as_bytes(),
             // The event's own `ts`, not another clock read, and this shard's counter (no
             // process-wide lock), which keeps its ids in order within a millisecond.
             None => {
                 generated = self.ids.next(ts_ms, seq);
-                std::str::from_utf8(&generated).unwrap_or_default()
+                &generated
             }
         };
         let (evicted, spare) = channel.history.make_room();
