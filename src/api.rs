@@ -46,6 +46,7 @@ impl From<Response> for Reply {
 }
 
 const PREFIX: &str = "/api/v1/relay";
+const EVENTS_PATH: &str = "/api/v1/relay/events";
 
 /// Routes one request.
 pub async fn dispatch(
@@ -54,7 +55,31 @@ pub async fn dispatch(
     head: &RequestHead,
     body: Bytes,
 ) -> Reply {
-    let reply = route(shard, ctl, head, body).await;
+    counted(shard, route(shard, ctl, head, body).await)
+}
+
+/// A publish (`POST /api/v1/relay/events`), answered without a future: every publish over
+/// HTTP comes here, and the connection then boxes no [`dispatch`] future for it. Any other
+/// request gets its body back, for [`dispatch`].
+pub fn dispatch_publish(
+    shard: &Rc<Shard>,
+    ctl: &ConnCtl,
+    head: &RequestHead,
+    body: Bytes,
+) -> Result<Reply, Bytes> {
+    if head.method != Method::Post || head.path() != EVENTS_PATH {
+        return Err(body);
+    }
+    // As `route` does for every admin path.
+    let reply = match api_key(shard, head) {
+        Err(response) => response.into(),
+        Ok(()) => publish(shard, ctl, head, body),
+    };
+    Ok(counted(shard, reply))
+}
+
+/// Counts an error answer in its metric.
+fn counted(shard: &Shard, reply: Reply) -> Reply {
     if let Reply::Response(response) = &reply {
         match response.status {
             400 => shard.stats.error(ErrorKind::BadRequest),

@@ -339,7 +339,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
         shard.stats.http_requests.inc();
 
         let head_only = head.method == codec::Method::Head;
-        let reply = Box::pin(api::dispatch(&shard, &ctl, &head, body)).await;
+        let reply = match api::dispatch_publish(&shard, &ctl, &head, body) {
+            Ok(reply) => reply,
+            Err(body) => Box::pin(api::dispatch(&shard, &ctl, &head, body)).await,
+        };
         let keep_alive = head.keep_alive && !ctl.is_closing();
         let reply = match reply {
             Reply::Publishing(answer) => {
@@ -856,5 +859,40 @@ mod tests {
             decimal_on_stack(&mut digits, usize::MAX),
             usize::MAX.to_string()
         );
+    }
+
+    #[test]
+    fn publishes_are_answered_without_a_dispatch_future() {
+        runtime().block_on(async {
+            let (shard, _stream, ctl, _listener) = test_conn().await;
+            let body = || Bytes::from_static(br#"{"channel":"c","type":"t","data":1}"#);
+            let events = "/api/v1/relay/events";
+            // A publish: answered here, 202.
+            let head = RequestHead::for_test(Method::Post, 1, events, &[]);
+            match crate::api::dispatch_publish(&shard, &ctl, &head, body()) {
+                Ok(crate::api::Reply::Response(r)) => assert_eq!(r.status, 202),
+                Ok(_) => panic!("a publish on one shard is answered at once"),
+                Err(_) => panic!("a publish is answered here"),
+            }
+            // A bad one: refused here too.
+            let bad = Bytes::from_static(b"{");
+            match crate::api::dispatch_publish(&shard, &ctl, &head, bad) {
+                Ok(crate::api::Reply::Response(r)) => assert_eq!(r.status, 400),
+                _ => panic!("a bad publish is refused here"),
+            }
+            // Anything else gets its body back for the router.
+            for (method, target) in [
+                (Method::Get, events),
+                (Method::Post, "/api/v1/relay/events/"),
+                (Method::Post, "/api/v1/relay/subsystems"),
+            ] {
+                let head = RequestHead::for_test(method, 1, target, &[]);
+                let given = body();
+                match crate::api::dispatch_publish(&shard, &ctl, &head, given.clone()) {
+                    Err(back) => assert_eq!(back, given),
+                    Ok(_) => panic!("{target} is not a publish"),
+                }
+            }
+        });
     }
 }
