@@ -225,9 +225,9 @@ impl Owned {
         )
     }
 
-    /// [`Owned::channel`] over the fields it needs, so that the others stay free to borrow.
-    /// The channel `name`, created if new. `shared` is the caller's own `Arc` of the name, when
-    /// it has one (a subscriber's), so that a new channel's key and name share its allocation.
+    /// [`Owned::channel`] over the fields it needs, so that the others stay free to borrow: the
+    /// channel `name`, created if new. `shared` is the caller's own `Arc` of the name, when it
+    /// has one (a subscriber's), so that a new channel's key and name share its allocation.
     fn channel_in<'a>(
         channels: &'a mut ChannelMap,
         policy: &ChannelPolicy,
