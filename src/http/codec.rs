@@ -130,9 +130,10 @@ pub enum BodyKind {
 }
 
 /// A parsed request head. Owns its data so the caller can drain the read buffer right away,
-/// in two allocations whatever the number of headers: the request-target, and one buffer with
-/// every header's lower-cased name and value back to back (found through `fields`, inline for
-/// up to [`INLINE_FIELDS`] headers). A publish is one request, so this is per event.
+/// in two buffers whatever the number of headers: the request-target, and one with every
+/// header's lower-cased name and value back to back (found through `fields`, inline for up to
+/// [`INLINE_FIELDS`] headers). A publish is one request, so a connection hands the buffers of
+/// one head to the next ([`HeadBuffers`]) rather than allocating them per event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: Method,
@@ -156,6 +157,13 @@ pub struct RequestHead {
     pub expect_continue: bool,
 }
 
+/// The two buffers of a spent [`RequestHead`], for [`parse_head_reusing`] to fill again.
+#[derive(Debug, Default)]
+pub struct HeadBuffers {
+    target: String,
+    field_bytes: Vec<u8>,
+}
+
 /// Headers whose positions a [`RequestHead`] keeps without an allocation of their own; a
 /// publish from a typical client sends 4 to 10.
 pub const INLINE_FIELDS: usize = 16;
@@ -176,13 +184,21 @@ impl RequestHead {
         target: &str,
         minor_version: u8,
         headers: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+        buffers: HeadBuffers,
     ) -> Option<RequestHead> {
         let total: usize = headers
             .clone()
             .map(|(name, value)| name.len() + value.len())
             .sum();
         u32::try_from(total).ok()?;
-        let mut field_bytes = Vec::with_capacity(total);
+        let HeadBuffers {
+            target: mut target_buf,
+            mut field_bytes,
+        } = buffers;
+        target_buf.clear();
+        target_buf.push_str(target);
+        field_bytes.clear();
+        field_bytes.reserve(total);
         let mut fields = smallvec::SmallVec::new();
         for (name, value) in headers {
             field_bytes.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
@@ -195,7 +211,7 @@ impl RequestHead {
         }
         Some(RequestHead {
             method,
-            target: target.to_owned(),
+            target: target_buf,
             path_len: target.find('?').unwrap_or(target.len()),
             minor_version,
             field_bytes,
@@ -216,9 +232,23 @@ impl RequestHead {
         headers: &[(&str, &str)],
     ) -> RequestHead {
         let fields = headers.iter().map(|(n, v)| (*n, v.as_bytes()));
-        match RequestHead::from_parts(method, target, minor_version, fields) {
+        match RequestHead::from_parts(
+            method,
+            target,
+            minor_version,
+            fields,
+            HeadBuffers::default(),
+        ) {
             Some(head) => head,
             None => unreachable!("test heads are small"),
+        }
+    }
+
+    /// The head's buffers, for the next head of the connection to fill again.
+    pub fn into_buffers(self) -> HeadBuffers {
+        HeadBuffers {
+            target: self.target,
+            field_bytes: self.field_bytes,
         }
     }
 
@@ -380,6 +410,16 @@ pub(crate) fn header_slots<'a, T: Copy>(
 /// `buf` may hold more than the head (body bytes, pipelined requests); only the first
 /// `head_len` bytes are used. Call again with the same, longer buffer after `Partial`.
 pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, HttpError> {
+    parse_head_reusing(buf, limits, &mut HeadBuffers::default())
+}
+
+/// [`parse_head`] into the buffers of a spent head ([`RequestHead::into_buffers`]), taken
+/// only when a head is complete.
+pub fn parse_head_reusing(
+    buf: &[u8],
+    limits: &Limits,
+    buffers: &mut HeadBuffers,
+) -> Result<Parsed<RequestHead>, HttpError> {
     // Parsing only a window of the buffer is what makes the byte limit hold no matter how much
     // the caller has already read: a head that does not end inside it can never be accepted.
     let window = buf.get(..limits.max_header_bytes).unwrap_or(buf);
@@ -493,7 +533,8 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed<RequestHead>, Ht
 
     let fields = req.headers.iter().map(|h| (h.name, h.value));
     // The head fits `max_header_bytes`, so its fields always fit the u32 positions.
-    let mut head = RequestHead::from_parts(method, target, minor_version, fields).ok_or(
+    let buffers = std::mem::take(buffers);
+    let mut head = RequestHead::from_parts(method, target, minor_version, fields, buffers).ok_or(
         HttpError::HeadersTooLarge {
             size: head_len,
             max: limits.max_header_bytes,
@@ -1173,6 +1214,43 @@ mod tests {
         // Same body arriving one byte at a time.
         let (body, used) = decode_bytewise(h.body, rest).unwrap();
         assert_eq!((body.as_slice(), used), (&b"hello world"[..], 11));
+    }
+
+    #[test]
+    fn a_spent_heads_buffers_carry_the_next_head() {
+        let first =
+            b"POST /api/v1/relay/events?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
+        let second = b"GET /healthz HTTP/1.1\r\nX-Long-Header-Name: v\r\n\r\n";
+        let complete = |buf: &[u8], buffers: &mut HeadBuffers| match parse_head_reusing(
+            buf,
+            &limits(),
+            buffers,
+        )
+        .unwrap()
+        {
+            Parsed::Complete(head) => head,
+            Parsed::Partial => panic!("complete"),
+        };
+        let mut buffers = HeadBuffers::default();
+        let head = complete(first, &mut buffers);
+        let target_at = head.target().as_ptr();
+        let mut buffers = head.into_buffers();
+        // A partial head leaves the buffers where they are.
+        assert!(matches!(
+            parse_head_reusing(b"GET / HT", &limits(), &mut buffers),
+            Ok(Parsed::Partial)
+        ));
+        let head = complete(second, &mut buffers);
+        assert_eq!(
+            head.target().as_ptr(),
+            target_at,
+            "the same buffer, filled again"
+        );
+        // Exactly what a fresh parse gives: nothing of the first head is left.
+        match parse_head(second, &limits()).unwrap() {
+            Parsed::Complete(fresh) => assert_eq!(head, fresh),
+            Parsed::Partial => panic!("complete"),
+        }
     }
 
     #[test]

@@ -201,9 +201,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
     // Pipelined publishes whose channels other shards own, waiting for their answers; every
     // response written after them waits for them (see `answer_publishes`).
     let mut publishing: VecDeque<Pending> = VecDeque::new();
+    // The buffers of the last request's head, for the next one: no allocation per request.
+    let mut head_buffers = codec::HeadBuffers::default();
 
     'conn: loop {
-        let head = match codec::parse_head(&input, &limits) {
+        let head = match codec::parse_head_reusing(&input, &limits, &mut head_buffers) {
             Ok(Parsed::Complete(head)) => head,
             Ok(Parsed::Partial) => {
                 if !answer_publishes(&shard, &mut publishing, &mut output).await {
@@ -282,6 +284,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 &mut timer,
             ))
             .await;
+            head_buffers = head.into_buffers();
             if !keep_alive {
                 break 'conn;
             }
@@ -344,6 +347,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
             Err(body) => Box::pin(api::dispatch(&shard, &ctl, &head, body)).await,
         };
         let keep_alive = head.keep_alive && !ctl.is_closing();
+        head_buffers = head.into_buffers();
         let reply = match reply {
             Reply::Publishing(answer) => {
                 publishing.push_back(Pending { answer, keep_alive });
