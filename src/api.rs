@@ -680,7 +680,15 @@ fn publish_response(
 /// The `results` of a batch, in its order. Refused entries (some events of a batch spread
 /// over shards) carry `channel` and `error` instead of `seq`, `id` and `duplicate`.
 fn publish_results(outcomes: &[PublishOutcome], channels: &[ByteString]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + outcomes.len() * 96);
+    // Sized to the answer, so that it is written without growing.
+    let size: usize = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Ok(p) => 72 + p.channel.len() + p.id_bytes().len(),
+            Err(_) => 192,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(16 + size);
     out.extend_from_slice(b"{\"results\":[");
     for (i, outcome) in outcomes.iter().enumerate() {
         if i > 0 {
@@ -709,7 +717,7 @@ fn push_published(out: &mut Vec<u8>, p: &Published) {
     crate::bus::event::push_u64(out, p.seq);
     out.extend_from_slice(b",\"id\":\"");
     // Channel names and ids are validated to JSON-safe characters, generated ids are UUIDs.
-    out.extend_from_slice(p.id().as_bytes());
+    out.extend_from_slice(p.id_bytes());
     out.extend_from_slice(if p.duplicate {
         b"\",\"duplicate\":true}"
     } else {

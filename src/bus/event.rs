@@ -333,7 +333,7 @@ impl Event {
         std::str::from_utf8(self.id_bytes()).unwrap_or_default()
     }
 
-    /// [`Event::id`] without the UTF-8 check, for the history's index.
+    /// [`Event::id`] without the UTF-8 check, for the history's index and a publish's answer.
     pub fn id_bytes(&self) -> &[u8] {
         name_at(self.envelope_body(), BODY_ID_AT, self.id_len)
     }

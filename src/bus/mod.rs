@@ -92,6 +92,14 @@ impl Published {
             None => &self.duplicate_id,
         }
     }
+
+    /// [`Published::id`] as bytes, which is all that an answer needs of it.
+    pub fn id_bytes(&self) -> &[u8] {
+        match &self.event {
+            Some(event) => event.id_bytes(),
+            None => self.duplicate_id.as_bytes(),
+        }
+    }
 }
 
 /// The owner's answer to a subscribe.
