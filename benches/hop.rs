@@ -30,13 +30,16 @@ use relay::mesh::Mesh;
 const ASKER: usize = 0;
 const ANSWERER: usize = 1;
 
-/// Pins the current thread to the `i`-th core of the process's, when there is one. The cores
-/// are read once, before any thread is pinned: a thread spawned by a pinned one inherits its
-/// single core, and would see no other.
-fn pin_to(i: usize) {
+/// The cores of the process, read once, before any thread is pinned: a thread spawned by a
+/// pinned one inherits its single core, and would see no other.
+fn cores() -> &'static [core_affinity::CoreId] {
     static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
-    let cores = CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default());
-    if let Some(&core) = cores.get(i) {
+    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
+}
+
+/// Pins the current thread to the `i`-th core of the process's, when there is one.
+fn pin_to(i: usize) {
+    if let Some(&core) = cores().get(i) {
         core_affinity::set_for_current(core);
     }
 }
@@ -97,7 +100,7 @@ fn with_answerer(answer: fn(Arc<Mesh<u64>>, Arc<AtomicBool>), body: impl FnOnce(
 
 fn bench_hop(c: &mut Criterion) {
     // Read the cores while this thread may still run on all of them.
-    pin_to(usize::MAX);
+    cores();
     let mut group = c.benchmark_group("hop/round_trip");
     group.measurement_time(Duration::from_secs(5));
 

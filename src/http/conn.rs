@@ -301,7 +301,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
             &ctl,
         ) {
             Ok(mut reader) => match reader.buffered_body() {
-                Some(body) => body,
+                Some(body) => Ok(body),
                 None => Box::pin(reader.read_all()).await,
             },
             Err(e) => Err(BodyFailure::Http(e)),
@@ -670,16 +670,15 @@ impl<'a> BodyReader<'a> {
 
     /// The whole body, when every byte of it is read already (a small publish arrives with its
     /// head): no future to box for it, as [`BodyReader::read_all`] needs. `None` otherwise.
-    fn buffered_body(&mut self) -> Option<Result<Bytes, BodyFailure>> {
-        let length = usize::try_from(self.content_length?).ok()?;
-        if self.done || self.input.len() < length {
+    fn buffered_body(&mut self) -> Option<Bytes> {
+        if self.done {
             return None;
         }
         // The body's own bytes in the read buffer, shared rather than copied: the drafts of a
         // publish are slices of it. The buffer gets its memory back once they are dropped.
         let length = self.decoder.take_whole(self.input.len())?;
         self.done = true;
-        Some(Ok(self.input.split_to(length).freeze()))
+        Some(self.input.split_to(length).freeze())
     }
 
     /// The whole body.
@@ -809,7 +808,7 @@ mod tests {
                     other => panic!("{other:?}"),
                 };
                 let mut reader = state.body_reader(&mut stream, &head, &ctl);
-                let body = reader.buffered_body().map(Result::ok);
+                let body = reader.buffered_body().map(Some);
                 (body, state.input.to_vec())
             };
             // The whole body, and the next request left in the buffer.
