@@ -408,6 +408,7 @@ fn metrics(shard: &Shard) -> Response {
         version: env!("CARGO_PKG_VERSION"),
         driver: shared.driver.get().copied().unwrap_or("unknown"),
         max_connections: shard.config().limits.max_connections as u64,
+        shard_sched: stats.iter().map(|s| s.thread.read()).collect(),
     };
     let mut text = String::with_capacity(8192);
     metrics::render_prometheus(&mut text, &stats, &info);

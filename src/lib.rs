@@ -18,6 +18,7 @@
 //! - [`webhook`]: at-least-once event delivery to subsystems' subscriptions.
 //! - [`ratelimit`]: per-client token buckets.
 //! - [`metrics`]: per-shard single-writer counters and the Prometheus exposition.
+//! - [`schedstat`]: the kernel's scheduler accounting of each shard's thread (read on a scrape).
 //! - [`names`], [`glob`], [`query`], [`cursor`], [`clock`]: small pure helpers.
 
 pub mod api;
@@ -37,6 +38,7 @@ pub mod proxy;
 pub mod query;
 pub mod ratelimit;
 pub mod registry;
+pub mod schedstat;
 pub mod server;
 pub mod shard;
 pub mod sse;

@@ -61,6 +61,8 @@ use std::sync::atomic::{
 };
 use std::time::Duration;
 
+use crate::schedstat::{ThreadId, ThreadSched};
+
 /// `Content-Type` header value for the `/metrics` response.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -380,6 +382,9 @@ pub struct ShardStats {
     pub ring_full: Counter,
     /// Last time (ms since process start) this shard's maintenance tick ran; plain store.
     pub loop_heartbeat_ms: AtomicU64,
+    /// The shard's OS thread, recorded by the thread itself, for the kernel's scheduler
+    /// accounting at scrape time ([`ProcessInfo::shard_sched`]).
+    pub thread: ThreadId,
     /// Distinct users with a WebSocket on this shard (a user on two shards counts twice).
     pub users_connected: Gauge,
     /// WebSocket sides parked without a task while idle, indexed by [`crate::park::Side`].
@@ -444,6 +449,7 @@ impl ShardStats {
             ring_messages_sent: Counter::new(),
             ring_full: Counter::new(),
             loop_heartbeat_ms: AtomicU64::new(0),
+            thread: ThreadId::new(),
             users_connected: Gauge::new(),
             ws_parked: [const { Gauge::new() }; 2],
             ws_closes: [const { Counter::new() }; WS_CLOSE_CODES.len() + 1],
@@ -473,7 +479,7 @@ impl ShardStats {
 // ---------------------------------------------------------------------------
 
 /// Process-wide values rendered alongside the shard stats.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ProcessInfo {
     pub uptime_s: f64,
     pub shards: usize,
@@ -483,6 +489,9 @@ pub struct ProcessInfo {
     pub driver: &'static str,
     /// `limits.max_connections`, so a dashboard or an alert can see how close the node is.
     pub max_connections: u64,
+    /// Each shard's scheduler accounting, indexed by shard (`None`: not offered by the kernel);
+    /// read by the caller so that rendering does no I/O.
+    pub shard_sched: Vec<Option<ThreadSched>>,
 }
 
 /// Exact plain-decimal seconds from nanoseconds, e.g. `1500` -> `0.0000015`.
@@ -639,6 +648,23 @@ fn per_shard_gauge<V: fmt::Display>(
     family(out, name, "gauge", help);
     for s in shards {
         sample(out, name, &format!("{{shard=\"{}\"}}", s.shard), f(s));
+    }
+}
+
+/// A per-shard counter from the scheduler accounting in `info`; shards without one are left out.
+fn per_shard_sched<V: fmt::Display>(
+    out: &mut String,
+    shards: &[&ShardStats],
+    info: &ProcessInfo,
+    name: &str,
+    help: &str,
+    f: impl Fn(&ThreadSched) -> V,
+) {
+    family(out, name, "counter", help);
+    for s in shards {
+        if let Some(Some(sched)) = info.shard_sched.get(s.shard) {
+            sample(out, name, &format!("{{shard=\"{}\"}}", s.shard), f(sched));
+        }
     }
 }
 
@@ -971,6 +997,30 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "Milliseconds since process start at which the shard's maintenance tick last ran.",
         |s| s.loop_heartbeat_ms.load(Relaxed),
     );
+    per_shard_sched(
+        out,
+        shards,
+        info,
+        "relay_shard_cpu_seconds_total",
+        "Seconds the shard's thread has run on a CPU (the kernel's accounting).",
+        |t| NsAsSeconds(t.cpu_ns),
+    );
+    per_shard_sched(
+        out,
+        shards,
+        info,
+        "relay_shard_runqueue_wait_seconds_total",
+        "Seconds the shard's thread was ready to run but waited for a CPU another thread held.",
+        |t| NsAsSeconds(t.runqueue_wait_ns),
+    );
+    per_shard_sched(
+        out,
+        shards,
+        info,
+        "relay_shard_preemptions_total",
+        "Times the kernel took the CPU from the shard's thread while it could still run.",
+        |t| t.preemptions,
+    );
 
     // --- process ---
     let uptime = if info.uptime_s.is_finite() && info.uptime_s > 0.0 {
@@ -1057,6 +1107,14 @@ mod tests {
             version: "0.1.0",
             driver: "io_uring",
             max_connections: 100_000,
+            shard_sched: vec![
+                Some(ThreadSched {
+                    cpu_ns: 1_500_000_000,
+                    runqueue_wait_ns: 250_000,
+                    preemptions: 7,
+                }),
+                None,
+            ],
         }
     }
 
@@ -1339,6 +1397,7 @@ mod tests {
                     version: "1.0\"x",
                     driver: "epoll",
                     max_connections: 0,
+                    shard_sched: Vec::new(),
                 },
             );
             let lines: Vec<&str> = out.lines().collect();
@@ -1472,6 +1531,12 @@ mod tests {
             "# TYPE relay_shard_heartbeat_ms gauge",
             "relay_shard_heartbeat_ms{shard=\"0\"} 1000",
             "relay_shard_heartbeat_ms{shard=\"1\"} 1250",
+            "# TYPE relay_shard_cpu_seconds_total counter",
+            "relay_shard_cpu_seconds_total{shard=\"0\"} 1.5",
+            "# TYPE relay_shard_runqueue_wait_seconds_total counter",
+            "relay_shard_runqueue_wait_seconds_total{shard=\"0\"} 0.00025",
+            "# TYPE relay_shard_preemptions_total counter",
+            "relay_shard_preemptions_total{shard=\"0\"} 7",
             "relay_uptime_seconds 12.5",
             "relay_shards 2",
             "relay_draining 0",
@@ -1511,8 +1576,11 @@ mod tests {
             assert_eq!(out.matches(&format!("# TYPE {fam} ")).count(), 1);
             assert_eq!(out.matches(&format!("# HELP {fam} ")).count(), 1);
         }
+        // A shard the kernel gave no accounting for has no scheduler samples.
+        assert!(!out.contains("relay_shard_cpu_seconds_total{shard=\"1\"}"));
+        assert!(!out.contains("relay_shard_preemptions_total{shard=\"1\"}"));
         let families = check_exposition(&out);
-        assert_eq!(families, 39);
+        assert_eq!(families, 42);
     }
 
     #[test]

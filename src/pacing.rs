@@ -259,15 +259,8 @@ impl DemandClock {
 fn read_run_delay_ns(file: &File) -> Option<u64> {
     let mut buf = [0u8; 96];
     let n = file.read_at(&mut buf, 0).ok()?;
-    parse_run_delay_ns(buf.get(..n)?)
-}
-
-/// `<run ns> <run delay ns> <timeslices>` -> the run delay.
-fn parse_run_delay_ns(text: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(text).ok()?;
-    let mut fields = text.split_ascii_whitespace();
-    let _run: u64 = fields.next()?.parse().ok()?;
-    fields.next()?.parse().ok()
+    let text = std::str::from_utf8(buf.get(..n)?).ok()?;
+    crate::schedstat::parse_schedstat(text).map(|(_cpu, run_delay)| run_delay)
 }
 
 /// CPU time the calling thread has used, in nanoseconds (0 if the clock is unavailable).
@@ -413,19 +406,6 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(thread_cpu_ns() > before);
-    }
-
-    #[test]
-    fn schedstat_gives_the_run_delay() {
-        assert_eq!(
-            parse_run_delay_ns(b"272974359 36168274 2381\n"),
-            Some(36_168_274)
-        );
-        assert_eq!(parse_run_delay_ns(b"5 0 1"), Some(0));
-        assert_eq!(parse_run_delay_ns(b""), None);
-        assert_eq!(parse_run_delay_ns(b"12"), None, "no run delay");
-        assert_eq!(parse_run_delay_ns(b"12 x 1"), None);
-        assert_eq!(parse_run_delay_ns(b"-1 2 3"), None);
     }
 
     #[test]

@@ -207,6 +207,7 @@ fn run_shard(
     ready: mpsc::Sender<Result<&'static str, StartError>>,
 ) {
     use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+    shared.stats[id].thread.record_current();
     // COOP_TASKRUN: the completions of this shard's pending operations (accepts, reads, the
     // readiness set) are run when the shard next enters the kernel, which its loop does on every
     // round, instead of each interrupting the running shard with an inter-processor interrupt.

@@ -140,6 +140,29 @@ fn metrics_endpoints(driver: &str) {
         );
         assert_eq!(metric_sum(&text, &inf), Some(want), "{inf} in:\n{text}");
     }
+
+    // Every shard's thread, as the kernel accounts for it: it has run (the requests above
+    // were served), and its wait for a CPU and its preemptions are counted, from zero.
+    let shards = metric_sum(&text, "relay_shards").expect("relay_shards") as usize;
+    assert!(shards >= 1, "relay_shards in:\n{text}");
+    for shard in 0..shards {
+        let label = format!("{{shard=\"{shard}\"}}");
+        let cpu = metric_sum(&text, &format!("relay_shard_cpu_seconds_total{label}"));
+        assert!(
+            cpu.is_some_and(|s| s > 0.0),
+            "shard {shard} has run, so its CPU seconds are above 0: {cpu:?} in:\n{text}"
+        );
+        for name in [
+            "relay_shard_runqueue_wait_seconds_total",
+            "relay_shard_preemptions_total",
+        ] {
+            let value = metric_sum(&text, &format!("{name}{label}"));
+            assert!(
+                value.is_some_and(|v| v >= 0.0),
+                "{name}{label} should be a count: {value:?} in:\n{text}"
+            );
+        }
+    }
 }
 
 fn publish_single_and_batch(driver: &str) {
