@@ -86,6 +86,8 @@ type OwnerAnswer = oneshot::Receiver<Result<Vec<Published>, BusError>>;
 pub enum PublishTicket {
     /// Every draft was this shard's own.
     Done(Vec<PublishOutcome>),
+    /// Every draft went to one other owner, in input order: its answer is the outcome.
+    Forwarded(OwnerAnswer),
     /// Answers so far by input position, and the owners still to answer with the positions
     /// their answers fill.
     Waiting {
@@ -99,6 +101,11 @@ impl PublishTicket {
     pub fn try_finish(self) -> Result<Result<Vec<PublishOutcome>, BusError>, PublishTicket> {
         match self {
             PublishTicket::Done(done) => Ok(Ok(done)),
+            PublishTicket::Forwarded(mut answer) => match answer.try_recv() {
+                Ok(Some(answer)) => Ok(answer.map(all_accepted)),
+                Ok(None) => Err(PublishTicket::Forwarded(answer)),
+                Err(oneshot::Canceled) => Ok(Err(BusError::Unavailable)),
+            },
             PublishTicket::Waiting { answers, waiting } if waiting.is_empty() => {
                 Ok(outcomes(answers))
             }
@@ -111,6 +118,12 @@ impl PublishTicket {
     pub async fn finish(self) -> Result<Vec<PublishOutcome>, BusError> {
         let (mut answers, waiting) = match self {
             PublishTicket::Done(done) => return Ok(done),
+            PublishTicket::Forwarded(answer) => {
+                return answer
+                    .await
+                    .unwrap_or(Err(BusError::Unavailable))
+                    .map(all_accepted);
+            }
             PublishTicket::Waiting { answers, waiting } => (answers, waiting),
         };
         for (indexes, answer) in waiting {
@@ -119,6 +132,20 @@ impl PublishTicket {
         }
         outcomes(answers)
     }
+}
+
+/// One owner's answer for a whole batch, every draft accepted.
+fn all_accepted(published: Vec<Published>) -> Vec<PublishOutcome> {
+    published.into_iter().map(Ok).collect()
+}
+
+/// The shard that owns every draft's channel, when it is one shard (and there is a draft).
+fn sole_owner(drafts: &[Draft], shards: usize) -> Option<usize> {
+    let (first, rest) = drafts.split_first()?;
+    let owner = shard_of(&first.channel, shards);
+    rest.iter()
+        .all(|d| shard_of(&d.channel, shards) == owner)
+        .then_some(owner)
 }
 
 /// The outcomes of a publish whose every answer is in; nothing accepted is a plain refusal.
@@ -744,18 +771,30 @@ impl Shard {
     ) -> Result<PublishTicket, BusError> {
         let shards = self.shards();
         if shards == 1 {
-            let done = self
-                .publish_owned(drafts, accepted_at)?
-                .into_iter()
-                .map(Ok)
-                .collect();
-            return Ok(PublishTicket::Done(done));
+            return Ok(PublishTicket::Done(all_accepted(
+                self.publish_owned(drafts, accepted_at)?,
+            )));
         }
         // Any congested ring refuses the whole batch up front: the owner's part would be
         // refused by `publish_owned` after other parts were already sent.
         if let Some(shard) = (0..shards).find(|&s| s != self.id && self.outbox.congested(s)) {
             self.stats.publish_rejected_full.inc();
             return Err(BusError::Congested { shard });
+        }
+        // One owner for the whole batch (a single event always): no grouping, and the owner's
+        // answer is the outcome as it stands.
+        match sole_owner(&drafts, shards) {
+            Some(owner) if owner == self.id => {
+                return Ok(PublishTicket::Done(all_accepted(
+                    self.publish_owned(drafts, accepted_at)?,
+                )));
+            }
+            Some(owner) => {
+                let (reply, answer) = oneshot::channel();
+                self.outbox.send(owner, Msg::Publish { drafts, reply });
+                return Ok(PublishTicket::Forwarded(answer));
+            }
+            None => {}
         }
         // Group by owner, remembering each draft's place in the answer.
         let mut groups: Vec<(Vec<usize>, Vec<Draft>)> =
@@ -1389,6 +1428,95 @@ mod tests {
         let mut expected = names(&[], 0..DELIVERIES_BEFORE_ANSWERS, &["answer"]);
         expected.extend(names(&[], DELIVERIES_BEFORE_ANSWERS..subscribers, &[]));
         assert_eq!(*log.borrow(), expected);
+    }
+
+    fn draft(channel: &str) -> Draft {
+        Draft {
+            channel: channel.into(),
+            event_type: "t".into(),
+            id: None,
+            data: Bytes::from_static(b"{}"),
+            source: None,
+            correlation_id: None,
+        }
+    }
+
+    /// A channel name owned by `shard` of `shards`.
+    fn owned_by(shard: usize, shards: usize) -> String {
+        (0..)
+            .map(|i| format!("doc.{i}"))
+            .find(|name| shard_of(name, shards) == shard)
+            .expect("some name hashes to every shard")
+    }
+
+    #[test]
+    fn a_batch_has_a_sole_owner_only_when_every_channel_has_the_same_one() {
+        let (zero, one) = (owned_by(0, 2), owned_by(1, 2));
+        assert_eq!(sole_owner(&[draft(&one)], 2), Some(1));
+        assert_eq!(sole_owner(&[draft(&zero), draft(&zero)], 2), Some(0));
+        assert_eq!(sole_owner(&[draft(&zero), draft(&one)], 2), None);
+        assert_eq!(
+            sole_owner(&[draft(&one), draft(&one), draft(&zero)], 2),
+            None
+        );
+        assert_eq!(sole_owner(&[], 2), None, "no draft, no owner");
+    }
+
+    #[test]
+    fn a_forwarded_batch_is_its_owners_answer() {
+        let duplicate = || Published::duplicate(Arc::from("c"), 7, "id-7".into());
+        let (reply, answer) = oneshot::channel();
+        let ticket = match PublishTicket::Forwarded(answer).try_finish() {
+            Err(ticket) => ticket,
+            Ok(outcome) => panic!(
+                "no answer yet, but finished: {:?}",
+                outcome.map(|o| o.len())
+            ),
+        };
+        assert!(reply.send(Ok(vec![duplicate(), duplicate()])).is_ok());
+        let outcomes = match ticket.try_finish() {
+            Ok(Ok(outcomes)) => outcomes,
+            _ => panic!("the answer is in: the ticket finishes with it"),
+        };
+        let seqs: Vec<u64> = outcomes.iter().flatten().map(|p| p.seq).collect();
+        assert_eq!(seqs, [7, 7], "one accepted outcome per draft, in order");
+
+        let (reply, answer) = oneshot::channel();
+        assert!(reply.send(Err(BusError::Congested { shard: 1 })).is_ok());
+        assert!(matches!(
+            PublishTicket::Forwarded(answer).try_finish(),
+            Ok(Err(BusError::Congested { shard: 1 }))
+        ));
+
+        let (reply, answer) = oneshot::channel::<Result<Vec<Published>, BusError>>();
+        drop(reply);
+        assert!(matches!(
+            PublishTicket::Forwarded(answer).try_finish(),
+            Ok(Err(BusError::Unavailable))
+        ));
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn a_forwarded_batch_finishes_with_its_owners_answer_or_its_absence() {
+        let (reply, answer) = oneshot::channel();
+        assert!(reply.send(Err(BusError::Unavailable)).is_ok());
+        assert_eq!(
+            PublishTicket::Forwarded(answer).finish().await.err(),
+            Some(BusError::Unavailable)
+        );
+        let (reply, answer) = oneshot::channel();
+        let ticket = PublishTicket::Forwarded(answer);
+        monoio::spawn(async move {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+            let _ = reply.send(Ok(vec![Published::duplicate(
+                Arc::from("c"),
+                3,
+                "x".into(),
+            )]));
+        });
+        let outcomes = ticket.finish().await.expect("the owner accepted");
+        assert_eq!(outcomes.len(), 1);
+        assert!(outcomes[0].as_ref().is_ok_and(|p| p.seq == 3));
     }
 
     #[monoio::test(enable_timer = true)]
