@@ -616,9 +616,10 @@ fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) ->
         Ok(d) => d,
         Err(message) => return bad_request(&message).into(),
     };
-    // Kept for the answer of a partly refused batch (the drafts move into the bus); one
-    // shard never refuses part of a batch, so it keeps nothing.
-    let channels: Vec<ByteString> = if shard.shards() > 1 {
+    // Kept for the answer of a partly refused batch (the drafts move into the bus). One
+    // shard never refuses part of a batch, and a single event is accepted or refused whole,
+    // so neither keeps anything.
+    let channels: Vec<ByteString> = if shard.shards() > 1 && drafts.len() > 1 {
         drafts.iter().map(|d| d.channel.clone()).collect()
     } else {
         Vec::new()
@@ -978,5 +979,20 @@ mod tests {
         assert_eq!(v["results"][0]["seq"], 3);
         assert_eq!(v["results"][0]["duplicate"], true);
         assert_eq!(v["results"][0]["id"], "i");
+    }
+
+    #[test]
+    fn a_partly_refused_batch_names_each_refused_channel() {
+        let results = vec![
+            Ok(Published::duplicate(Arc::from("a"), 3, "i".into())),
+            Err(BusError::Congested { shard: 1 }),
+        ];
+        let channels = [ByteString::from("a"), ByteString::from("b")];
+        let v: serde_json::Value =
+            serde_json::from_slice(&publish_results(&results, &channels)).unwrap();
+        assert_eq!(v["results"][0]["seq"], 3);
+        assert_eq!(v["results"][1]["channel"], "b");
+        assert_eq!(v["results"][1]["error"]["code"], "overloaded");
+        assert!(v["results"][1].get("seq").is_none(), "{v}");
     }
 }
