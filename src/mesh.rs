@@ -174,13 +174,13 @@ impl<M> Outbox<M> {
         self.queued.borrow()[to] >= self.pending_limit
     }
 
-    /// True when any destination is congested (an owner then refuses new publishes, because
-    /// each publish may fan out to every shard).
-    pub fn any_congested(&self) -> bool {
+    /// The first congested destination, if any (an owner then refuses new publishes, because
+    /// each publish may fan out to every shard). Nothing is ever queued for this shard itself.
+    pub fn first_congested(&self) -> Option<usize> {
         self.queued
             .borrow()
             .iter()
-            .any(|&n| n >= self.pending_limit)
+            .position(|&n| n >= self.pending_limit)
     }
 
     /// Queues `msg` for shard `to`. Callers check [`Outbox::congested`] first where refusing
@@ -309,6 +309,7 @@ mod tests {
             outbox.send(1, i);
         }
         assert!(outbox.congested(1));
+        assert_eq!(outbox.first_congested(), Some(1));
         let report = outbox.flush();
         assert_eq!(report.batches, 1);
         assert_eq!(report.messages, 2);
@@ -323,6 +324,7 @@ mod tests {
         mesh.drain(1, |_, b| got.extend(b));
         assert_eq!(got, vec![0, 1, 2, 3, 4]);
         assert!(!outbox.congested(1));
+        assert_eq!(outbox.first_congested(), None);
     }
 
     #[test]

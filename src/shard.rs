@@ -770,31 +770,25 @@ impl Shard {
         accepted_at: Instant,
     ) -> Result<PublishTicket, BusError> {
         let shards = self.shards();
-        if shards == 1 {
+        // One owner for the whole batch (always on one shard, and for a single event): no
+        // grouping, and the owner's answer is the outcome as it stands.
+        let sole = if shards == 1 {
+            Some(self.id)
+        } else {
+            sole_owner(&drafts, shards)
+        };
+        if sole == Some(self.id) {
             return Ok(PublishTicket::Done(all_accepted(
                 self.publish_owned(drafts, accepted_at)?,
             )));
         }
         // Any congested ring refuses the whole batch up front: the owner's part would be
         // refused by `publish_owned` after other parts were already sent.
-        if let Some(shard) = (0..shards).find(|&s| s != self.id && self.outbox.congested(s)) {
-            self.stats.publish_rejected_full.inc();
-            return Err(BusError::Congested { shard });
-        }
-        // One owner for the whole batch (a single event always): no grouping, and the owner's
-        // answer is the outcome as it stands.
-        match sole_owner(&drafts, shards) {
-            Some(owner) if owner == self.id => {
-                return Ok(PublishTicket::Done(all_accepted(
-                    self.publish_owned(drafts, accepted_at)?,
-                )));
-            }
-            Some(owner) => {
-                let (reply, answer) = oneshot::channel();
-                self.outbox.send(owner, Msg::Publish { drafts, reply });
-                return Ok(PublishTicket::Forwarded(answer));
-            }
-            None => {}
+        self.refuse_if_congested()?;
+        if let Some(owner) = sole {
+            let (reply, answer) = oneshot::channel();
+            self.outbox.send(owner, Msg::Publish { drafts, reply });
+            return Ok(PublishTicket::Forwarded(answer));
         }
         // Group by owner, remembering each draft's place in the answer.
         let mut groups: Vec<(Vec<usize>, Vec<Draft>)> =
@@ -826,13 +820,21 @@ impl Shard {
         Ok(PublishTicket::Waiting { answers, waiting })
     }
 
+    /// Refuses new publishes (counted) while the outbox toward any other shard is congested:
+    /// each may fan out to every shard.
+    fn refuse_if_congested(&self) -> Result<(), BusError> {
+        match self.outbox.first_congested() {
+            Some(shard) => {
+                self.stats.publish_rejected_full.inc();
+                Err(BusError::Congested { shard })
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Sequences drafts this shard owns, accepted at `now` (history age, route latency, `ts`).
     fn publish_owned(&self, drafts: Vec<Draft>, now: Instant) -> Result<Vec<Published>, BusError> {
-        if let Some(shard) = (0..self.shards()).find(|&s| s != self.id && self.outbox.congested(s))
-        {
-            self.stats.publish_rejected_full.inc();
-            return Err(BusError::Congested { shard });
-        }
+        self.refuse_if_congested()?;
         let ts_ms = self.wall.unix_ms(now);
         let mut owned = self.owned.borrow_mut();
         let table = self.shared.table.load();
