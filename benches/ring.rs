@@ -18,6 +18,11 @@
 //! * `msg_deliver`: `relay::shard::Msg::Deliver(Arc<Event>)`, the element type the server's
 //!   mesh actually carries, which is larger and so moves more bytes per batch.
 //!
+//! Both allocate every batch on the producer (and free it on the consumer). A third group,
+//! `msg_deliver_recycled`, builds each batch in a vector the consumer handed back
+//! (`Mesh::spare`) when one is waiting, as the server's outbox does; only vectors of at most
+//! `mesh::SPARE_BYTES_MAX` go back, so batches of 256 `Msg` are allocated in both.
+//!
 //! The ring holds 1024 batches (the `bus.ring_capacity` default). When it is full the producer
 //! backs off (spins, then yields) and retries, standing in for the outbox keeping the batch for
 //! a later flush. After each case, a line on stderr gives the batches sent and how often the
@@ -153,6 +158,10 @@ struct Case<'a, M> {
     next: usize,
     /// Sends refused because the ring was full (reported after each case).
     full: u64,
+    /// Build each batch in a vector the consumer handed back, when one is waiting.
+    recycle: bool,
+    /// Batches built in a handed-back vector (reported after each case).
+    reused: u64,
 }
 
 impl<M> Case<'_, M> {
@@ -162,7 +171,18 @@ impl<M> Case<'_, M> {
         let target = self.sent + iters * batch as u64;
         let start = Instant::now();
         for _ in 0..iters {
-            let mut msgs = Vec::with_capacity(batch);
+            let spare = if self.recycle {
+                self.mesh.spare(PRODUCER, CONSUMER)
+            } else {
+                None
+            };
+            let mut msgs = match spare {
+                Some(spare) => {
+                    self.reused += 1;
+                    spare
+                }
+                None => Vec::with_capacity(batch),
+            };
             for _ in 0..batch {
                 msgs.push((self.wrap)(self.pool[self.next].clone()));
                 self.next = (self.next + 1) % POOL;
@@ -191,6 +211,7 @@ fn bench_kind<M: Send + 'static>(
     name: &str,
     pool: &[Arc<Event>],
     wrap: fn(Arc<Event>) -> M,
+    recycle: bool,
     cores: &[core_affinity::CoreId],
 ) {
     let mut group = c.benchmark_group(format!("ring/{name}"));
@@ -205,6 +226,8 @@ fn bench_kind<M: Send + 'static>(
             sent: 0,
             next: 0,
             full: 0,
+            recycle,
+            reused: 0,
         };
         // One criterion iteration is one batch; Elements(batch) makes criterion report events/s.
         group.throughput(Throughput::Elements(batch as u64));
@@ -216,13 +239,14 @@ fn bench_kind<M: Send + 'static>(
             consumer,
             sent,
             full,
+            reused,
             ..
         } = case;
         drop(consumer);
         // Whether the producer outran the consumer: the ring was then mostly full.
         let batches = sent / batch as u64;
         eprintln!(
-            "ring/{name}/{batch}: {batches} batches sent, ring full on {full} attempts ({:.1} per batch)",
+            "ring/{name}/{batch}: {batches} batches sent, ring full on {full} attempts ({:.1} per batch), {reused} built in a returned vector",
             full as f64 / batches.max(1) as f64
         );
         assert_eq!(
@@ -250,8 +274,9 @@ fn bench_ring(c: &mut Criterion) {
         std::mem::size_of::<Arc<Event>>(),
         std::mem::size_of::<Msg>()
     );
-    bench_kind(c, "arc_event", &pool, |e| e, &cores);
-    bench_kind(c, "msg_deliver", &pool, Msg::Deliver, &cores);
+    bench_kind(c, "arc_event", &pool, |e| e, false, &cores);
+    bench_kind(c, "msg_deliver", &pool, Msg::Deliver, false, &cores);
+    bench_kind(c, "msg_deliver_recycled", &pool, Msg::Deliver, true, &cores);
 }
 
 criterion_group!(benches, bench_ring);

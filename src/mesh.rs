@@ -5,6 +5,13 @@
 //! `notified` flag goes from false to true (the empty -> non-empty edge as seen by the receiver);
 //! pushes onto an already-notified receiver cost one shared load and no wake-up syscall.
 //!
+//! Emptied batches go back: after the receiver has handled a batch, the empty `Vec` returns to
+//! its sender through a small return ring of the same pair ([`Mesh::spare`]), so a steady flow
+//! between two shards reuses the same few vectors instead of allocating on one thread and
+//! freeing on the other (which, when the flow is one-sided, fills the receiver's allocator cache
+//! and frees into the sender's arena under its lock). At most [`SPARES_PER_RING`] vectors of at
+//! most [`SPARE_BYTES_MAX`] bytes wait per pair; any other is freed where it was emptied.
+//!
 //! Must never: block, allocate per message, or grow without bound. A full ring hands the batch
 //! back to the caller (`Err(batch)`); what to do then (retry later, refuse upstream) is the
 //! caller's policy, see [`Outbox`].
@@ -21,12 +28,22 @@ use atomic_waker::AtomicWaker;
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
+/// Emptied batch vectors kept per ordered pair for the sender to reuse. A steady flow has one
+/// or two batches in flight per pair; eight covers a burst's tail without holding much.
+pub const SPARES_PER_RING: usize = 8;
+/// The largest vector (capacity times element size) worth keeping: the outbox starts a batch
+/// at 16 messages (1.5 KiB of 96-byte `shard::Msg`), and one that grew past 4 KiB came from a
+/// burst, where one allocation is shared by dozens of messages anyway.
+pub const SPARE_BYTES_MAX: usize = 4096;
+
 /// The rings between every ordered pair of shards, and one wake-up slot per receiving shard.
 pub struct Mesh<M> {
     shards: usize,
     /// Index `from * shards + to`. The diagonal exists but is never used: a shard handles its
     /// own messages inline.
     rings: Box<[ArrayQueue<Vec<M>>]>,
+    /// Index `from * shards + to`, as `rings`: empty vectors `to` has handled, for `from`.
+    spares: Box<[ArrayQueue<Vec<M>>]>,
     inboxes: Box<[CachePadded<Inbox>]>,
 }
 
@@ -43,6 +60,9 @@ impl<M> Mesh<M> {
         let rings = (0..shards * shards)
             .map(|_| ArrayQueue::new(capacity))
             .collect();
+        let spares = (0..shards * shards)
+            .map(|_| ArrayQueue::new(SPARES_PER_RING))
+            .collect();
         let inboxes = (0..shards)
             .map(|_| {
                 CachePadded::new(Inbox {
@@ -54,6 +74,7 @@ impl<M> Mesh<M> {
         Mesh {
             shards,
             rings,
+            spares,
             inboxes,
         }
     }
@@ -80,20 +101,32 @@ impl<M> Mesh<M> {
         }
     }
 
-    /// Pops every batch waiting for shard `to`, in per-sender FIFO order.
-    pub fn drain(&self, to: usize, mut handle: impl FnMut(usize, Vec<M>)) -> usize {
+    /// Pops every batch waiting for shard `to`, in per-sender FIFO order, and hands each to
+    /// `handle` as a draining iterator; messages it leaves are dropped. The emptied vector then
+    /// goes back to its sender (see [`Mesh::spare`]) when it is small enough and a slot is free.
+    pub fn drain(&self, to: usize, mut handle: impl FnMut(usize, std::vec::Drain<'_, M>)) -> usize {
         let mut batches = 0;
         for from in 0..self.shards {
             if from == to {
                 continue;
             }
-            let ring = &self.rings[from * self.shards + to];
-            while let Some(batch) = ring.pop() {
+            let pair = from * self.shards + to;
+            while let Some(mut batch) = self.rings[pair].pop() {
                 batches += 1;
-                handle(from, batch);
+                handle(from, batch.drain(..));
+                if batch.capacity() * std::mem::size_of::<M>() <= SPARE_BYTES_MAX {
+                    // A full return ring frees the vector here: the sender allocates anew.
+                    let _ = self.spares[pair].push(batch);
+                }
             }
         }
         batches
+    }
+
+    /// An empty vector that shard `to` has emptied of a batch from `from`, for `from`'s next
+    /// batch to `to`; `None` when none is waiting.
+    pub fn spare(&self, from: usize, to: usize) -> Option<Vec<M>> {
+        self.spares[from * self.shards + to].pop()
     }
 
     /// Resolves when shard `to` has been notified since it last consumed a notification.
@@ -194,7 +227,10 @@ impl<M> Outbox<M> {
             match queue.back_mut() {
                 Some(batch) if batch.len() < self.max_batch => batch.push(msg),
                 _ => {
-                    let mut batch = Vec::with_capacity(self.max_batch.min(16));
+                    let mut batch = self
+                        .mesh
+                        .spare(self.me, to)
+                        .unwrap_or_else(|| Vec::with_capacity(self.max_batch.min(16)));
                     batch.push(msg);
                     queue.push_back(batch);
                 }
@@ -268,7 +304,7 @@ mod tests {
         mesh.try_send(1, 2, vec![10]).unwrap();
         mesh.try_send(0, 2, vec![3]).unwrap();
         let mut got = Vec::new();
-        let n = mesh.drain(2, |from, batch| got.push((from, batch)));
+        let n = mesh.drain(2, |from, batch| got.push((from, batch.collect::<Vec<_>>())));
         assert_eq!(n, 3);
         assert_eq!(got, vec![(0, vec![1, 2]), (0, vec![3]), (1, vec![10])]);
         assert_eq!(mesh.drain(2, |_, _| panic!("nothing left")), 0);
@@ -282,6 +318,89 @@ mod tests {
         assert_eq!(mesh.try_send(0, 1, vec![3]), Err(vec![3]));
         // The other direction is a separate ring.
         mesh.try_send(1, 0, vec![4]).unwrap();
+    }
+
+    #[test]
+    fn emptied_batches_return_to_their_sender() {
+        let mesh = Mesh::new(3, 8);
+        let batch = Vec::with_capacity(4);
+        let sent_at = batch.as_ptr();
+        let mut batch = batch;
+        batch.extend([1u32, 2, 3]);
+        mesh.try_send(0, 2, batch).unwrap();
+        assert!(
+            mesh.spare(0, 2).is_none(),
+            "nothing is back before the drain"
+        );
+        // A handler that stops early: the rest of the batch is dropped, the vector comes back.
+        let mut seen = Vec::new();
+        mesh.drain(2, |_, mut batch| seen.extend(batch.next()));
+        assert_eq!(seen, vec![1]);
+        let spare = mesh
+            .spare(0, 2)
+            .expect("the emptied vector is back for shard 0");
+        assert_eq!(
+            (spare.len(), spare.capacity(), spare.as_ptr()),
+            (0, 4, sent_at)
+        );
+        assert!(mesh.spare(0, 2).is_none(), "one vector, returned once");
+        assert!(
+            mesh.spare(1, 2).is_none() && mesh.spare(2, 0).is_none(),
+            "only to the pair it came from"
+        );
+    }
+
+    #[test]
+    fn spares_are_bounded_in_count_and_size() {
+        let mesh = Mesh::<u64>::new(2, SPARES_PER_RING + 4);
+        let too_big = SPARE_BYTES_MAX / std::mem::size_of::<u64>() + 1;
+        mesh.try_send(0, 1, Vec::with_capacity(too_big)).unwrap();
+        for _ in 0..SPARES_PER_RING + 2 {
+            mesh.try_send(0, 1, Vec::with_capacity(8)).unwrap();
+        }
+        assert_eq!(mesh.drain(1, |_, _| {}), SPARES_PER_RING + 3);
+        let mut kept = Vec::new();
+        while let Some(spare) = mesh.spare(0, 1) {
+            kept.push(spare.capacity());
+        }
+        assert_eq!(
+            kept,
+            vec![8; SPARES_PER_RING],
+            "the large one and the surplus are freed"
+        );
+    }
+
+    #[test]
+    fn dropped_messages_of_a_partly_handled_batch_are_released() {
+        let mesh = Mesh::new(2, 2);
+        let counted = std::rc::Rc::new(());
+        // `Rc` is not `Send`, but this mesh never leaves the thread.
+        mesh.try_send(0, 1, vec![counted.clone(), counted.clone()])
+            .unwrap();
+        assert_eq!(std::rc::Rc::strong_count(&counted), 3);
+        mesh.drain(1, |_, _| {});
+        assert_eq!(std::rc::Rc::strong_count(&counted), 1);
+    }
+
+    #[test]
+    fn outbox_reuses_the_vector_its_receiver_emptied() {
+        let mesh = Arc::new(Mesh::new(2, 4));
+        let outbox = Outbox::new(0, mesh.clone(), 64, 64);
+        let mut seen_at = Vec::new();
+        // Allocations of the batch's size held between rounds: were the emptied vector freed,
+        // the allocator would hand its memory to one of these, and the next batch would move.
+        let mut held: Vec<Vec<u32>> = Vec::new();
+        for round in 0..3u32 {
+            outbox.send(1, round);
+            outbox.flush();
+            mesh.drain(1, |_, batch| seen_at.push(batch.as_slice().as_ptr()));
+            held.push(Vec::with_capacity(16));
+        }
+        assert_eq!(seen_at.len(), 3);
+        assert!(
+            seen_at.iter().all(|&at| at == seen_at[0]),
+            "one vector makes every trip"
+        );
     }
 
     #[test]
