@@ -1,7 +1,8 @@
 //! The operations scripts: the node tuning scripts (`tuning/`) each run on this machine, report
 //! every check in their fixed format, refuse bad usage with exit status 2, and change nothing
-//! without `--apply`; `deploy/pgo-build.sh` refuses bad usage before building anything, and its
-//! training steps are arguments relay-loadgen accepts.
+//! without `--apply`; `deploy/pgo-build.sh` refuses bad usage before building anything, its
+//! training steps are arguments relay-loadgen accepts, and the container image's profile-guided
+//! build calls it with arguments it accepts, from a build context that holds it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -133,5 +134,47 @@ fn pgo_build_trains_with_arguments_the_loadgen_accepts() {
         if let Err(e) = relay_loadgen::cli::Cli::try_parse_from(argv) {
             panic!("relay-loadgen refuses the training step '{step}': {e}");
         }
+    }
+}
+
+#[test]
+fn the_container_image_can_build_profile_guided() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let containerfile = std::fs::read_to_string(root.join("deploy/container/Containerfile"))
+        .expect("read the Containerfile");
+    assert!(
+        containerfile.contains("ARG PGO=0"),
+        "the plain build stays the default"
+    );
+    let call = containerfile
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| line.split("deploy/pgo-build.sh").nth(1))
+        .expect("the PGO=1 branch runs deploy/pgo-build.sh");
+    let args: Vec<&str> = call
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert!(
+        args.contains(&"/out/relay"),
+        "it installs where the runtime stage copies from: {args:?}"
+    );
+    // --print-scenarios exits after the arguments are parsed, before anything is built.
+    let with_check: Vec<&str> = args.iter().copied().chain(["--print-scenarios"]).collect();
+    let (code, out, err) = run("deploy/pgo-build.sh", &with_check);
+    assert_eq!(code, 0, "pgo-build.sh accepts {args:?}: {out}{err}");
+    // The build context leaves deploy/ out, all but this script.
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect("read .dockerignore");
+    let lines: Vec<&str> = ignore.lines().map(str::trim).collect();
+    let excluded = lines.iter().position(|l| *l == "deploy/");
+    let included = lines.iter().position(|l| *l == "!deploy/pgo-build.sh");
+    assert!(
+        matches!((excluded, included), (None, _) | (Some(_), Some(_))),
+        "deploy/ is ignored, so the script must be let back in"
+    );
+    if let (Some(excluded), Some(included)) = (excluded, included) {
+        assert!(excluded < included, "the exception follows the exclusion");
     }
 }
