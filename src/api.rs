@@ -19,6 +19,7 @@ use crate::auth::Principal;
 use crate::bus::event::{ByteString, Draft};
 use crate::bus::Published;
 use crate::cursor::Cursor;
+use crate::envelope;
 use crate::glob::GlobSet;
 use crate::http::codec::{Method, RequestHead};
 use crate::http::Response;
@@ -509,9 +510,14 @@ pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
         return Err("the body is empty; send an event object or an array of them".into());
     }
     if trimmed.starts_with('[') {
-        // One pass for the common, valid batch; only a bad one is parsed again, element by
-        // element, to name the element that is wrong.
-        if let Ok(items) = serde_json::from_str::<Vec<DraftIn>>(text) {
+        // The plain form in one pass of our own (`envelope`), else one pass of serde_json for
+        // the common, valid batch; only a bad one is parsed again, element by element, to name
+        // the element that is wrong.
+        if let Some(items) = envelope::scan_batch(text) {
+            if let Ok(drafts) = items.into_iter().map(|f| draft_of(body, f)).collect() {
+                return Ok(drafts);
+            }
+        } else if let Ok(items) = serde_json::from_str::<Vec<DraftIn>>(text) {
             if items.is_empty() {
                 return Err("the batch is empty".into());
             }
@@ -527,8 +533,25 @@ pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
             .map(|(i, raw)| draft_from(body, raw.get()).map_err(|e| format!("event {i}: {e}")))
             .collect()
     } else {
-        Ok(vec![draft_from(body, text)?])
+        // serde_json reads the same fields wherever `scan_one` reads them, so a refusal of
+        // its fields by `make_draft` is the answer either way.
+        match envelope::scan_one(text) {
+            Some(fields) => Ok(vec![draft_of(body, fields)?]),
+            None => Ok(vec![draft_from(body, text)?]),
+        }
     }
+}
+
+fn draft_of(body: &Bytes, f: envelope::Fields) -> Result<Draft, String> {
+    make_draft(
+        body,
+        f.channel,
+        f.event_type,
+        f.id,
+        f.data,
+        f.source,
+        f.correlation_id,
+    )
 }
 
 fn draft_from(body: &Bytes, text: &str) -> Result<Draft, String> {
@@ -910,6 +933,215 @@ pub fn parse_types(values: &[String]) -> Option<GlobSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Random envelopes, valid and not: whatever `envelope` reads, serde_json reads the same.
+    struct EnvelopeGen(u64);
+
+    impl EnvelopeGen {
+        fn below(&mut self, n: usize) -> usize {
+            // xorshift64*: repeatable, no dependency.
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+            from[self.below(from.len())]
+        }
+
+        fn ws(&mut self) -> &'static str {
+            self.pick(&["", "", "", " ", "\n", "\t", "\r\n  "])
+        }
+
+        fn string(&mut self) -> String {
+            let plain = [
+                "doc.42",
+                "a",
+                "",
+                "héllo",
+                "€uro",
+                "x y",
+                "long run of plain text here",
+            ];
+            // One string in four carries an escape or a raw control character.
+            let special = ["\\\"", "\\n", "\\u00e9", "\\u12", "\t", "\u{1}", "\\/"];
+            let with_special = self.below(4) == 0;
+            let mut out = String::from("\"");
+            for _ in 0..self.below(4) {
+                out.push_str(self.pick(&plain));
+            }
+            if with_special {
+                out.push_str(self.pick(&special));
+            }
+            out.push('"');
+            out
+        }
+
+        fn value(&mut self, depth: usize) -> String {
+            let kinds = if depth > 3 { 3 } else { 5 };
+            match self.below(kinds) {
+                0 => self.string(),
+                1 if self.below(5) == 0 => self
+                    .pick(&["01", "1.", ".5", "-", "1e+", "+1", "-a", "1.5e", "0x1"])
+                    .to_string(),
+                1 => self
+                    .pick(&[
+                        "0", "-0", "12", "-3.25", "1e5", "2E-3", "6.02e+23", "-0.0e-0",
+                    ])
+                    .to_string(),
+                2 if self.below(6) == 0 => self.pick(&["tru", "nul", "falsey"]).to_string(),
+                2 => self.pick(&["true", "false", "null"]).to_string(),
+                3 => {
+                    let items: Vec<String> =
+                        (0..self.below(4)).map(|_| self.value(depth + 1)).collect();
+                    let sep = format!("{},{}", self.ws(), self.ws());
+                    let trailing = if self.below(12) == 0 { "," } else { "" };
+                    format!("[{}{}{}]", items.join(&sep), trailing, self.ws())
+                }
+                _ => {
+                    let items: Vec<String> = (0..self.below(4))
+                        .map(|_| {
+                            let key = self.string();
+                            let (a, b) = (self.ws(), self.ws());
+                            format!("{key}{a}:{b}{}", self.value(depth + 1))
+                        })
+                        .collect();
+                    format!("{{{}{}}}", self.ws(), items.join(","))
+                }
+            }
+        }
+
+        fn envelope(&mut self) -> String {
+            let mut fields: Vec<String> = Vec::new();
+            let keys = [
+                "channel",
+                "type",
+                "data",
+                "id",
+                "source",
+                "correlation_id",
+                "extra",
+            ];
+            for key in keys {
+                // The required three are usually there, the rest now and then; sometimes twice.
+                let wanted = match key {
+                    "channel" | "type" | "data" => self.below(30) != 0,
+                    "extra" => self.below(30) == 0,
+                    _ => self.below(3) == 0,
+                };
+                let times = if wanted {
+                    1 + usize::from(self.below(60) == 0)
+                } else {
+                    0
+                };
+                for _ in 0..times {
+                    let value = match key {
+                        "data" => self.value(0),
+                        _ if self.below(8) == 0 => self.value(2),
+                        "channel" | "type" => self.string(),
+                        _ => {
+                            if self.below(3) == 0 {
+                                "null".to_string()
+                            } else {
+                                self.string()
+                            }
+                        }
+                    };
+                    let (a, b, c) = (self.ws(), self.ws(), self.ws());
+                    fields.push(format!("{a}\"{key}\"{b}:{c}{value}"));
+                }
+            }
+            // Any order.
+            for i in (1..fields.len()).rev() {
+                let j = self.below(i + 1);
+                fields.swap(i, j);
+            }
+            let (a, b) = (self.ws(), self.ws());
+            format!("{a}{{{}}}{b}", fields.join(","))
+        }
+
+        /// Now and then one byte dropped or one inserted, or the text cut short.
+        fn mutate(&mut self, text: String) -> String {
+            let mut bytes = text.into_bytes();
+            match self.below(12) {
+                0 if !bytes.is_empty() => {
+                    let at = self.below(bytes.len());
+                    bytes.remove(at);
+                }
+                1 => {
+                    let at = self.below(bytes.len() + 1);
+                    let palette = b"{}[]\",:\\ 0e.-tn";
+                    let b = palette[self.below(palette.len())];
+                    bytes.insert(at, b);
+                }
+                2 if !bytes.is_empty() => {
+                    let at = self.below(bytes.len());
+                    bytes.truncate(at);
+                }
+                _ => {}
+            }
+            String::from_utf8(bytes).unwrap_or_default()
+        }
+    }
+
+    fn same_fields(fast: &envelope::Fields, slow: &DraftIn, text: &str) {
+        assert_eq!(fast.channel, slow.channel, "{text}");
+        assert_eq!(fast.event_type, slow.event_type, "{text}");
+        assert_eq!(fast.id, slow.id.as_deref(), "{text}");
+        assert_eq!(fast.data, slow.data.get(), "{text}");
+        assert_eq!(fast.source, slow.source.as_deref(), "{text}");
+        assert_eq!(
+            fast.correlation_id,
+            slow.correlation_id.as_deref(),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_envelope_fast_path_reads_only_what_serde_reads_the_same() {
+        let mut gen = EnvelopeGen(0x5eed_1234_abcd_0001);
+        let (mut fast_hits, mut serde_only) = (0, 0);
+        for _ in 0..40_000 {
+            let text = gen.envelope();
+            let text = gen.mutate(text);
+            let slow = serde_json::from_str::<DraftIn>(&text);
+            match (envelope::scan_one(&text), &slow) {
+                (Some(fast), Ok(slow)) => {
+                    same_fields(&fast, slow, &text);
+                    fast_hits += 1;
+                }
+                (Some(fast), Err(e)) => {
+                    panic!("scan_one read {fast:?} where serde says {e}: {text}")
+                }
+                (None, Ok(_)) => serde_only += 1,
+                (None, Err(_)) => {}
+            }
+        }
+        // Both sides of the fence are exercised: many plain envelopes, and forms left to serde.
+        assert!(fast_hits > 4_000, "fast path taken {fast_hits} times");
+        assert!(serde_only > 1_000, "serde-only forms {serde_only}");
+
+        let mut batches_read = 0;
+        for _ in 0..5_000 {
+            let items: Vec<String> = (0..1 + gen.below(3)).map(|_| gen.envelope()).collect();
+            let text = gen.mutate(format!("[{}]", items.join(",")));
+            let slow = serde_json::from_str::<Vec<DraftIn>>(&text);
+            if let Some(fast) = envelope::scan_batch(&text) {
+                let slow = slow
+                    .unwrap_or_else(|e| panic!("scan_batch read what serde refuses ({e}): {text}"));
+                assert_eq!(fast.len(), slow.len(), "{text}");
+                fast.iter()
+                    .zip(&slow)
+                    .for_each(|(f, s)| same_fields(f, s, &text));
+                batches_read += 1;
+            }
+        }
+        assert!(
+            batches_read > 300,
+            "batches read on the fast path: {batches_read}"
+        );
+    }
 
     #[test]
     fn single_and_batch_drafts_keep_data_bytes() {

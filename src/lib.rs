@@ -8,6 +8,7 @@
 //! - [`bus`]: channels (seq, epoch, history, idempotency) and local subscribers.
 //! - [`http`]: the HTTP/1.1 codec (pure) and the connection loop.
 //! - [`api`]: routing and handlers of the HTTP API.
+//! - [`envelope`]: the publish body's fast path: the plain form in one pass, the rest to serde.
 //! - [`sse`]: Server-Sent Events streams with cursors and recovery.
 //! - [`ws`]: WebSocket connections: handshake, framing, the JSON protocol, presence.
 //! - [`park`]: wakers that resume an idle connection's parked side (no task while idle).
@@ -27,6 +28,7 @@ pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod cursor;
+pub mod envelope;
 pub mod glob;
 pub mod http;
 pub mod mesh;
