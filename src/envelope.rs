@@ -1,14 +1,16 @@
 //! The publish envelope's fast path: one pass over a body in its common shape, no allocation.
 //!
-//! Owns [`scan_one`] and [`scan_batch`], which find an envelope's fields as slices of the body
-//! when every one is in the plain form publishers send: an object with the known keys once
+//! Owns [`scan_one`] and [`scan_batch`] (HTTP bodies) and [`scan_ws_publish`] (a WebSocket
+//! `publish` message), which find an envelope's fields as slices of the text when every one is
+//! in the plain form publishers send: an object with the known keys once
 //! each, string values without escapes, and `data` any JSON value whose strings have no escapes
 //! and whose nesting is at most [`DEPTH_MAX`] deep. `data` is validated as it is skipped
 //! (strings, numbers, literals, arrays, objects, the JSON grammar exactly), so a slice this
 //! module returns is JSON that `serde_json` accepts too.
 //!
 //! Must never: accept what `serde_json` would refuse, or read a field differently from it (a
-//! differential test holds it to that), or produce an error of its own. Anything outside the
+//! differential test for each shape, in `api` and `ws::protocol`, holds it to that), or
+//! produce an error of its own. Anything outside the
 //! plain form (an escape, an unknown or repeated key, a deeper `data`, bad JSON) is `None`,
 //! and the caller parses the body with `serde_json`, which also names what is wrong.
 
@@ -31,9 +33,36 @@ pub struct Fields<'a> {
 pub fn scan_one(text: &str) -> Option<Fields<'_>> {
     let mut scan = Scanner::new(text);
     scan.skip_ws();
-    let fields = scan.envelope()?;
+    let (fields, _) = scan.envelope(Shape::Http)?;
     scan.skip_ws();
     scan.at_end().then_some(fields)
+}
+
+/// A WebSocket `{"op":"publish",...}` message: an envelope's fields, `op` equal to `publish`,
+/// and `ref` a string or a number when present.
+pub fn scan_ws_publish(text: &str) -> Option<WsPublish<'_>> {
+    let mut scan = Scanner::new(text);
+    scan.skip_ws();
+    let (fields, reference) = scan.envelope(Shape::WsPublish)?;
+    scan.skip_ws();
+    scan.at_end().then_some(WsPublish { fields, reference })
+}
+
+/// A WebSocket publish read on the fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WsPublish<'a> {
+    pub fields: Fields<'a>,
+    /// `ref`'s exact text: a string with its quotes, or a number.
+    pub reference: Option<&'a str>,
+}
+
+/// Which keys an object may hold besides an envelope's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// None: an HTTP publish body.
+    Http,
+    /// `op` (required, `"publish"`) and `ref`.
+    WsPublish,
 }
 
 /// A body that is a non-empty array of envelope objects (an empty one is `None`: the caller's
@@ -45,7 +74,7 @@ pub fn scan_batch(text: &str) -> Option<Vec<Fields<'_>>> {
     let mut items = Vec::new();
     loop {
         scan.skip_ws();
-        items.push(scan.envelope()?);
+        items.push(scan.envelope(Shape::Http)?.0);
         scan.skip_ws();
         match scan.next()? {
             b',' => continue,
@@ -158,11 +187,13 @@ impl<'a> Scanner<'a> {
         self.plain_string().map(Some)
     }
 
-    /// One envelope object.
-    fn envelope(&mut self) -> Option<Fields<'a>> {
+    /// One envelope object, and its `ref` in the WebSocket shape.
+    fn envelope(&mut self, shape: Shape) -> Option<(Fields<'a>, Option<&'a str>)> {
         self.eat(b'{')?;
         let (mut channel, mut event_type, mut data) = (None, None, None);
         let (mut id, mut source, mut correlation_id) = (None, None, None);
+        let ws = shape == Shape::WsPublish;
+        let (mut op, mut reference) = (None, None);
         loop {
             self.skip_ws();
             let key = self.plain_string()?;
@@ -179,6 +210,8 @@ impl<'a> Scanner<'a> {
                 "correlation_id" if correlation_id.is_none() => {
                     correlation_id = Some(self.optional_string()?)
                 }
+                "op" if ws && op.is_none() => op = Some(self.plain_string()?),
+                "ref" if ws && reference.is_none() => reference = Some(self.reference()?),
                 _ => return None,
             }
             self.skip_ws();
@@ -188,14 +221,32 @@ impl<'a> Scanner<'a> {
                 _ => return None,
             }
         }
-        Some(Fields {
+        // The WebSocket request's `data` is optional, so serde reads `null` as no data (a
+        // refusal): that answer is serde's to give.
+        if ws && (op? != "publish" || data? == "null") {
+            return None;
+        }
+        let fields = Fields {
             channel: channel?,
             event_type: event_type?,
             id: id.flatten(),
             data: data?,
             source: source.flatten(),
             correlation_id: correlation_id.flatten(),
-        })
+        };
+        Some((fields, reference))
+    }
+
+    /// A `ref`: a plain string (its text with the quotes) or a number; anything else, `null`
+    /// included, is left to serde and the protocol's own check.
+    fn reference(&mut self) -> Option<&'a str> {
+        let start = self.pos;
+        match self.peek()? {
+            b'"' => self.plain_string().map(drop)?,
+            b'-' | b'0'..=b'9' => self.number()?,
+            _ => return None,
+        }
+        Some(&self.text[start..self.pos])
     }
 
     /// Any JSON value, validated; its exact text.
@@ -281,6 +332,189 @@ impl<'a> Scanner<'a> {
         let start = self.pos;
         self.digits();
         (self.pos > start).then_some(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod generated {
+    /// Random envelopes, valid and not, for the differential tests against serde_json.
+    pub(crate) struct EnvelopeGen(u64);
+
+    impl EnvelopeGen {
+        pub(crate) fn new(seed: u64) -> Self {
+            EnvelopeGen(seed)
+        }
+
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            // xorshift64*: repeatable, no dependency.
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+            from[self.below(from.len())]
+        }
+
+        pub(crate) fn ws(&mut self) -> &'static str {
+            self.pick(&["", "", "", " ", "\n", "\t", "\r\n  "])
+        }
+
+        pub(crate) fn string(&mut self) -> String {
+            let plain = [
+                "doc.42",
+                "a",
+                "",
+                "héllo",
+                "€uro",
+                "x y",
+                "long run of plain text here",
+            ];
+            // One string in four carries an escape or a raw control character.
+            let special = ["\\\"", "\\n", "\\u00e9", "\\u12", "\t", "\u{1}", "\\/"];
+            let with_special = self.below(4) == 0;
+            let mut out = String::from("\"");
+            for _ in 0..self.below(4) {
+                out.push_str(self.pick(&plain));
+            }
+            if with_special {
+                out.push_str(self.pick(&special));
+            }
+            out.push('"');
+            out
+        }
+
+        pub(crate) fn value(&mut self, depth: usize) -> String {
+            let kinds = if depth > 3 { 3 } else { 5 };
+            match self.below(kinds) {
+                0 => self.string(),
+                1 if self.below(5) == 0 => self
+                    .pick(&["01", "1.", ".5", "-", "1e+", "+1", "-a", "1.5e", "0x1"])
+                    .to_string(),
+                1 => self
+                    .pick(&[
+                        "0", "-0", "12", "-3.25", "1e5", "2E-3", "6.02e+23", "-0.0e-0",
+                    ])
+                    .to_string(),
+                2 if self.below(6) == 0 => self.pick(&["tru", "nul", "falsey"]).to_string(),
+                2 => self.pick(&["true", "false", "null"]).to_string(),
+                3 => {
+                    let items: Vec<String> =
+                        (0..self.below(4)).map(|_| self.value(depth + 1)).collect();
+                    let sep = format!("{},{}", self.ws(), self.ws());
+                    let trailing = if self.below(12) == 0 { "," } else { "" };
+                    format!("[{}{}{}]", items.join(&sep), trailing, self.ws())
+                }
+                _ => {
+                    let items: Vec<String> = (0..self.below(4))
+                        .map(|_| {
+                            let key = self.string();
+                            let (a, b) = (self.ws(), self.ws());
+                            format!("{key}{a}:{b}{}", self.value(depth + 1))
+                        })
+                        .collect();
+                    format!("{{{}{}}}", self.ws(), items.join(","))
+                }
+            }
+        }
+
+        pub(crate) fn envelope(&mut self) -> String {
+            self.object(false)
+        }
+
+        /// An envelope object; `ws`: a WebSocket publish (`op`, `ref`), now and then another
+        /// op or none.
+        pub(crate) fn object(&mut self, ws: bool) -> String {
+            let mut fields: Vec<String> = Vec::new();
+            if ws {
+                let op = if self.below(10) == 0 {
+                    self.pick(&["\"subscribe\"", "\"publ\\u0069sh\"", "7", "null"])
+                } else {
+                    "\"publish\""
+                };
+                if self.below(30) != 0 {
+                    fields.push(format!("\"op\":{op}"));
+                }
+                if self.below(2) == 0 {
+                    let reference = match self.below(6) {
+                        0 => "null".to_string(),
+                        1 => self.value(3),
+                        2 | 3 => self.string(),
+                        _ => self.pick(&["1", "-42", "3.5", "1e3", "01"]).to_string(),
+                    };
+                    fields.push(format!("\"ref\":{reference}"));
+                }
+            }
+            let keys = [
+                "channel",
+                "type",
+                "data",
+                "id",
+                "source",
+                "correlation_id",
+                "extra",
+            ];
+            for key in keys {
+                // The required three are usually there, the rest now and then; sometimes twice.
+                let wanted = match key {
+                    "channel" | "type" | "data" => self.below(30) != 0,
+                    "extra" => self.below(30) == 0,
+                    _ => self.below(3) == 0,
+                };
+                let times = if wanted {
+                    1 + usize::from(self.below(60) == 0)
+                } else {
+                    0
+                };
+                for _ in 0..times {
+                    let value = match key {
+                        "data" => self.value(0),
+                        _ if self.below(8) == 0 => self.value(2),
+                        "channel" | "type" => self.string(),
+                        _ => {
+                            if self.below(3) == 0 {
+                                "null".to_string()
+                            } else {
+                                self.string()
+                            }
+                        }
+                    };
+                    let (a, b, c) = (self.ws(), self.ws(), self.ws());
+                    fields.push(format!("{a}\"{key}\"{b}:{c}{value}"));
+                }
+            }
+            // Any order.
+            for i in (1..fields.len()).rev() {
+                let j = self.below(i + 1);
+                fields.swap(i, j);
+            }
+            let (a, b) = (self.ws(), self.ws());
+            format!("{a}{{{}}}{b}", fields.join(","))
+        }
+
+        /// Now and then one byte dropped or one inserted, or the text cut short.
+        pub(crate) fn mutate(&mut self, text: String) -> String {
+            let mut bytes = text.into_bytes();
+            match self.below(12) {
+                0 if !bytes.is_empty() => {
+                    let at = self.below(bytes.len());
+                    bytes.remove(at);
+                }
+                1 => {
+                    let at = self.below(bytes.len() + 1);
+                    let palette = b"{}[]\",:\\ 0e.-tn";
+                    let b = palette[self.below(palette.len())];
+                    bytes.insert(at, b);
+                }
+                2 if !bytes.is_empty() => {
+                    let at = self.below(bytes.len());
+                    bytes.truncate(at);
+                }
+                _ => {}
+            }
+            String::from_utf8(bytes).unwrap_or_default()
+        }
     }
 }
 
@@ -374,6 +608,35 @@ mod tests {
             "]".repeat(DEPTH_MAX)
         );
         assert!(scan_one(&at_limit).is_some(), "DEPTH_MAX deep is read");
+    }
+
+    #[test]
+    fn websocket_publishes_take_op_and_ref() {
+        let text = r#"{"op":"publish","ref":"r-1","channel":"doc.42","type":"t","data":[1]}"#;
+        let read = scan_ws_publish(text).expect("plain publish");
+        assert_eq!(
+            read.reference,
+            Some(r#""r-1""#),
+            "the ref's text, quotes kept"
+        );
+        assert_eq!((read.fields.channel, read.fields.data), ("doc.42", "[1]"));
+        let numbered = r#"{"ref":-7,"channel":"c","type":"t","data":{},"op":"publish"}"#;
+        assert_eq!(
+            scan_ws_publish(numbered).map(|r| r.reference),
+            Some(Some("-7"))
+        );
+        assert_eq!(scan_one(text), None, "an HTTP body has no op");
+        for other in [
+            r#"{"op":"subscribe","channel":"c","type":"t","data":1}"#,
+            r#"{"channel":"c","type":"t","data":1}"#,
+            r#"{"op":"publish","channel":"c","type":"t","data":null}"#,
+            r#"{"op":"publish","ref":null,"channel":"c","type":"t","data":1}"#,
+            r#"{"op":"publish","ref":{"a":1},"channel":"c","type":"t","data":1}"#,
+            r#"{"op":"publish","ref":1,"ref":2,"channel":"c","type":"t","data":1}"#,
+            r#"{"op":"publish","since":{"epoch":"e","seq":1},"channel":"c","type":"t","data":1}"#,
+        ] {
+            assert_eq!(scan_ws_publish(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::{codec, WsConn};
 use crate::auth::Grants;
 use crate::bus::event::push_u64;
 use crate::bus::{Member, Since};
+use crate::envelope;
 use crate::http::codec::json_escape_into;
 use crate::metrics::ErrorKind;
 use crate::names;
@@ -62,6 +63,49 @@ struct Request<'a> {
     source: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     correlation_id: Option<Cow<'a, str>>,
+}
+
+/// A publish's fields, as the fast path (`envelope`) or a parsed [`Request`] has them.
+struct PublishFields<'a> {
+    channel: Option<&'a str>,
+    event_type: Option<&'a str>,
+    data: Option<&'a str>,
+    id: Option<&'a str>,
+    source: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+}
+
+impl<'a> PublishFields<'a> {
+    fn of(request: &'a Request<'a>) -> Self {
+        PublishFields {
+            channel: request.channel.as_deref(),
+            event_type: request.event_type.as_deref(),
+            data: request.data.map(RawValue::get),
+            id: request.id.as_deref(),
+            source: request.source.as_deref(),
+            correlation_id: request.correlation_id.as_deref(),
+        }
+    }
+}
+
+impl<'a> From<envelope::Fields<'a>> for PublishFields<'a> {
+    fn from(f: envelope::Fields<'a>) -> Self {
+        PublishFields {
+            channel: Some(f.channel),
+            event_type: Some(f.event_type),
+            data: Some(f.data),
+            id: f.id,
+            source: f.source,
+            correlation_id: f.correlation_id,
+        }
+    }
+}
+
+/// The request's channel, present and a valid name.
+fn checked_channel(channel: Option<&str>) -> Result<&str, Refusal> {
+    let channel = channel.ok_or_else(|| refuse(code::BAD_REQUEST, "channel is required"))?;
+    names::validate_channel(channel).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+    Ok(channel)
 }
 
 /// Just the `ref`, from a message that failed to parse as a request.
@@ -123,6 +167,13 @@ impl Session {
             self.settle().await;
             return self.error(None, code::BAD_REQUEST, "message is not UTF-8");
         };
+        if let Some(fast) = envelope::scan_ws_publish(source) {
+            // The fast path read `ref` as a string or a number, so it is JSON and valid.
+            if let Ok(reference) = fast.reference.map(serde_json::from_str).transpose() {
+                let fields = PublishFields::from(fast.fields);
+                return self.publish(fields, reference, &text, arrived).await;
+            }
+        }
         let request: Request = match serde_json::from_str(source) {
             Ok(r) => r,
             Err(e) => {
@@ -148,35 +199,8 @@ impl Session {
             }
         }
         if &*request.op == "publish" {
-            let ticket = match self.start_publish(&request, &text, arrived) {
-                Ok(ticket) => ticket,
-                Err(refusal) => {
-                    self.settle().await;
-                    return self.send(Err(refusal), reference);
-                }
-            };
-            // Answered here and now only when no earlier publish is still waiting.
-            let ticket = if self.in_flight.is_empty() {
-                match ticket.try_finish() {
-                    Ok(answer) => {
-                        let outcome = self.published(answer, reference, arrived);
-                        return self.send(outcome, reference);
-                    }
-                    Err(ticket) => ticket,
-                }
-            } else {
-                ticket
-            };
-            self.in_flight.push_back(InFlight {
-                ticket,
-                reference: reference.map(ToOwned::to_owned),
-                started: arrived,
-            });
-            let max = self.shard.config().limits.max_publishes_in_flight;
-            while self.in_flight.len() > max {
-                self.answer_oldest().await;
-            }
-            return;
+            let fields = PublishFields::of(&request);
+            return self.publish(fields, reference, &text, arrived).await;
         }
         // Anything else sees every earlier publish answered, and replies after them.
         self.settle().await;
@@ -196,6 +220,45 @@ impl Session {
             )),
         };
         self.send(outcome, reference);
+    }
+
+    /// A publish request: started now, answered now when nothing is in flight before it and
+    /// its owner is this shard, else queued behind the publishes in flight.
+    async fn publish(
+        &mut self,
+        fields: PublishFields<'_>,
+        reference: Option<&RawValue>,
+        text: &Bytes,
+        arrived: std::time::Instant,
+    ) {
+        let ticket = match self.start_publish(fields, text, arrived) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                self.settle().await;
+                return self.send(Err(refusal), reference);
+            }
+        };
+        // Answered here and now only when no earlier publish is still waiting.
+        let ticket = if self.in_flight.is_empty() {
+            match ticket.try_finish() {
+                Ok(answer) => {
+                    let outcome = self.published(answer, reference, arrived);
+                    return self.send(outcome, reference);
+                }
+                Err(ticket) => ticket,
+            }
+        } else {
+            ticket
+        };
+        self.in_flight.push_back(InFlight {
+            ticket,
+            reference: reference.map(ToOwned::to_owned),
+            started: arrived,
+        });
+        let max = self.shard.config().limits.max_publishes_in_flight;
+        while self.in_flight.len() > max {
+            self.answer_oldest().await;
+        }
     }
 
     /// Waits for every publish under way and sends their replies, in order.
@@ -236,17 +299,8 @@ impl Session {
         }
     }
 
-    fn channel<'r>(&self, request: &'r Request) -> Result<&'r str, Refusal> {
-        let channel = request
-            .channel
-            .as_deref()
-            .ok_or_else(|| refuse(code::BAD_REQUEST, "channel is required"))?;
-        names::validate_channel(channel).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
-        Ok(channel)
-    }
-
     async fn subscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
-        let channel = self.channel(request)?;
+        let channel = checked_channel(request.channel.as_deref())?;
         if !self.grants.may_subscribe(channel) {
             return Err(refuse(
                 code::FORBIDDEN,
@@ -307,7 +361,7 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
-        let channel = self.channel(request)?;
+        let channel = checked_channel(request.channel.as_deref())?;
         // Messages are handled one at a time, so no subscribe is half done here.
         let Some(channel) = self.conn.end_subscription(channel) else {
             return Err(refuse(
@@ -329,11 +383,11 @@ impl Session {
     /// otherwise on its way to the owner.
     fn start_publish(
         &mut self,
-        request: &Request<'_>,
+        fields: PublishFields<'_>,
         text: &Bytes,
         accepted_at: std::time::Instant,
     ) -> Result<PublishTicket, Refusal> {
-        let channel = self.channel(request)?;
+        let channel = checked_channel(fields.channel)?;
         if !self.grants.may_publish(channel) {
             return Err(refuse(
                 code::FORBIDDEN,
@@ -348,21 +402,20 @@ impl Session {
                 "publish rate limit reached (rate_limit.publish_per_s); slow down",
             ));
         }
-        let event_type = request
+        let event_type = fields
             .event_type
-            .as_deref()
             .ok_or_else(|| refuse(code::BAD_REQUEST, "type is required"))?;
-        let data = request
+        let data = fields
             .data
             .ok_or_else(|| refuse(code::BAD_REQUEST, "data is required"))?;
         let draft = crate::api::make_draft(
             text,
             channel,
             event_type,
-            request.id.as_deref(),
-            data.get(),
-            request.source.as_deref(),
-            request.correlation_id.as_deref(),
+            fields.id,
+            data,
+            fields.source,
+            fields.correlation_id,
         )
         .map_err(|e| refuse(code::BAD_REQUEST, e))?;
         self.shard
@@ -392,7 +445,7 @@ impl Session {
     }
 
     async fn presence(&mut self, request: &Request<'_>) -> Result<Option<Bytes>, Refusal> {
-        let channel = self.channel(request)?;
+        let channel = checked_channel(request.channel.as_deref())?;
         if !self.grants.may_subscribe(channel) {
             return Err(refuse(
                 code::FORBIDDEN,
@@ -544,6 +597,41 @@ pub fn presence_json(channel: &str, members: &[Member]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_publish_fast_path_reads_only_what_serde_reads_the_same() {
+        let mut gen = envelope::generated::EnvelopeGen::new(0xfeed_0042_5eed_0007);
+        let (mut fast_hits, mut serde_only) = (0, 0);
+        for _ in 0..40_000 {
+            let text = gen.object(true);
+            let text = gen.mutate(text);
+            let slow = serde_json::from_str::<Request>(&text);
+            match (envelope::scan_ws_publish(&text), &slow) {
+                (Some(fast), Ok(slow)) => {
+                    assert_eq!(&*slow.op, "publish", "{text}");
+                    assert!(slow.since.is_none(), "{text}");
+                    assert_eq!(fast.reference, slow.reference.map(RawValue::get), "{text}");
+                    assert!(slow.reference.is_none_or(ref_is_valid), "{text}");
+                    let (f, s) = (PublishFields::from(fast.fields), PublishFields::of(slow));
+                    assert_eq!(f.channel, s.channel, "{text}");
+                    assert_eq!(f.event_type, s.event_type, "{text}");
+                    assert_eq!(f.data, s.data, "{text}");
+                    assert_eq!(f.id, s.id, "{text}");
+                    assert_eq!(f.source, s.source, "{text}");
+                    assert_eq!(f.correlation_id, s.correlation_id, "{text}");
+                    fast_hits += 1;
+                }
+                (Some(fast), Err(e)) => {
+                    panic!("scan_ws_publish read {fast:?} where serde says {e}: {text}")
+                }
+                (None, Ok(_)) => serde_only += 1,
+                (None, Err(_)) => {}
+            }
+        }
+        // Both sides of the fence are exercised.
+        assert!(fast_hits > 3_000, "fast path taken {fast_hits} times");
+        assert!(serde_only > 1_000, "serde-only forms {serde_only}");
+    }
 
     fn payload(frame: &Bytes) -> serde_json::Value {
         let len = (frame[1] & 0x7f) as usize;
