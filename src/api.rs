@@ -949,43 +949,35 @@ mod tests {
 
     #[test]
     fn the_envelope_fast_path_reads_only_what_serde_reads_the_same() {
-        let mut gen = envelope::generated::EnvelopeGen::new(0x5eed_1234_abcd_0001);
-        let (mut fast_hits, mut serde_only) = (0, 0);
-        for _ in 0..40_000 {
-            let text = gen.envelope();
-            let text = gen.mutate(text);
-            let slow = serde_json::from_str::<DraftIn>(&text);
-            match (envelope::scan_one(&text), &slow) {
-                (Some(fast), Ok(slow)) => {
-                    same_fields(&fast, slow, &text);
-                    fast_hits += 1;
-                }
-                (Some(fast), Err(e)) => {
-                    panic!("scan_one read {fast:?} where serde says {e}: {text}")
-                }
-                (None, Ok(_)) => serde_only += 1,
-                (None, Err(_)) => {}
+        use envelope::generated::{tally, EnvelopeGen};
+        let mut gen = EnvelopeGen::new(0x5eed_1234_abcd_0001);
+        let (fast_hits, serde_only) = tally(&mut gen, 40_000, EnvelopeGen::envelope, |text| {
+            let slow = serde_json::from_str::<DraftIn>(text);
+            let fast = envelope::scan_one(text);
+            if let (Some(fast), Ok(slow)) = (&fast, &slow) {
+                same_fields(fast, slow, text);
             }
-        }
+            (fast.is_some(), slow.map(drop).map_err(|e| e.to_string()))
+        });
         // Both sides of the fence are exercised: many plain envelopes, and forms left to serde.
         assert!(fast_hits > 4_000, "fast path taken {fast_hits} times");
         assert!(serde_only > 1_000, "serde-only forms {serde_only}");
 
-        let mut batches_read = 0;
-        for _ in 0..5_000 {
+        let batch = |gen: &mut EnvelopeGen| {
             let items: Vec<String> = (0..1 + gen.below(3)).map(|_| gen.envelope()).collect();
-            let text = gen.mutate(format!("[{}]", items.join(",")));
-            let slow = serde_json::from_str::<Vec<DraftIn>>(&text);
-            if let Some(fast) = envelope::scan_batch(&text) {
-                let slow = slow
-                    .unwrap_or_else(|e| panic!("scan_batch read what serde refuses ({e}): {text}"));
+            format!("[{}]", items.join(","))
+        };
+        let (batches_read, _) = tally(&mut gen, 5_000, batch, |text| {
+            let slow = serde_json::from_str::<Vec<DraftIn>>(text);
+            let fast = envelope::scan_batch(text);
+            if let (Some(fast), Ok(slow)) = (&fast, &slow) {
                 assert_eq!(fast.len(), slow.len(), "{text}");
                 fast.iter()
-                    .zip(&slow)
-                    .for_each(|(f, s)| same_fields(f, s, &text));
-                batches_read += 1;
+                    .zip(slow)
+                    .for_each(|(f, s)| same_fields(f, s, text));
             }
-        }
+            (fast.is_some(), slow.map(drop).map_err(|e| e.to_string()))
+        });
         assert!(
             batches_read > 300,
             "batches read on the fast path: {batches_read}"

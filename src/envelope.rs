@@ -337,6 +337,30 @@ impl<'a> Scanner<'a> {
 
 #[cfg(test)]
 pub(crate) mod generated {
+    /// Generates `cases` texts with `make` and reads each both ways with `read`, which checks
+    /// the fields itself where both read it and says whether the fast path read it and what
+    /// serde said. A text the fast path reads and serde refuses fails the test. Returns how
+    /// many the fast path read and how many only serde read.
+    pub(crate) fn tally(
+        gen: &mut EnvelopeGen,
+        cases: usize,
+        mut make: impl FnMut(&mut EnvelopeGen) -> String,
+        mut read: impl FnMut(&str) -> (bool, Result<(), String>),
+    ) -> (usize, usize) {
+        let (mut fast_hits, mut serde_only) = (0, 0);
+        for _ in 0..cases {
+            let text = make(gen);
+            let text = gen.mutate(text);
+            match read(&text) {
+                (true, Ok(())) => fast_hits += 1,
+                (true, Err(e)) => panic!("the fast path read what serde refuses ({e}): {text}"),
+                (false, Ok(())) => serde_only += 1,
+                (false, Err(_)) => {}
+            }
+        }
+        (fast_hits, serde_only)
+    }
+
     /// Random envelopes, valid and not, for the differential tests against serde_json.
     pub(crate) struct EnvelopeGen(u64);
 
