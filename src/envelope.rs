@@ -86,6 +86,32 @@ pub fn scan_batch(text: &str) -> Option<Vec<Fields<'_>>> {
     scan.at_end().then_some(items)
 }
 
+/// The first byte at or after `from` that a JSON string cannot hold as it is (`"`, `\\` or a
+/// control character), found eight bytes a step; `None` when there is none. Shared with the
+/// JSON escaping of `http::codec`, which copies the runs between such bytes whole.
+#[inline(always)]
+pub fn first_string_stop(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    loop {
+        if let Some(chunk) = bytes.get(at..at + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let stops = string_stops(u64::from_le_bytes(word));
+            if stops == 0 {
+                at += 8;
+                continue;
+            }
+            return Some(at + (stops.trailing_zeros() / 8) as usize);
+        }
+        // Fewer than eight bytes left: one at a time.
+        match bytes.get(at) {
+            Some(&b) if b != b'"' && b != b'\\' && b >= 0x20 => at += 1,
+            Some(_) => return Some(at),
+            None => return None,
+        }
+    }
+}
+
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
@@ -151,27 +177,8 @@ impl<'a> Scanner<'a> {
     fn plain_string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.pos;
-        let bytes = self.bytes();
-        let mut at = start;
-        let stop = loop {
-            if let Some(chunk) = bytes.get(at..at + 8) {
-                let mut word = [0u8; 8];
-                word.copy_from_slice(chunk);
-                let stops = string_stops(u64::from_le_bytes(word));
-                if stops == 0 {
-                    at += 8;
-                    continue;
-                }
-                break at + (stops.trailing_zeros() / 8) as usize;
-            }
-            // Fewer than eight bytes left: one at a time.
-            match bytes.get(at) {
-                Some(&b) if b != b'"' && b != b'\\' && b >= 0x20 => at += 1,
-                Some(_) => break at,
-                None => return None,
-            }
-        };
-        if bytes[stop] != b'"' {
+        let stop = first_string_stop(self.bytes(), start)?;
+        if self.bytes()[stop] != b'"' {
             return None;
         }
         self.pos = stop + 1;

@@ -1060,7 +1060,9 @@ pub fn json_escape_into(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     let mut plain_from = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    // Runs that need no escape are found eight bytes a step and copied whole.
+    while let Some(i) = crate::envelope::first_string_stop(bytes, plain_from) {
+        let Some(&b) = bytes.get(i) else { break };
         let short: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -1069,8 +1071,7 @@ pub fn json_escape_into(out: &mut Vec<u8>, s: &str) {
             b'\t' => b"\\t",
             0x08 => b"\\b",
             0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => continue,
+            _ => b"",
         };
         // Copy the unescaped run in one go rather than byte by byte.
         out.extend_from_slice(bytes.get(plain_from..i).unwrap_or_default());
@@ -2011,6 +2012,36 @@ mod tests {
         let mut out = Vec::new();
         json_escape_into(&mut out, "plain");
         assert_eq!(out, b"plain");
+    }
+
+    #[test]
+    fn json_escaping_agrees_with_serde_at_every_length_and_position() {
+        // Each special character at each position of strings of 0 to 24 characters, so the
+        // eight-byte steps and the tail both meet it; serde_json's escaping is the reference.
+        let specials = ['"', '\\', '\n', '\u{1}', '\u{1f}', '\u{7f}', 'é', '✓'];
+        for len in 0..25 {
+            for at in 0..len.max(1) {
+                for special in specials {
+                    let text: String = (0..len)
+                        .map(|i| {
+                            if i == at {
+                                special
+                            } else {
+                                (b'a' + (i % 26) as u8) as char
+                            }
+                        })
+                        .collect();
+                    let mut out = Vec::new();
+                    json_escape_into(&mut out, &text);
+                    let quoted = serde_json::to_string(&text).unwrap();
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        quoted[1..quoted.len() - 1],
+                        "{text:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
