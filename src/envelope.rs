@@ -2,22 +2,23 @@
 //!
 //! Owns [`scan_one`] and [`scan_batch`] (HTTP bodies) and [`scan_ws_publish`] (a WebSocket
 //! `publish` message), which find an envelope's fields as slices of the text when every one is
-//! in the plain form publishers send: an object with the known keys once
-//! each, string values without escapes, and `data` any JSON value whose strings have no escapes
-//! and whose nesting is at most [`DEPTH_MAX`] deep. `data` is validated as it is skipped
-//! (strings, numbers, literals, arrays, objects, the JSON grammar exactly), so a slice this
-//! module returns is JSON that `serde_json` accepts too.
+//! in the plain form publishers send: an object with the known keys once each, string values
+//! without escapes, and `data` any JSON value whose strings have no escapes and whose nesting
+//! is at most [`DEPTH_MAX`] deep. `data` is validated as it is skipped (strings, numbers,
+//! literals, arrays, objects, the JSON grammar exactly), so a slice this module returns is JSON
+//! that `serde_json` accepts too.
 //!
 //! Must never: accept what `serde_json` would refuse, or read a field differently from it (a
 //! differential test for each shape, in `api` and `ws::protocol`, holds it to that), or
-//! produce an error of its own. Anything outside the
-//! plain form (an escape, an unknown or repeated key, a deeper `data`, bad JSON) is `None`,
-//! and the caller parses the body with `serde_json`, which also names what is wrong.
+//! produce an error of its own. Anything outside the plain form (an escape, an unknown or
+//! repeated key, a deeper `data`, bad JSON) is `None`, and the caller parses the text with
+//! `serde_json`, which also names what is wrong.
 
 /// Deepest `data` nesting followed here; deeper goes to `serde_json` (whose limit is 128).
 pub const DEPTH_MAX: usize = 32;
 
-/// One envelope's fields, borrowed from the body.
+/// One envelope's fields, borrowed from the text: what the fast path reads, and what `api`
+/// and `ws::protocol` make a draft of (`api::make_draft`) whichever way they were read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fields<'a> {
     pub channel: &'a str,
@@ -31,21 +32,22 @@ pub struct Fields<'a> {
 
 /// A body that is one envelope object (whitespace around it allowed).
 pub fn scan_one(text: &str) -> Option<Fields<'_>> {
-    let mut scan = Scanner::new(text);
-    scan.skip_ws();
-    let (fields, _) = scan.envelope(Shape::Http)?;
-    scan.skip_ws();
-    scan.at_end().then_some(fields)
+    scan_whole(text, Shape::Http).map(|(fields, _)| fields)
 }
 
 /// A WebSocket `{"op":"publish",...}` message: an envelope's fields, `op` equal to `publish`,
 /// and `ref` a string or a number when present.
 pub fn scan_ws_publish(text: &str) -> Option<WsPublish<'_>> {
+    scan_whole(text, Shape::WsPublish).map(|(fields, reference)| WsPublish { fields, reference })
+}
+
+/// A text that is one object of `shape`, whitespace around it allowed.
+fn scan_whole(text: &str, shape: Shape) -> Option<(Fields<'_>, Option<&str>)> {
     let mut scan = Scanner::new(text);
     scan.skip_ws();
-    let (fields, reference) = scan.envelope(Shape::WsPublish)?;
+    let read = scan.envelope(shape)?;
     scan.skip_ws();
-    scan.at_end().then_some(WsPublish { fields, reference })
+    scan.at_end().then_some(read)
 }
 
 /// A WebSocket publish read on the fast path.
@@ -169,10 +171,10 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string without escapes or control characters; its content. The text is UTF-8 and
-    /// the quotes are ASCII, so the slice falls on character boundaries.
-    // Inlined into each caller: most strings are keys of a few bytes, where a call's set-up
-    // (saving registers, loading the masks) cost as much as the scan (376 of 2,982
-    // instructions per event in the `parse_drafts` bench).
+    /// the quotes are ASCII, so the slice falls on character boundaries. Inlined into each
+    /// caller: most strings are keys of a few bytes, where a call's set-up (saving registers,
+    /// loading the masks) cost as much as the scan (376 of 2,982 instructions per event in the
+    /// `parse_drafts` bench).
     #[inline(always)]
     fn plain_string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
@@ -388,11 +390,11 @@ pub(crate) mod generated {
             from[self.below(from.len())]
         }
 
-        pub(crate) fn ws(&mut self) -> &'static str {
+        fn space(&mut self) -> &'static str {
             self.pick(&["", "", "", " ", "\n", "\t", "\r\n  "])
         }
 
-        pub(crate) fn string(&mut self) -> String {
+        fn string(&mut self) -> String {
             let plain = [
                 "doc.42",
                 "a",
@@ -416,7 +418,7 @@ pub(crate) mod generated {
             out
         }
 
-        pub(crate) fn value(&mut self, depth: usize) -> String {
+        fn value(&mut self, depth: usize) -> String {
             let kinds = if depth > 3 { 3 } else { 5 };
             match self.below(kinds) {
                 0 => self.string(),
@@ -433,19 +435,19 @@ pub(crate) mod generated {
                 3 => {
                     let items: Vec<String> =
                         (0..self.below(4)).map(|_| self.value(depth + 1)).collect();
-                    let sep = format!("{},{}", self.ws(), self.ws());
+                    let sep = format!("{},{}", self.space(), self.space());
                     let trailing = if self.below(12) == 0 { "," } else { "" };
-                    format!("[{}{}{}]", items.join(&sep), trailing, self.ws())
+                    format!("[{}{}{}]", items.join(&sep), trailing, self.space())
                 }
                 _ => {
                     let items: Vec<String> = (0..self.below(4))
                         .map(|_| {
                             let key = self.string();
-                            let (a, b) = (self.ws(), self.ws());
+                            let (a, b) = (self.space(), self.space());
                             format!("{key}{a}:{b}{}", self.value(depth + 1))
                         })
                         .collect();
-                    format!("{{{}{}}}", self.ws(), items.join(","))
+                    format!("{{{}{}}}", self.space(), items.join(","))
                 }
             }
         }
@@ -511,7 +513,7 @@ pub(crate) mod generated {
                             }
                         }
                     };
-                    let (a, b, c) = (self.ws(), self.ws(), self.ws());
+                    let (a, b, c) = (self.space(), self.space(), self.space());
                     fields.push(format!("{a}\"{key}\"{b}:{c}{value}"));
                 }
             }
@@ -520,7 +522,7 @@ pub(crate) mod generated {
                 let j = self.below(i + 1);
                 fields.swap(i, j);
             }
-            let (a, b) = (self.ws(), self.ws());
+            let (a, b) = (self.space(), self.space());
             format!("{a}{{{}}}{b}", fields.join(","))
         }
 

@@ -86,7 +86,7 @@ impl<M> Mesh<M> {
     /// Pushes one batch from `from` to `to`, waking `to` on the notification edge.
     pub fn try_send(&self, from: usize, to: usize, batch: Vec<M>) -> Result<(), Vec<M>> {
         debug_assert!(from != to, "a shard never sends to itself");
-        self.rings[from * self.shards + to].push(batch)?;
+        self.rings[self.pair(from, to)].push(batch)?;
         self.wake(to);
         Ok(())
     }
@@ -110,7 +110,7 @@ impl<M> Mesh<M> {
             if from == to {
                 continue;
             }
-            let pair = from * self.shards + to;
+            let pair = self.pair(from, to);
             while let Some(mut batch) = self.rings[pair].pop() {
                 batches += 1;
                 handle(from, batch.drain(..));
@@ -126,7 +126,12 @@ impl<M> Mesh<M> {
     /// An empty vector that shard `to` has emptied of a batch from `from`, for `from`'s next
     /// batch to `to`; `None` when none is waiting.
     pub fn spare(&self, from: usize, to: usize) -> Option<Vec<M>> {
-        self.spares[from * self.shards + to].pop()
+        self.spares[self.pair(from, to)].pop()
+    }
+
+    /// The index of the ordered pair in `rings` and `spares`.
+    fn pair(&self, from: usize, to: usize) -> usize {
+        from * self.shards + to
     }
 
     /// Resolves when shard `to` has been notified since it last consumed a notification.
