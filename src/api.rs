@@ -26,7 +26,9 @@ use crate::http::Response;
 use crate::metrics::{self, ErrorKind, ProcessInfo, ShardStats, Transport};
 use crate::names;
 use crate::query::{percent_decode, query_pairs};
-use crate::shard::{unix_ms, BusError, ConnCtl, PublishOutcome, PublishTicket, Shard};
+use crate::shard::{
+    unix_ms, BusError, ConnCtl, PublishOutcome, PublishOutcomes, PublishTicket, Shard,
+};
 
 /// What a request turns into.
 pub enum Reply {
@@ -673,7 +675,7 @@ impl Publishing {
 
 fn publish_response(
     shard: &Shard,
-    outcome: Result<Vec<PublishOutcome>, BusError>,
+    outcome: Result<PublishOutcomes, BusError>,
     channels: &[ByteString],
     started: std::time::Instant,
 ) -> Response {

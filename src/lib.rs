@@ -22,6 +22,7 @@
 //! - [`schedstat`]: the kernel's scheduler accounting of each shard's thread (read on a scrape).
 //! - [`names`], [`glob`], [`query`], [`cursor`], [`clock`]: small pure helpers.
 
+pub mod answers;
 pub mod api;
 pub mod auth;
 pub mod bus;

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ahash::AHashMap;
 use bytes::Bytes;
 use futures_channel::oneshot;
+use smallvec::SmallVec;
 
+use crate::answers::{AnswerKey, Answers, Awaited};
 use crate::bus::event::{Draft, Event};
 use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Since, Subscribed};
 use crate::clock::{Stamp, WallClock};
@@ -35,7 +37,13 @@ pub enum Msg {
     /// To the owner: sequence these drafts (all owned by the receiver), in order.
     Publish {
         drafts: Vec<Draft>,
-        reply: oneshot::Sender<Result<Vec<Published>, BusError>>,
+        answer: AnswerKey,
+    },
+    /// From the owner, back to the shard that sent [`Msg::Publish`]: its answer. It follows
+    /// the deliveries the publish sent the same way (one outbox queue, in order).
+    Published {
+        answer: AnswerKey,
+        outcome: OwnerAnswer,
     },
     /// To the owner: one more subscriber on `shard`; with `since`, send the missed events.
     Subscribe {
@@ -79,32 +87,60 @@ pub enum Msg {
 /// One event's outcome in a batch publish.
 pub type PublishOutcome = Result<Published, BusError>;
 
+/// Every event's outcome of one publish, in input order. Most publishes carry one event: its
+/// outcome is held inline, without a heap allocation.
+pub type PublishOutcomes = SmallVec<[PublishOutcome; 1]>;
+
+/// What the owner sequenced, one entry per draft (inline for one draft).
+type Sequenced = SmallVec<[Published; 1]>;
+
 /// What an owner shard answers for the drafts it was sent.
-type OwnerAnswer = oneshot::Receiver<Result<Vec<Published>, BusError>>;
+pub type OwnerAnswer = Result<Accepted, BusError>;
+
+/// An owner's answer on its way: a slot of this shard's [`Answers`].
+type AwaitedAnswer = Awaited<OwnerAnswer>;
+
+/// The drafts an owner sequenced, in their order. One draft's result travels inline, so the
+/// common answer (a single event) carries no vector from the owner's heap to the sender's.
+#[derive(Debug)]
+pub enum Accepted {
+    One(Published),
+    Many(Vec<Published>),
+}
+
+impl Accepted {
+    fn new(mut published: Sequenced) -> Accepted {
+        match (published.len(), published.spilled()) {
+            (1, false) => published
+                .pop()
+                .map_or(Accepted::Many(Vec::new()), Accepted::One),
+            _ => Accepted::Many(published.into_vec()),
+        }
+    }
+}
 
 /// A publish started by [`Shard::publish_start`], its owners' answers still to come.
 pub enum PublishTicket {
     /// Every draft was this shard's own.
-    Done(Vec<PublishOutcome>),
+    Done(PublishOutcomes),
     /// Every draft went to one other owner, in input order: its answer is the outcome.
-    Forwarded(OwnerAnswer),
+    Forwarded(AwaitedAnswer),
     /// Answers so far by input position, and the owners still to answer with the positions
     /// their answers fill.
     Waiting {
         answers: Vec<Option<PublishOutcome>>,
-        waiting: Vec<(Vec<usize>, OwnerAnswer)>,
+        waiting: Vec<(Vec<usize>, AwaitedAnswer)>,
     },
 }
 
 impl PublishTicket {
     /// Every draft's outcome when all the answers are here already; the ticket back otherwise.
-    pub fn try_finish(self) -> Result<Result<Vec<PublishOutcome>, BusError>, PublishTicket> {
+    pub fn try_finish(self) -> Result<Result<PublishOutcomes, BusError>, PublishTicket> {
         match self {
             PublishTicket::Done(done) => Ok(Ok(done)),
-            PublishTicket::Forwarded(mut answer) => match answer.try_recv() {
-                Ok(Some(answer)) => Ok(answer.map(all_accepted)),
-                Ok(None) => Err(PublishTicket::Forwarded(answer)),
-                Err(oneshot::Canceled) => Ok(Err(BusError::Unavailable)),
+            PublishTicket::Forwarded(mut answer) => match answer.try_take() {
+                Some(answer) => Ok(answer.map(all_accepted)),
+                None => Err(PublishTicket::Forwarded(answer)),
             },
             PublishTicket::Waiting { answers, waiting } if waiting.is_empty() => {
                 Ok(outcomes(answers))
@@ -115,28 +151,25 @@ impl PublishTicket {
 
     /// Every draft's outcome, in input order. `Err` when nothing was accepted, as if it had
     /// been refused up front.
-    pub async fn finish(self) -> Result<Vec<PublishOutcome>, BusError> {
+    pub async fn finish(self) -> Result<PublishOutcomes, BusError> {
         let (mut answers, waiting) = match self {
             PublishTicket::Done(done) => return Ok(done),
-            PublishTicket::Forwarded(answer) => {
-                return answer
-                    .await
-                    .unwrap_or(Err(BusError::Unavailable))
-                    .map(all_accepted);
-            }
+            PublishTicket::Forwarded(answer) => return answer.await.map(all_accepted),
             PublishTicket::Waiting { answers, waiting } => (answers, waiting),
         };
         for (indexes, answer) in waiting {
-            let answer = answer.await.unwrap_or(Err(BusError::Unavailable));
-            place(&mut answers, indexes, answer);
+            place(&mut answers, indexes, answer.await);
         }
         outcomes(answers)
     }
 }
 
 /// One owner's answer for a whole batch, every draft accepted.
-fn all_accepted(published: Vec<Published>) -> Vec<PublishOutcome> {
-    published.into_iter().map(Ok).collect()
+fn all_accepted(published: Accepted) -> PublishOutcomes {
+    match published {
+        Accepted::One(one) => smallvec::smallvec![Ok(one)],
+        Accepted::Many(many) => many.into_iter().map(Ok).collect(),
+    }
 }
 
 /// The shard that owns every draft's channel, when it is one shard (and there is a draft).
@@ -149,8 +182,8 @@ fn sole_owner(drafts: &[Draft], shards: usize) -> Option<usize> {
 }
 
 /// The outcomes of a publish whose every answer is in; nothing accepted is a plain refusal.
-fn outcomes(answers: Vec<Option<PublishOutcome>>) -> Result<Vec<PublishOutcome>, BusError> {
-    let answers: Vec<PublishOutcome> = answers
+fn outcomes(answers: Vec<Option<PublishOutcome>>) -> Result<PublishOutcomes, BusError> {
+    let answers: PublishOutcomes = answers
         .into_iter()
         .map(|a| a.unwrap_or(Err(BusError::Unavailable)))
         .collect();
@@ -161,14 +194,15 @@ fn outcomes(answers: Vec<Option<PublishOutcome>>) -> Result<Vec<PublishOutcome>,
 }
 
 /// Puts one owner's answer for its drafts into their input positions.
-fn place(
-    answers: &mut [Option<PublishOutcome>],
-    indexes: Vec<usize>,
-    answer: Result<Vec<Published>, BusError>,
-) {
+fn place(answers: &mut [Option<PublishOutcome>], indexes: Vec<usize>, answer: OwnerAnswer) {
     match answer {
-        Ok(published) => {
-            for (i, p) in indexes.into_iter().zip(published) {
+        Ok(Accepted::One(one)) => {
+            if let Some(&i) = indexes.first() {
+                answers[i] = Some(Ok(one));
+            }
+        }
+        Ok(Accepted::Many(many)) => {
+            for (i, p) in indexes.into_iter().zip(many) {
                 answers[i] = Some(Ok(p));
             }
         }
@@ -516,6 +550,8 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     pub stats: Arc<ShardStats>,
     pub outbox: Outbox<Msg>,
+    /// Owners' answers to the publishes this shard sent them ([`Msg::Published`]).
+    answers: Rc<Answers<OwnerAnswer>>,
     pub owned: RefCell<Owned>,
     pub local: RefCell<LocalSubs>,
     /// Event `ts` from the monotonic reading a publish already has (calibrated by
@@ -615,6 +651,7 @@ impl Shard {
             stats: shared.stats[id].clone(),
             shared,
             outbox,
+            answers: Answers::new(),
             owned: RefCell::new(Owned::new(policy, seed)),
             local: RefCell::new(LocalSubs::default()),
             wall: WallClock::new(),
@@ -754,7 +791,7 @@ impl Shard {
     /// batch: nothing of it was published. Congestion known here is checked before anything
     /// is sequenced; only an owner shard refusing its part after another part was accepted
     /// (its own rings filled meanwhile) leaves errors in that part's places.
-    pub async fn publish_each(&self, drafts: Vec<Draft>) -> Result<Vec<PublishOutcome>, BusError> {
+    pub async fn publish_each(&self, drafts: Vec<Draft>) -> Result<PublishOutcomes, BusError> {
         self.publish_start(drafts, Instant::now())?.finish().await
     }
 
@@ -778,16 +815,22 @@ impl Shard {
             sole_owner(&drafts, shards)
         };
         if sole == Some(self.id) {
-            return Ok(PublishTicket::Done(all_accepted(
-                self.publish_owned(drafts, accepted_at)?,
-            )));
+            let published = self.publish_owned(drafts, accepted_at)?;
+            return Ok(PublishTicket::Done(published.into_iter().map(Ok).collect()));
         }
         // Any congested ring refuses the whole batch up front: the owner's part would be
         // refused by `publish_owned` after other parts were already sent.
         self.refuse_if_congested()?;
         if let Some(owner) = sole {
-            let (reply, answer) = oneshot::channel();
-            self.outbox.send(owner, Msg::Publish { drafts, reply });
+            let answer = self.answers.expect();
+            let key = answer.key();
+            self.outbox.send(
+                owner,
+                Msg::Publish {
+                    drafts,
+                    answer: key,
+                },
+            );
             return Ok(PublishTicket::Forwarded(answer));
         }
         // Group by owner, remembering each draft's place in the answer.
@@ -809,11 +852,18 @@ impl Shard {
                 place(
                     &mut answers,
                     indexes,
-                    self.publish_owned(drafts, accepted_at),
+                    self.publish_owned(drafts, accepted_at).map(Accepted::new),
                 );
             } else {
-                let (reply, answer) = oneshot::channel();
-                self.outbox.send(owner, Msg::Publish { drafts, reply });
+                let answer = self.answers.expect();
+                let key = answer.key();
+                self.outbox.send(
+                    owner,
+                    Msg::Publish {
+                        drafts,
+                        answer: key,
+                    },
+                );
                 waiting.push((indexes, answer));
             }
         }
@@ -833,12 +883,12 @@ impl Shard {
     }
 
     /// Sequences drafts this shard owns, accepted at `now` (history age, route latency, `ts`).
-    fn publish_owned(&self, drafts: Vec<Draft>, now: Instant) -> Result<Vec<Published>, BusError> {
+    fn publish_owned(&self, drafts: Vec<Draft>, now: Instant) -> Result<Sequenced, BusError> {
         self.refuse_if_congested()?;
         let ts_ms = self.wall.unix_ms(now);
         let mut owned = self.owned.borrow_mut();
         let table = self.shared.table.load();
-        let mut out = Vec::with_capacity(drafts.len());
+        let mut out = Sequenced::with_capacity(drafts.len());
         for draft in &drafts {
             let published = owned.publish(draft, ts_ms, now, |shard, event| {
                 if shard == self.id {
@@ -1029,11 +1079,19 @@ impl Shard {
 
     // ----- what arrives from other shards -----
 
-    fn handle(&self, msg: Msg) {
+    fn handle(&self, from: usize, msg: Msg) {
         match msg {
             Msg::Deliver(event) => self.queue_delivery(event),
-            Msg::Publish { drafts, reply } => {
-                let _ = reply.send(self.publish_owned(drafts, Instant::now()));
+            Msg::Publish { drafts, answer } => {
+                let outcome = self
+                    .publish_owned(drafts, Instant::now())
+                    .map(Accepted::new);
+                self.outbox.send(from, Msg::Published { answer, outcome });
+            }
+            Msg::Published { answer, outcome } => {
+                if !self.answers.answer(answer, outcome) {
+                    tracing::error!(shard = self.id, from, "an answer to no publish sent");
+                }
             }
             Msg::Subscribe {
                 channel,
@@ -1100,9 +1158,9 @@ impl Shard {
         let mesh = self.shared.mesh.clone();
         loop {
             mesh.notified(self.id).await;
-            let batches = mesh.drain(self.id, |_, batch| {
+            let batches = mesh.drain(self.id, |from, batch| {
                 for msg in batch {
-                    self.handle(msg);
+                    self.handle(from, msg);
                 }
             });
             self.stats.ring_batches_received.add(batches as u64);
@@ -1467,7 +1525,9 @@ mod tests {
     #[test]
     fn a_forwarded_batch_is_its_owners_answer() {
         let duplicate = || Published::duplicate(Arc::from("c"), 7, "id-7".into());
-        let (reply, answer) = oneshot::channel();
+        let answers = Answers::new();
+        let answer = answers.expect();
+        let key = answer.key();
         let ticket = match PublishTicket::Forwarded(answer).try_finish() {
             Err(ticket) => ticket,
             Ok(outcome) => panic!(
@@ -1475,7 +1535,7 @@ mod tests {
                 outcome.map(|o| o.len())
             ),
         };
-        assert!(reply.send(Ok(vec![duplicate(), duplicate()])).is_ok());
+        assert!(answers.answer(key, Ok(Accepted::Many(vec![duplicate(), duplicate()]))));
         let outcomes = match ticket.try_finish() {
             Ok(Ok(outcomes)) => outcomes,
             _ => panic!("the answer is in: the ticket finishes with it"),
@@ -1483,38 +1543,68 @@ mod tests {
         let seqs: Vec<u64> = outcomes.iter().flatten().map(|p| p.seq).collect();
         assert_eq!(seqs, [7, 7], "one accepted outcome per draft, in order");
 
-        let (reply, answer) = oneshot::channel();
-        assert!(reply.send(Err(BusError::Congested { shard: 1 })).is_ok());
+        let answer = answers.expect();
+        assert!(answers.answer(answer.key(), Err(BusError::Congested { shard: 1 })));
         assert!(matches!(
             PublishTicket::Forwarded(answer).try_finish(),
             Ok(Err(BusError::Congested { shard: 1 }))
         ));
+        assert_eq!(answers.outstanding(), 0, "every answer taken");
+    }
 
-        let (reply, answer) = oneshot::channel::<Result<Vec<Published>, BusError>>();
-        drop(reply);
-        assert!(matches!(
-            PublishTicket::Forwarded(answer).try_finish(),
-            Ok(Err(BusError::Unavailable))
-        ));
+    #[test]
+    fn one_accepted_draft_travels_without_a_vector() {
+        let published = |seq| Published::duplicate(Arc::from("c"), seq, "x".into());
+        let one = Accepted::new(smallvec::smallvec![published(4)]);
+        assert!(matches!(&one, Accepted::One(p) if p.seq == 4));
+        let outcomes = all_accepted(one);
+        assert!(!outcomes.spilled(), "one outcome is held inline");
+        assert!(outcomes[0].as_ref().is_ok_and(|p| p.seq == 4));
+
+        let two = Accepted::new(smallvec::smallvec![published(5), published(6)]);
+        let seqs: Vec<u64> = match &two {
+            Accepted::Many(many) => many.iter().map(|p| p.seq).collect(),
+            Accepted::One(_) => panic!("two drafts answered as one"),
+        };
+        assert_eq!(seqs, [5, 6]);
+        assert!(matches!(Accepted::new(Sequenced::new()), Accepted::Many(v) if v.is_empty()));
+
+        // Placed by index: one owner's single draft among another owner's.
+        let mut answers = vec![None, None, None];
+        place(
+            &mut answers,
+            vec![1],
+            Ok(Accepted::new(smallvec::smallvec![published(9)])),
+        );
+        place(&mut answers, vec![0, 2], Ok(all_two()));
+        let seqs: Vec<u64> = answers.iter().flatten().flatten().map(|p| p.seq).collect();
+        assert_eq!(seqs, [1, 9, 2]);
+    }
+
+    fn all_two() -> Accepted {
+        Accepted::Many(vec![
+            Published::duplicate(Arc::from("a"), 1, "a1".into()),
+            Published::duplicate(Arc::from("a"), 2, "a2".into()),
+        ])
     }
 
     #[monoio::test(enable_timer = true)]
-    async fn a_forwarded_batch_finishes_with_its_owners_answer_or_its_absence() {
-        let (reply, answer) = oneshot::channel();
-        assert!(reply.send(Err(BusError::Unavailable)).is_ok());
+    async fn a_forwarded_batch_finishes_when_its_owners_answer_arrives() {
+        let answers = Answers::new();
+        let answer = answers.expect();
+        assert!(answers.answer(answer.key(), Err(BusError::Unavailable)));
         assert_eq!(
             PublishTicket::Forwarded(answer).finish().await.err(),
             Some(BusError::Unavailable)
         );
-        let (reply, answer) = oneshot::channel();
+        let answer = answers.expect();
+        let key = answer.key();
         let ticket = PublishTicket::Forwarded(answer);
+        let later = answers.clone();
         monoio::spawn(async move {
             monoio::time::sleep(Duration::from_millis(1)).await;
-            let _ = reply.send(Ok(vec![Published::duplicate(
-                Arc::from("c"),
-                3,
-                "x".into(),
-            )]));
+            let one = Published::duplicate(Arc::from("c"), 3, "x".into());
+            assert!(later.answer(key, Ok(Accepted::One(one))));
         });
         let outcomes = ticket.finish().await.expect("the owner accepted");
         assert_eq!(outcomes.len(), 1);

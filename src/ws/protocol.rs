@@ -427,7 +427,7 @@ impl Session {
     /// The reply to a finished publish of one draft.
     fn published(
         &self,
-        answer: Result<Vec<crate::shard::PublishOutcome>, BusError>,
+        answer: Result<crate::shard::PublishOutcomes, BusError>,
         reference: Option<&RawValue>,
         started: std::time::Instant,
     ) -> Result<Option<Bytes>, Refusal> {
