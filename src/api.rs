@@ -732,7 +732,7 @@ fn push_published(out: &mut Vec<u8>, p: &Published) {
     out.extend_from_slice(b"{\"channel\":\"");
     out.extend_from_slice(p.channel.as_bytes());
     out.extend_from_slice(b"\",\"seq\":");
-    crate::bus::event::push_u64(out, p.seq);
+    crate::http::codec::push_u64(out, p.seq);
     out.extend_from_slice(b",\"id\":\"");
     // Channel names and ids are validated to JSON-safe characters, generated ids are UUIDs.
     out.extend_from_slice(p.id_bytes());

@@ -18,6 +18,7 @@
 //! enforce the length limit (a stream of many long channel names can exceed it); a stream that
 //! wants its ids to be accepted back must keep `encoded_len()` within `MAX_ENCODED_LEN`.
 
+use crate::http::codec::push_u64;
 use crate::names::{self, NameError};
 use std::collections::HashSet;
 use std::fmt;
@@ -120,24 +121,6 @@ fn parse_seq(s: &str) -> Option<u64> {
     })
 }
 
-/// Appends `n` in decimal without going through `fmt`, which keeps `encode_into` free of
-/// allocation and of the formatting machinery.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    // u64::MAX has 20 digits.
-    let mut buf = [0u8; 20];
-    let mut start = buf.len();
-    for slot in buf.iter_mut().rev() {
-        // `n % 10` is below 10, so the cast cannot truncate.
-        *slot = b'0' + (n % 10) as u8;
-        start -= 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(buf.get(start..).unwrap_or_default());
-}
-
 fn decimal_len(mut n: u64) -> usize {
     let mut len = 1;
     while n >= 10 {
@@ -220,7 +203,7 @@ impl Cursor {
             out.push(b'~');
             out.extend_from_slice(epoch.as_bytes());
             out.push(b'~');
-            push_decimal(out, *seq);
+            push_u64(out, *seq);
         }
     }
 
@@ -348,7 +331,7 @@ mod tests {
             u64::MAX,
         ] {
             let mut out = Vec::new();
-            push_decimal(&mut out, n);
+            push_u64(&mut out, n);
             assert_eq!(out, n.to_string().into_bytes());
             assert_eq!(decimal_len(n), n.to_string().len());
         }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 pub use bytestring::ByteString;
 
-use crate::http::codec::json_escape_into;
+use crate::http::codec::{json_escape_into, push_u64};
 
 /// An accepted, sequenced event.
 ///
@@ -460,20 +460,6 @@ fn ws_header(opcode: u8, payload_len: usize) -> ([u8; WS_HEADER_MAX], usize) {
         header[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
         (header, 10)
     }
-}
-
-pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// Builds events for unit tests across the crate (one place, so they cannot drift apart).

@@ -144,37 +144,20 @@ pub fn write(
     head_only: bool,
     shard: usize,
 ) {
-    // Formatted on the stack: this runs once per request, publishes included.
-    let mut digits = [0u8; 20];
-    let shard_header = decimal_on_stack(&mut digits, shard);
-    let mut extra: SmallVec<[(&str, &str); 8]> = SmallVec::new();
-    extra.push(("X-Relay-Shard", shard_header));
-    for (name, value) in &response.headers {
-        extra.push((name, value));
-    }
+    let extra: SmallVec<[(&str, &str); 8]> = response
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_ref(), value.as_str()))
+        .collect();
     let head = ResponseHead {
         status: response.status,
         // Proxied responses carry the upstream's Content-Type among their headers.
         content_type: (!response.content_type.is_empty()).then_some(response.content_type),
+        relay_shard: Some(shard),
         keep_alive,
         extra_headers: &extra,
     };
     codec::write_response(out, &head, &response.body, head_only);
-}
-
-/// `n` in decimal, written into `digits`.
-fn decimal_on_stack(digits: &mut [u8; 20], n: usize) -> &str {
-    let mut at = digits.len();
-    let mut rest = n;
-    for slot in digits.iter_mut().rev() {
-        *slot = b'0' + (rest % 10) as u8;
-        at -= 1;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or("0")
 }
 
 /// Serves one accepted connection until it closes.
@@ -532,13 +515,14 @@ async fn pass_on(
     };
     // Without a length or chunks, only the close can end the body.
     let keep_alive = keep_alive && !(framing == BodyFraming::None && !head_only && !bodiless);
-    let shard_header = shard.id.to_string();
-    let mut extra: Vec<(&str, &str)> = Vec::with_capacity(headers.len() + 1);
-    extra.push(("X-Relay-Shard", &shard_header));
-    extra.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    let extra: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
     let response_head = ResponseHead {
         status,
         content_type: None,
+        relay_shard: Some(shard.id),
         keep_alive,
         extra_headers: &extra,
     };
@@ -730,9 +714,10 @@ mod tests {
     use bytes::{Bytes, BytesMut};
     use monoio::net::TcpStream;
 
-    use super::{decimal_on_stack, read_more, BodyReader, ReadTimer};
+    use super::{read_more, write, BodyReader, ReadTimer};
     use crate::config::Config;
     use crate::http::codec::{parse_head, Method, Parsed, RequestHead};
+    use crate::http::Response;
     use crate::shard::{ConnCtl, Shard, Shared};
 
     fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
@@ -853,15 +838,22 @@ mod tests {
     }
 
     #[test]
-    fn shard_numbers_are_written_in_decimal() {
-        let mut digits = [0u8; 20];
-        for (n, text) in [(0, "0"), (7, "7"), (10, "10"), (4096, "4096")] {
-            assert_eq!(decimal_on_stack(&mut digits, n), text);
+    fn every_response_names_its_shard() {
+        for (shard, text) in [(0, "0"), (7, "7"), (4096, "4096")] {
+            let mut out = Vec::new();
+            write(
+                &mut out,
+                &Response::json(202, b"{}".to_vec()),
+                true,
+                false,
+                shard,
+            );
+            let head = String::from_utf8(out).expect("a response head is text");
+            assert!(
+                head.contains(&format!("\r\nX-Relay-Shard: {text}\r\n")),
+                "shard {shard}: {head}"
+            );
         }
-        assert_eq!(
-            decimal_on_stack(&mut digits, usize::MAX),
-            usize::MAX.to_string()
-        );
     }
 
     #[test]

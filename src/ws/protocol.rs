@@ -16,10 +16,9 @@ use serde_json::value::RawValue;
 
 use super::{codec, WsConn};
 use crate::auth::Grants;
-use crate::bus::event::push_u64;
 use crate::bus::{Member, Since};
 use crate::envelope;
-use crate::http::codec::json_escape_into;
+use crate::http::codec::{json_escape_into, push_u64};
 use crate::metrics::ErrorKind;
 use crate::names;
 use crate::shard::{BusError, PublishTicket, Shard};
