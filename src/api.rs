@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -38,8 +39,8 @@ pub enum Reply {
     /// The connection becomes a WebSocket.
     WebSocket(crate::ws::WsRequest),
     /// A publish on its way to other shards: the connection may go on to the requests behind
-    /// it and writes this one's response, in its place, once [`Publishing::response`] gives it.
-    Publishing(Box<Publishing>),
+    /// it and writes this one's response, in its place, once [`Publishing::poll_response`] gives it.
+    Publishing(Publishing),
 }
 
 impl From<Response> for Reply {
@@ -646,11 +647,11 @@ fn publish(shard: &Rc<Shard>, ctl: &ConnCtl, head: &RequestHead, body: Bytes) ->
     };
     match ticket.try_finish() {
         Ok(outcome) => publish_response(shard, outcome, &channels, started).into(),
-        Err(ticket) => Reply::Publishing(Box::new(Publishing {
+        Err(ticket) => Reply::Publishing(Publishing {
             ticket,
             channels,
             started,
-        })),
+        }),
     }
 }
 
@@ -662,14 +663,12 @@ pub struct Publishing {
 }
 
 impl Publishing {
-    /// The response, once every owner has answered.
-    pub async fn response(self, shard: &Shard) -> Response {
-        let Publishing {
-            ticket,
-            channels,
-            started,
-        } = self;
-        publish_response(shard, ticket.finish().await, &channels, started)
+    /// The response, once every owner has answered (see [`PublishTicket::poll_finish`]: the
+    /// connection polls it in place, without a future of its own for the wait).
+    pub fn poll_response(&mut self, cx: &mut Context<'_>, shard: &Shard) -> Poll<Response> {
+        self.ticket
+            .poll_finish(cx)
+            .map(|outcome| publish_response(shard, outcome, &self.channels, self.started))
     }
 }
 

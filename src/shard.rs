@@ -12,10 +12,11 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ahash::AHashMap;
@@ -151,16 +152,38 @@ impl PublishTicket {
 
     /// Every draft's outcome, in input order. `Err` when nothing was accepted, as if it had
     /// been refused up front.
-    pub async fn finish(self) -> Result<PublishOutcomes, BusError> {
-        let (mut answers, waiting) = match self {
-            PublishTicket::Done(done) => return Ok(done),
-            PublishTicket::Forwarded(answer) => return answer.await.map(all_accepted),
-            PublishTicket::Waiting { answers, waiting } => (answers, waiting),
-        };
-        for (indexes, answer) in waiting {
-            place(&mut answers, indexes, answer.await);
+    pub async fn finish(mut self) -> Result<PublishOutcomes, BusError> {
+        poll_fn(|cx| self.poll_finish(cx)).await
+    }
+
+    /// [`PublishTicket::finish`] as a poll, for a caller that keeps the ticket in its own
+    /// state (a connection with pipelined publishes) instead of holding a future for it: the
+    /// waiting costs the caller no state of its own. Each owner's answer is placed as it
+    /// arrives; ready once every one is in. Not to be polled again after it was ready.
+    pub fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<PublishOutcomes, BusError>> {
+        match self {
+            PublishTicket::Done(done) => Poll::Ready(Ok(std::mem::take(done))),
+            PublishTicket::Forwarded(answer) => Pin::new(answer)
+                .poll(cx)
+                .map(|answer| answer.map(all_accepted)),
+            PublishTicket::Waiting { answers, waiting } => {
+                let mut at = 0;
+                while at < waiting.len() {
+                    match Pin::new(&mut waiting[at].1).poll(cx) {
+                        Poll::Ready(answer) => {
+                            let (indexes, _) = waiting.swap_remove(at);
+                            place(answers, indexes, answer);
+                        }
+                        Poll::Pending => at += 1,
+                    }
+                }
+                if waiting.is_empty() {
+                    Poll::Ready(outcomes(std::mem::take(answers)))
+                } else {
+                    Poll::Pending
+                }
+            }
         }
-        outcomes(answers)
     }
 }
 
@@ -1609,6 +1632,80 @@ mod tests {
         let outcomes = ticket.finish().await.expect("the owner accepted");
         assert_eq!(outcomes.len(), 1);
         assert!(outcomes[0].as_ref().is_ok_and(|p| p.seq == 3));
+    }
+
+    /// Counts its wake-ups, for polling a ticket by hand.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_batch_of_two_owners_finishes_in_input_order_whichever_answers_first() {
+        let answers = Answers::new();
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let published = |seq| Published::duplicate(Arc::from("c"), seq, "x".into());
+
+        // Drafts 0 and 2 to one owner, 1 to another, 3 sequenced here already.
+        let (first, second) = (answers.expect(), answers.expect());
+        let (first_key, second_key) = (first.key(), second.key());
+        let mut ticket = PublishTicket::Waiting {
+            answers: vec![None, None, None, Some(Ok(published(40)))],
+            waiting: vec![(vec![0, 2], first), (vec![1], second)],
+        };
+        assert!(ticket.poll_finish(&mut cx).is_pending());
+        assert!(answers.answer(second_key, Ok(Accepted::One(published(11)))));
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "the answer wakes the ticket"
+        );
+        assert!(
+            ticket.poll_finish(&mut cx).is_pending(),
+            "one owner still to answer"
+        );
+        let both = Accepted::Many(vec![published(10), published(12)]);
+        assert!(answers.answer(first_key, Ok(both)));
+        let outcomes = match ticket.poll_finish(&mut cx) {
+            Poll::Ready(Ok(outcomes)) => outcomes,
+            other => panic!(
+                "every owner answered, yet {:?}",
+                other.map(|o| o.map(|o| o.len()))
+            ),
+        };
+        let seqs: Vec<u64> = outcomes.iter().flatten().map(|p| p.seq).collect();
+        assert_eq!(seqs, [10, 11, 12, 40]);
+        assert_eq!(answers.outstanding(), 0);
+
+        // An owner that refused leaves errors in its places; a batch refused whole is an error.
+        let (first, second) = (answers.expect(), answers.expect());
+        assert!(answers.answer(first.key(), Err(BusError::Congested { shard: 1 })));
+        assert!(answers.answer(second.key(), Ok(Accepted::One(published(5)))));
+        let mut ticket = PublishTicket::Waiting {
+            answers: vec![None, None],
+            waiting: vec![(vec![0], first), (vec![1], second)],
+        };
+        match ticket.poll_finish(&mut cx) {
+            Poll::Ready(Ok(outcomes)) => {
+                assert!(matches!(outcomes[0], Err(BusError::Congested { shard: 1 })));
+                assert!(outcomes[1].as_ref().is_ok_and(|p| p.seq == 5));
+            }
+            _ => panic!("both answered: ready with one refusal"),
+        }
+        let refused = answers.expect();
+        assert!(answers.answer(refused.key(), Err(BusError::Congested { shard: 1 })));
+        let mut ticket = PublishTicket::Waiting {
+            answers: vec![None],
+            waiting: vec![(vec![0], refused)],
+        };
+        assert!(matches!(
+            ticket.poll_finish(&mut cx),
+            Poll::Ready(Err(BusError::Congested { shard: 1 }))
+        ));
     }
 
     #[monoio::test(enable_timer = true)]

@@ -12,6 +12,7 @@
 //! one request's head and body.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -385,7 +386,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
 
 /// A pipelined publish waiting for other shards, and whether its connection carries on.
 struct Pending {
-    answer: Box<api::Publishing>,
+    answer: api::Publishing,
     keep_alive: bool,
 }
 
@@ -396,21 +397,18 @@ async fn answer_publishes(
     pending: &mut VecDeque<Pending>,
     output: &mut Vec<u8>,
 ) -> bool {
-    if pending.is_empty() {
-        return true;
-    }
-    // Boxed: the wait would otherwise add its state to every connection's future at rest.
-    Box::pin(async {
-        while let Some(Pending { answer, keep_alive }) = pending.pop_front() {
-            let response = answer.response(shard).await;
-            write(output, &response, keep_alive, false, shard.id);
-            if !keep_alive {
-                return false;
-            }
+    // Polled in place rather than awaited as a future of its own: the wait adds only these
+    // references to the connection's future, which therefore needs no box for it.
+    while let Some(front) = pending.front_mut() {
+        let response = poll_fn(|cx| front.answer.poll_response(cx, shard)).await;
+        let keep_alive = front.keep_alive;
+        pending.pop_front();
+        write(output, &response, keep_alive, false, shard.id);
+        if !keep_alive {
+            return false;
         }
-        true
-    })
-    .await
+    }
+    true
 }
 
 /// Whether the request's whole body (if any) is in `input` after its head.
