@@ -189,23 +189,46 @@ impl<T> Drop for Awaited<T> {
     }
 }
 
+/// A waker that counts its wake-ups, for tests that poll answers by hand (here and in
+/// `shard`).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::task::Wake;
+    use std::task::{Wake, Waker};
 
-    struct CountWakes(AtomicUsize);
+    #[derive(Default)]
+    pub(crate) struct CountWakes(AtomicUsize);
+
+    impl CountWakes {
+        pub(crate) fn new() -> Arc<CountWakes> {
+            Arc::default()
+        }
+
+        pub(crate) fn waker(self: &Arc<Self>) -> Waker {
+            Waker::from(self.clone())
+        }
+
+        pub(crate) fn count(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
     impl Wake for CountWakes {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::CountWakes;
+    use super::*;
+    use std::sync::Arc;
 
     fn poll<T>(awaited: &mut Awaited<T>, wakes: &Arc<CountWakes>) -> Poll<T> {
-        let waker = Waker::from(wakes.clone());
-        Pin::new(awaited).poll(&mut Context::from_waker(&waker))
+        Pin::new(awaited).poll(&mut Context::from_waker(&wakes.waker()))
     }
 
     #[test]
@@ -213,15 +236,11 @@ mod tests {
         let answers = Answers::new();
         let (mut a, mut b) = (answers.expect(), answers.expect());
         assert_ne!(a.key(), b.key());
-        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let wakes = CountWakes::new();
         assert!(poll(&mut a, &wakes).is_pending());
         assert!(poll(&mut b, &wakes).is_pending());
         assert!(answers.answer(b.key(), "for b"));
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "only b's waiter is woken"
-        );
+        assert_eq!(wakes.count(), 1, "only b's waiter is woken");
         assert_eq!(a.try_take(), None, "a is still waiting");
         assert_eq!(poll(&mut b, &wakes), Poll::Ready("for b"));
         assert!(answers.answer(a.key(), "for a"));
@@ -293,14 +312,11 @@ mod tests {
     fn a_waiter_polled_again_is_woken_once_with_its_latest_waker() {
         let answers = Answers::new();
         let mut awaited = answers.expect();
-        let (old, new) = (
-            Arc::new(CountWakes(AtomicUsize::new(0))),
-            Arc::new(CountWakes(AtomicUsize::new(0))),
-        );
+        let (old, new) = (CountWakes::new(), CountWakes::new());
         assert!(poll(&mut awaited, &old).is_pending());
         assert!(poll(&mut awaited, &new).is_pending());
         assert!(answers.answer(awaited.key(), ()));
-        assert_eq!(old.0.load(Ordering::Relaxed), 0);
-        assert_eq!(new.0.load(Ordering::Relaxed), 1);
+        assert_eq!(old.count(), 0);
+        assert_eq!(new.count(), 1);
     }
 }

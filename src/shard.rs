@@ -845,16 +845,7 @@ impl Shard {
         // refused by `publish_owned` after other parts were already sent.
         self.refuse_if_congested()?;
         if let Some(owner) = sole {
-            let answer = self.answers.expect();
-            let key = answer.key();
-            self.outbox.send(
-                owner,
-                Msg::Publish {
-                    drafts,
-                    answer: key,
-                },
-            );
-            return Ok(PublishTicket::Forwarded(answer));
+            return Ok(PublishTicket::Forwarded(self.send_to_owner(owner, drafts)));
         }
         // Group by owner, remembering each draft's place in the answer.
         let mut groups: Vec<(Vec<usize>, Vec<Draft>)> =
@@ -878,19 +869,24 @@ impl Shard {
                     self.publish_owned(drafts, accepted_at).map(Accepted::new),
                 );
             } else {
-                let answer = self.answers.expect();
-                let key = answer.key();
-                self.outbox.send(
-                    owner,
-                    Msg::Publish {
-                        drafts,
-                        answer: key,
-                    },
-                );
-                waiting.push((indexes, answer));
+                waiting.push((indexes, self.send_to_owner(owner, drafts)));
             }
         }
         Ok(PublishTicket::Waiting { answers, waiting })
+    }
+
+    /// Sends `drafts` to their owner, with the slot its answer will fill.
+    fn send_to_owner(&self, owner: usize, drafts: Vec<Draft>) -> AwaitedAnswer {
+        let answer = self.answers.expect();
+        let key = answer.key();
+        self.outbox.send(
+            owner,
+            Msg::Publish {
+                drafts,
+                answer: key,
+            },
+        );
+        answer
     }
 
     /// Refuses new publishes (counted) while the outbox toward any other shard is congested:
@@ -1634,19 +1630,11 @@ mod tests {
         assert!(outcomes[0].as_ref().is_ok_and(|p| p.seq == 3));
     }
 
-    /// Counts its wake-ups, for polling a ticket by hand.
-    struct Wakes(std::sync::atomic::AtomicUsize);
-    impl std::task::Wake for Wakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     #[test]
     fn a_batch_of_two_owners_finishes_in_input_order_whichever_answers_first() {
         let answers = Answers::new();
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
+        let wakes = crate::answers::testing::CountWakes::new();
+        let waker = wakes.waker();
         let mut cx = Context::from_waker(&waker);
         let published = |seq| Published::duplicate(Arc::from("c"), seq, "x".into());
 
@@ -1659,11 +1647,7 @@ mod tests {
         };
         assert!(ticket.poll_finish(&mut cx).is_pending());
         assert!(answers.answer(second_key, Ok(Accepted::One(published(11)))));
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "the answer wakes the ticket"
-        );
+        assert_eq!(wakes.count(), 1, "the answer wakes the ticket");
         assert!(
             ticket.poll_finish(&mut cx).is_pending(),
             "one owner still to answer"
