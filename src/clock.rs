@@ -20,18 +20,6 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// Nanoseconds from the clock's epoch to `at` (0 before it; 64 bits last 584 years), in
-/// 64-bit arithmetic. An event keeps its acceptance this way, so that the latency of each of
-/// its deliveries is one subtraction instead of an `Instant` difference (a normalising
-/// seconds-and-nanoseconds subtraction and a 128-bit conversion), per subscriber.
-pub fn nanos(at: Instant) -> u64 {
-    let elapsed = at.saturating_duration_since(epoch());
-    elapsed
-        .as_secs()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::from(elapsed.subsec_nanos()))
-}
-
 /// A point on the monotonic clock, in microseconds since the epoch plus one; `Stamp::NONE`
 /// (zero) stands for "no time".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -147,28 +135,6 @@ fn micros(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nanos_measure_the_same_spans_as_instants() {
-        let _ = Stamp::now();
-        let start = Instant::now();
-        for span in [
-            0u64,
-            1,
-            999,
-            1_000_000_001,
-            7_000_000_123,
-            86_400_000_000_000,
-        ] {
-            let later = start + Duration::from_nanos(span);
-            assert_eq!(nanos(later) - nanos(start), span, "{span} ns");
-        }
-        assert_eq!(nanos(epoch()), 0);
-        let before = epoch().checked_sub(Duration::from_secs(1));
-        if let Some(before) = before {
-            assert_eq!(nanos(before), 0, "before the epoch is the epoch");
-        }
-    }
 
     #[test]
     fn deadlines_never_come_early_and_none_never_comes() {

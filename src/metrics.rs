@@ -176,48 +176,6 @@ fn bucket_index(ns: u64) -> usize {
     idx
 }
 
-/// Observations gathered on the stack and recorded into a [`Histogram`] at once
-/// ([`Histogram::record_batch`]): a write of many events to one subscriber touches the shared
-/// count and sum once, and each bucket once, instead of all three per event.
-#[derive(Debug)]
-pub struct HistogramBatch {
-    buckets: [u64; HISTOGRAM_BUCKETS],
-    count: u64,
-    sum_ns: u64,
-    /// The buckets in use are within `low..=high` (a batch's latencies are close together:
-    /// recording it touches only those).
-    low: usize,
-    high: usize,
-}
-
-impl Default for HistogramBatch {
-    fn default() -> Self {
-        HistogramBatch {
-            buckets: [0; HISTOGRAM_BUCKETS],
-            count: 0,
-            sum_ns: 0,
-            low: HISTOGRAM_BUCKETS,
-            high: 0,
-        }
-    }
-}
-
-impl HistogramBatch {
-    #[inline]
-    pub fn add_ns(&mut self, ns: u64) {
-        let index = bucket_index(ns);
-        self.buckets[index] += 1;
-        self.low = self.low.min(index);
-        self.high = self.high.max(index);
-        self.count += 1;
-        self.sum_ns = self.sum_ns.wrapping_add(ns);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-}
-
 /// Latency histogram with fixed bucket bounds in seconds (Prometheus `le`):
 /// 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
 /// 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, +Inf.
@@ -256,33 +214,6 @@ impl Histogram {
             .store(self.sum_ns.load(Relaxed).wrapping_add(ns), Relaxed);
         let b = &self.buckets[bucket_index(ns)];
         b.store(b.load(Relaxed).wrapping_add(1), Release);
-    }
-
-    /// Records every observation of `batch`, as [`Histogram::record_ns`] would one by one.
-    /// Owner shard only.
-    pub fn record_batch(&self, batch: &HistogramBatch) {
-        if batch.count == 0 {
-            return;
-        }
-        // The same order as `record_ns`: a snapshot never sees more in the buckets than in
-        // the count.
-        self.count
-            .store(self.count.load(Relaxed).wrapping_add(batch.count), Relaxed);
-        self.sum_ns.store(
-            self.sum_ns.load(Relaxed).wrapping_add(batch.sum_ns),
-            Relaxed,
-        );
-        let used = batch.low..=batch.high;
-        let (Some(buckets), Some(counts)) =
-            (self.buckets.get(used.clone()), batch.buckets.get(used))
-        else {
-            return;
-        };
-        for (bucket, &n) in buckets.iter().zip(counts) {
-            if n > 0 {
-                bucket.store(bucket.load(Relaxed).wrapping_add(n), Release);
-            }
-        }
     }
 
     /// Records a [`Duration`] (saturating at `u64::MAX` ns). Owner shard only.
@@ -1257,40 +1188,6 @@ mod tests {
         }
         assert_eq!(bucket_index(10_000_000_001), HISTOGRAM_BUCKETS - 1);
         assert_eq!(bucket_index(u64::MAX), HISTOGRAM_BUCKETS - 1);
-    }
-
-    #[test]
-    fn a_batch_records_what_its_observations_would_one_by_one() {
-        let (one_by_one, batched) = (Histogram::new(), Histogram::new());
-        one_by_one.record_ns(3);
-        batched.record_ns(3);
-        let mut batch = HistogramBatch::default();
-        batched.record_batch(&batch);
-        assert_eq!(
-            batched.snapshot().count,
-            1,
-            "an empty batch records nothing"
-        );
-        let mut v: u64 = 1;
-        while v < 20_000_000_000 {
-            one_by_one.record_ns(v);
-            batch.add_ns(v);
-            v = v * 3 / 2 + 7;
-        }
-        batched.record_batch(&batch);
-        let (a, b) = (one_by_one.snapshot(), batched.snapshot());
-        assert_eq!(a.buckets, b.buckets);
-        assert_eq!((a.count, a.sum_ns), (b.count, b.sum_ns));
-        assert_eq!(batch.count() + 1, b.count);
-
-        // A narrow batch (the usual one: a write's events are close in age).
-        let mut narrow = HistogramBatch::default();
-        for ns in [30_000, 40_000, 45_000] {
-            narrow.add_ns(ns);
-            one_by_one.record_ns(ns);
-        }
-        batched.record_batch(&narrow);
-        assert_eq!(one_by_one.snapshot().buckets, batched.snapshot().buckets);
     }
 
     #[test]

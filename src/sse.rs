@@ -508,12 +508,12 @@ async fn write_loop(
                 let now = Instant::now();
                 let stats = &shard.stats;
                 stats.events_delivered.add(batch.len() as u64);
-                let now_ns = crate::clock::nanos(now);
-                let mut latencies = crate::metrics::HistogramBatch::default();
                 for (event, _) in batch.iter().filter(|(_, live)| *live) {
-                    latencies.add_ns(now_ns.saturating_sub(event.accepted_ns));
+                    let ns = now.saturating_duration_since(event.accepted_at).as_nanos();
+                    stats
+                        .route_duration
+                        .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
                 }
-                stats.route_duration.record_batch(&latencies);
                 batch.clear();
             }
             continue;

@@ -26,11 +26,8 @@ pub struct Event {
     pub channel: Arc<str>,
     pub epoch: Epoch,
     pub seq: u64,
-    /// When the owner accepted it: history's age.
+    /// When the owner accepted it: the start of `relay_event_route_duration_seconds`.
     pub accepted_at: Instant,
-    /// The same moment as [`crate::clock::nanos`]: the start of
-    /// `relay_event_route_duration_seconds`, which each delivery measures.
-    pub accepted_ns: u64,
     /// `[room][frame header][{"op":"event",][envelope after its brace]`, see [`Event::encode`].
     wire: Vec<u8>,
     /// The frame is `wire[ws_start..]`, the envelope `{` and then `wire[body_start..]`.
@@ -189,7 +186,6 @@ impl Event {
             epoch: stamp.epoch,
             seq: stamp.seq,
             accepted_at: stamp.accepted_at,
-            accepted_ns: 0,
             wire: Vec::new(),
             ws_start: 0,
             body_start: 0,
@@ -219,7 +215,6 @@ impl Event {
         self.epoch = stamp.epoch;
         self.seq = stamp.seq;
         self.accepted_at = stamp.accepted_at;
-        self.accepted_ns = crate::clock::nanos(stamp.accepted_at);
         let estimate = WS_HEADER_MAX
             + WS_EVENT_PREFIX.len()
             + 128
@@ -683,20 +678,13 @@ mod tests {
         let names_held = Arc::strong_count(&old.channel);
         // No larger than the event before it: both allocations are reused as they are, and
         // the channel's name is not let go of and taken again.
-        let later = at + std::time::Duration::from_millis(3);
-        let next = Event::encode_reusing(Some(old), &draft("2"), &stamp(epoch, 2, "b", later));
+        let next = Event::encode_reusing(Some(old), &draft("2"), &stamp(epoch, 2, "b", at));
         assert_eq!(
             (Arc::as_ptr(&next), next.wire.as_ptr()),
             (old_event, old_wire)
         );
-        assert_eq!(
-            (next.accepted_at, next.accepted_ns),
-            (later, crate::clock::nanos(later)),
-            "the reused event is stamped anew, in both forms"
-        );
         assert_eq!(Arc::strong_count(&next.channel), names_held);
-        let fresh = Event::encode(&draft("2"), epoch, 2, "b", 2, later);
-        assert_eq!(fresh.accepted_ns, crate::clock::nanos(later));
+        let fresh = Event::encode(&draft("2"), epoch, 2, "b", 2, at);
         assert_eq!(
             next.ws_frame(),
             fresh.ws_frame(),

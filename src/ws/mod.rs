@@ -38,7 +38,7 @@ use crate::bus::event::Event;
 use crate::bus::{Since, Sink, Subscribed};
 use crate::clock::Stamp;
 use crate::config::{Config, SlowConsumerPolicy};
-use crate::metrics::{ws_close_slot, HistogramBatch, ShardStats, Transport};
+use crate::metrics::{ws_close_slot, ShardStats, Transport};
 use crate::park::{self, Resume};
 use crate::shard::{ConnCtl, Shard};
 use codec::{FrameReader, Message};
@@ -646,16 +646,19 @@ impl FrameBatch {
     /// just read for the write, where a list of samples of its own was one more buffer, long
     /// cold, touched per write.
     fn record_delivered(&self, stats: &ShardStats, written_at: Instant) -> bool {
-        let written_ns = crate::clock::nanos(written_at);
-        let mut latencies = HistogramBatch::default();
+        let mut delivered = 0;
         for frame in &self.frames {
             if let Frame::Event(event, true) = frame {
-                latencies.add_ns(written_ns.saturating_sub(event.accepted_ns));
+                delivered += 1;
+                let ns = written_at
+                    .saturating_duration_since(event.accepted_at)
+                    .as_nanos();
+                stats
+                    .route_duration
+                    .record_ns(u64::try_from(ns).unwrap_or(u64::MAX));
             }
         }
-        let delivered = latencies.count();
         if delivered > 0 {
-            stats.route_duration.record_batch(&latencies);
             stats.events_delivered.add(delivered);
         }
         delivered > 0
