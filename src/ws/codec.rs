@@ -725,9 +725,21 @@ pub fn push_header(out: &mut Vec<u8>, opcode: u8, payload_len: usize) {
 /// One complete text frame, ready to share between many subscribers' write queues.
 /// `payload` must be UTF-8; it is not re-checked here.
 pub fn text_frame(payload: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(payload.len() + 10);
+    // Exactly the frame's size: `Bytes` takes a vector whose length is its capacity as it is,
+    // and any other with one more allocation for a shared header.
+    let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_text(&mut out, payload);
+    debug_assert_eq!(out.len(), out.capacity());
     Bytes::from(out)
+}
+
+/// The length of a server frame's header (no mask) for `payload_len` bytes of payload.
+fn header_len(payload_len: usize) -> usize {
+    match payload_len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
 }
 
 /// Appends a text frame. `payload` must be UTF-8; it is not re-checked here.
@@ -1638,6 +1650,18 @@ mod tests {
         let frame = text_frame(&big);
         assert_eq!(&frame[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert_eq!(frame.len(), 70_010);
+    }
+
+    #[test]
+    fn a_text_frame_is_built_at_its_exact_size() {
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let mut header = Vec::new();
+            push_header(&mut header, OPCODE_TEXT, len);
+            assert_eq!(header_len(len), header.len(), "{len}");
+            let frame = text_frame(&vec![b'a'; len]);
+            assert_eq!(frame.len(), header.len() + len, "{len}");
+            assert_eq!(&frame[..header.len()], &header[..], "{len}");
+        }
     }
 
     #[test]

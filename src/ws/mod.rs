@@ -1026,6 +1026,11 @@ async fn read_loop(side: &mut ReadSide, mut receive_first: bool) -> Stopped {
                         codec::Decoded::Partial => break,
                         codec::Decoded::Message(message) => {
                             side.heard(now);
+                            if let Message::Text(text) = &message {
+                                if side.session.publish_at_once(text, now) {
+                                    continue;
+                                }
+                            }
                             let handled = handle_message(&mut side.session, message, now);
                             if !Box::pin(handled).await {
                                 return Stopped::Closed;
@@ -1613,6 +1618,41 @@ mod tests {
         assert!(!c.only_events_pending());
         assert_eq!(drain(&c), ["pong"]);
         assert_eq!(c.out.borrow().frames_queued, 0);
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn a_plain_publish_is_answered_at_once_and_anything_else_is_left_to_handle() {
+        let config = Arc::new(Config::default());
+        let registry = crate::registry::control::initial_registry(&config, 1).unwrap();
+        let shard = Shard::new(
+            0,
+            Arc::new(crate::shard::Shared::new(config.clone(), 1, registry)),
+        );
+        let c = Rc::new(conn(&config));
+        let grants = crate::auth::Principal::open().grants;
+        let mut session = protocol::Session::new(shard.clone(), c.clone(), grants);
+        let now = Instant::now();
+        let text = |s: &str| Bytes::copy_from_slice(s.as_bytes());
+
+        let publish = r#"{"op":"publish","ref":7,"channel":"a","type":"t","data":{"n":1}}"#;
+        assert!(session.publish_at_once(&text(publish), now));
+        assert_eq!(drain(&c), ["published"]);
+        assert_eq!(shard.stats.ws_messages_received.get(), 1);
+
+        // Refused (no channel): answered at once too, with the error.
+        let refused = r#"{"op":"publish","channel":"","type":"t","data":1}"#;
+        assert!(session.publish_at_once(&text(refused), now));
+        assert_eq!(drain(&c), ["error"]);
+
+        for other in [
+            r#"{"op":"subscribe","channel":"a"}"#,
+            r#"{"op":"publish","channel":"a\u0062","type":"t","data":1}"#,
+            "not json",
+        ] {
+            assert!(!session.publish_at_once(&text(other), now), "{other}");
+        }
+        assert!(drain(&c).is_empty(), "nothing done for what goes to handle");
+        assert_eq!(shard.stats.ws_messages_received.get(), 2);
     }
 
     #[test]

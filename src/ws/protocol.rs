@@ -231,19 +231,62 @@ impl Session {
         text: &Bytes,
         arrived: std::time::Instant,
     ) {
-        let ticket = match self.start_publish(fields, text, arrived) {
-            Ok(ticket) => ticket,
-            Err(refusal) => {
-                self.settle().await;
-                return self.send(Err(refusal), reference);
-            }
+        if let Err(refusal) = self.begin_publish(fields, reference, text, arrived) {
+            self.settle().await;
+            return self.send(Err(refusal), reference);
+        }
+        let max = self.shard.config().limits.max_publishes_in_flight;
+        while self.in_flight.len() > max {
+            self.answer_oldest().await;
+        }
+    }
+
+    /// A publish in the plain form handled without waiting, when nothing is in flight before
+    /// it: it is answered now, or it becomes the one publish in flight (within any
+    /// `limits.max_publishes_in_flight`, which is at least 1). False, with nothing done, for
+    /// any other message, which goes to [`Session::handle`]. The connection's reader calls
+    /// this first, so that the usual publish costs it no future of its own (`handle`'s is
+    /// boxed, a read loop's state being kept small).
+    pub fn publish_at_once(&mut self, text: &Bytes, arrived: std::time::Instant) -> bool {
+        if !self.in_flight.is_empty() {
+            return false;
+        }
+        let Some(fast) = std::str::from_utf8(text)
+            .ok()
+            .and_then(envelope::scan_ws_publish)
+        else {
+            return false;
         };
+        let Ok(reference) = fast.reference.map(serde_json::from_str).transpose() else {
+            return false;
+        };
+        let reference: Option<&RawValue> = reference;
+        self.shard.stats.ws_messages_received.inc();
+        let fields = PublishFields::from(fast.fields);
+        // Nothing is in flight, so a refusal has nothing to wait for.
+        if let Err(refusal) = self.begin_publish(fields, reference, text, arrived) {
+            self.send(Err(refusal), reference);
+        }
+        true
+    }
+
+    /// Starts a publish: answered now when nothing is in flight before it and every owner
+    /// answered already, else queued in flight. `Err` when it was refused before it started.
+    fn begin_publish(
+        &mut self,
+        fields: PublishFields<'_>,
+        reference: Option<&RawValue>,
+        text: &Bytes,
+        arrived: std::time::Instant,
+    ) -> Result<(), Refusal> {
+        let ticket = self.start_publish(fields, text, arrived)?;
         // Answered here and now only when no earlier publish is still waiting.
         let ticket = if self.in_flight.is_empty() {
             match ticket.try_finish() {
                 Ok(answer) => {
                     let outcome = self.published(answer, reference, arrived);
-                    return self.send(outcome, reference);
+                    self.send(outcome, reference);
+                    return Ok(());
                 }
                 Err(ticket) => ticket,
             }
@@ -255,10 +298,7 @@ impl Session {
             reference: reference.map(ToOwned::to_owned),
             started: arrived,
         });
-        let max = self.shard.config().limits.max_publishes_in_flight;
-        while self.in_flight.len() > max {
-            self.answer_oldest().await;
-        }
+        Ok(())
     }
 
     /// Waits for every publish under way and sends their replies, in order.
