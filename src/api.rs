@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::auth::Principal;
-use crate::bus::event::{ByteString, Draft};
+use crate::bus::event::{ByteString, Draft, Drafts};
 use crate::bus::Published;
 use crate::cursor::Cursor;
 use crate::envelope;
@@ -506,7 +506,7 @@ struct DraftIn<'a> {
 const FREE_TEXT_MAX: usize = 256;
 
 /// Parses a publish body (one envelope or an array of them) into drafts.
-pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
+pub fn parse_drafts(body: &Bytes) -> Result<Drafts, String> {
     let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
@@ -539,8 +539,8 @@ pub fn parse_drafts(body: &Bytes) -> Result<Vec<Draft>, String> {
         // serde_json reads the same fields wherever `scan_one` reads them, so a refusal of
         // its fields by `make_draft` is the answer either way.
         match envelope::scan_one(text) {
-            Some(fields) => Ok(vec![make_draft(body, fields)?]),
-            None => Ok(vec![draft_from(body, text)?]),
+            Some(fields) => Ok(smallvec::smallvec![make_draft(body, fields)?]),
+            None => Ok(smallvec::smallvec![draft_from(body, text)?]),
         }
     }
 }
@@ -966,6 +966,7 @@ mod tests {
         let body = Bytes::from_static(br#"{"channel":"doc.1","type":"t","data":{"a" : [1, 2]}}"#);
         let drafts = parse_drafts(&body).unwrap();
         assert_eq!(drafts.len(), 1);
+        assert!(!drafts.spilled(), "one draft is held inline, without a vector");
         assert_eq!(&drafts[0].data[..], br#"{"a" : [1, 2]}"#);
         let body = Bytes::from_static(
             br#" [{"channel":"a","type":"t","data":1,"id":"x-1"},{"channel":"b","type":"u","data":"s","source":"sift"}]"#,

@@ -25,7 +25,7 @@ use futures_channel::oneshot;
 use smallvec::SmallVec;
 
 use crate::answers::{AnswerKey, Answers, Awaited};
-use crate::bus::event::{Draft, Event};
+use crate::bus::event::{Draft, Drafts, Event};
 use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Since, Subscribed};
 use crate::clock::{Stamp, WallClock};
 use crate::config::Config;
@@ -815,7 +815,9 @@ impl Shard {
     /// is sequenced; only an owner shard refusing its part after another part was accepted
     /// (its own rings filled meanwhile) leaves errors in that part's places.
     pub async fn publish_each(&self, drafts: Vec<Draft>) -> Result<PublishOutcomes, BusError> {
-        self.publish_start(drafts, Instant::now())?.finish().await
+        self.publish_start(Drafts::from_vec(drafts), Instant::now())?
+            .finish()
+            .await
     }
 
     /// The first half of [`Shard::publish_each`]: sequences this shard's part now and sends
@@ -826,7 +828,7 @@ impl Shard {
     /// caller has read the clock already): the events this shard owns carry it.
     pub fn publish_start(
         &self,
-        drafts: Vec<Draft>,
+        drafts: Drafts,
         accepted_at: Instant,
     ) -> Result<PublishTicket, BusError> {
         let shards = self.shards();
@@ -838,13 +840,14 @@ impl Shard {
             sole_owner(&drafts, shards)
         };
         if sole == Some(self.id) {
-            let published = self.publish_owned(drafts, accepted_at)?;
+            let published = self.publish_owned(&drafts, accepted_at)?;
             return Ok(PublishTicket::Done(published.into_iter().map(Ok).collect()));
         }
         // Any congested ring refuses the whole batch up front: the owner's part would be
         // refused by `publish_owned` after other parts were already sent.
         self.refuse_if_congested()?;
         if let Some(owner) = sole {
+            let drafts = drafts.into_vec();
             return Ok(PublishTicket::Forwarded(self.send_to_owner(owner, drafts)));
         }
         // Group by owner, remembering each draft's place in the answer.
@@ -866,7 +869,7 @@ impl Shard {
                 place(
                     &mut answers,
                     indexes,
-                    self.publish_owned(drafts, accepted_at).map(Accepted::new),
+                    self.publish_owned(&drafts, accepted_at).map(Accepted::new),
                 );
             } else {
                 waiting.push((indexes, self.send_to_owner(owner, drafts)));
@@ -902,13 +905,13 @@ impl Shard {
     }
 
     /// Sequences drafts this shard owns, accepted at `now` (history age, route latency, `ts`).
-    fn publish_owned(&self, drafts: Vec<Draft>, now: Instant) -> Result<Sequenced, BusError> {
+    fn publish_owned(&self, drafts: &[Draft], now: Instant) -> Result<Sequenced, BusError> {
         self.refuse_if_congested()?;
         let ts_ms = self.wall.unix_ms(now);
         let mut owned = self.owned.borrow_mut();
         let table = self.shared.table.load();
         let mut out = Sequenced::with_capacity(drafts.len());
-        for draft in &drafts {
+        for draft in drafts {
             let published = owned.publish(draft, ts_ms, now, |shard, event| {
                 if shard == self.id {
                     self.queue_delivery(event.clone());
@@ -1103,7 +1106,7 @@ impl Shard {
             Msg::Deliver(event) => self.queue_delivery(event),
             Msg::Publish { drafts, answer } => {
                 let outcome = self
-                    .publish_owned(drafts, Instant::now())
+                    .publish_owned(&drafts, Instant::now())
                     .map(Accepted::new);
                 self.outbox.send(from, Msg::Published { answer, outcome });
             }

@@ -57,6 +57,11 @@ pub struct Draft {
     pub correlation_id: Option<Box<str>>,
 }
 
+/// The drafts of one publish, in order. Most publishes carry one event: it is held inline, so
+/// a single-event publish allocates no vector for it (one sent to another shard still goes in
+/// a `Vec`, the mesh's message).
+pub type Drafts = smallvec::SmallVec<[Draft; 1]>;
+
 const WS_EVENT_PREFIX: &[u8] = b"{\"op\":\"event\",";
 /// Where the id starts in the envelope body (the envelope after its opening brace).
 const BODY_ID_AT: usize = b"\"id\":\"".len();

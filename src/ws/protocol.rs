@@ -459,7 +459,7 @@ impl Session {
         let draft =
             crate::api::make_draft(text, fields).map_err(|e| refuse(code::BAD_REQUEST, e))?;
         self.shard
-            .publish_start(vec![draft], accepted_at)
+            .publish_start(smallvec::smallvec![draft], accepted_at)
             .map_err(bus_refusal)
     }
 
