@@ -966,7 +966,10 @@ mod tests {
         let body = Bytes::from_static(br#"{"channel":"doc.1","type":"t","data":{"a" : [1, 2]}}"#);
         let drafts = parse_drafts(&body).unwrap();
         assert_eq!(drafts.len(), 1);
-        assert!(!drafts.spilled(), "one draft is held inline, without a vector");
+        assert!(
+            !drafts.spilled(),
+            "one draft is held inline, without a vector"
+        );
         assert_eq!(&drafts[0].data[..], br#"{"a" : [1, 2]}"#);
         let body = Bytes::from_static(
             br#" [{"channel":"a","type":"t","data":1,"id":"x-1"},{"channel":"b","type":"u","data":"s","source":"sift"}]"#,
