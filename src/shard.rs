@@ -110,12 +110,10 @@ pub enum Accepted {
 }
 
 impl Accepted {
-    fn new(mut published: Sequenced) -> Accepted {
-        match (published.len(), published.spilled()) {
-            (1, false) => published
-                .pop()
-                .map_or(Accepted::Many(Vec::new()), Accepted::One),
-            _ => Accepted::Many(published.into_vec()),
+    fn new(published: Sequenced) -> Accepted {
+        match published.into_inner() {
+            Ok([one]) => Accepted::One(one),
+            Err(published) => Accepted::Many(published.into_vec()),
         }
     }
 }

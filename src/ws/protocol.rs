@@ -101,6 +101,14 @@ impl<'a> From<envelope::Fields<'a>> for PublishFields<'a> {
     }
 }
 
+/// A publish in the plain form, read by the fast path (`envelope`): its fields and `ref`.
+fn plain_publish(source: &str) -> Option<(PublishFields<'_>, Option<&RawValue>)> {
+    let fast = envelope::scan_ws_publish(source)?;
+    // The fast path read `ref` as a string or a number, so it is JSON and valid.
+    let reference = fast.reference.map(serde_json::from_str).transpose().ok()?;
+    Some((PublishFields::from(fast.fields), reference))
+}
+
 /// The request's channel, present and a valid name.
 fn checked_channel(channel: Option<&str>) -> Result<&str, Refusal> {
     let channel = channel.ok_or_else(|| refuse(code::BAD_REQUEST, "channel is required"))?;
@@ -167,10 +175,11 @@ impl Session {
             self.settle().await;
             return self.error(None, code::BAD_REQUEST, "message is not UTF-8");
         };
-        if let Some(fast) = envelope::scan_ws_publish(source) {
-            // The fast path read `ref` as a string or a number, so it is JSON and valid.
-            if let Ok(reference) = fast.reference.map(serde_json::from_str).transpose() {
-                let fields = PublishFields::from(fast.fields);
+        // With nothing in flight, [`Session::publish_at_once`] (which the reader calls first)
+        // has already found this is not a plain publish; serde_json reads a plain one the same
+        // way in any case.
+        if !self.in_flight.is_empty() {
+            if let Some((fields, reference)) = plain_publish(source) {
                 return self.publish(fields, reference, &text, arrived).await;
             }
         }
@@ -251,18 +260,11 @@ impl Session {
         if !self.in_flight.is_empty() {
             return false;
         }
-        let Some(fast) = std::str::from_utf8(text)
-            .ok()
-            .and_then(envelope::scan_ws_publish)
+        let Some((fields, reference)) = std::str::from_utf8(text).ok().and_then(plain_publish)
         else {
             return false;
         };
-        let Ok(reference) = fast.reference.map(serde_json::from_str).transpose() else {
-            return false;
-        };
-        let reference: Option<&RawValue> = reference;
         self.shard.stats.ws_messages_received.inc();
-        let fields = PublishFields::from(fast.fields);
         // Nothing is in flight, so a refusal has nothing to wait for.
         if let Err(refusal) = self.begin_publish(fields, reference, text, arrived) {
             self.send(Err(refusal), reference);
