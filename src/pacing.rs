@@ -164,10 +164,23 @@ impl Pacer {
         }
     }
 
+    /// The current hold interval; zero while the shard is not busy.
+    pub fn hold_interval(&self) -> Duration {
+        self.control.get().hold()
+    }
+
+    /// Sets the hold interval as if the shard had grown it to `hold`.
+    #[cfg(test)]
+    pub fn set_hold(&self, hold: Duration) {
+        let mut control = self.control.get();
+        control.hold = hold;
+        self.control.set(control);
+    }
+
     /// When a connection that last wrote at `last_write` may write next: `None` means now.
     pub fn due(&self, last_write: Instant, now: Instant) -> Option<Instant> {
         self.measure(now);
-        let hold = self.control.get().hold();
+        let hold = self.hold_interval();
         if hold.is_zero() {
             return None;
         }
