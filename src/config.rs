@@ -313,8 +313,8 @@ pub struct DeliveryConfig {
     /// write then carries every event of the last milliseconds, which is what keeps a shard
     /// writing to thousands of busy subscribers out of its syscall limit. The hold only grows
     /// this far on a shard that stays saturated, where it is what lets fan-out keep up
-    /// (measured on the build machine: 5.6 M deliveries/s at p99 40 ms with 20 ms, against
-    /// 3.5 M/s at 8 ms; see docs/performance.md, the hold round).
+    /// (measured on the build machine: 6.2 M deliveries/s at p99 <= 100 ms with 20 ms,
+    /// against 3.5-5.6 M/s with 8 ms; see docs/performance.md, the hold round).
     pub max_hold_us: u64,
     /// Holds grow while the shard's thread has work (running, or ready and waiting for a CPU)
     /// more than this share of the time, and shrink below 0.85 of it, 10..=100. Default 90: pacing is for a shard near saturation; one at
