@@ -45,6 +45,13 @@ pub struct Config {
     pub shards: usize,
     /// I/O driver. Default `auto`: io_uring where the kernel allows it, else epoll.
     pub driver: Driver,
+    /// Pin shard `i` to the `i`-th CPU the process may run on. Default true: on a node whose
+    /// cores are relay's, each shard keeps its core and its caches. False lets the kernel
+    /// place and move the shard threads, for hosts where other busy threads share relay's CPUs
+    /// (a load generator on the same cores, containers without exclusive cores): measured
+    /// with 2 shards and the load generator on two shared cores, `channels` median 83-85 µs
+    /// against 128-131 µs pinned (docs/performance.md, the hold round).
+    pub pin_shards: bool,
     /// tracing filter directive (`EnvFilter` syntax). Default `info`: lifecycle events without
     /// per-message noise.
     pub log: String,
@@ -86,6 +93,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8004)),
             shards: 0,
             driver: Driver::Auto,
+            pin_shards: true,
             log: "info".to_string(),
             auth: AuthConfig::default(),
             history: HistoryConfig::default(),
@@ -785,6 +793,7 @@ enum Kind {
     Int { max: u64 },
     Str,
     StrList,
+    Bool,
     Choice(&'static [&'static str]),
 }
 
@@ -820,6 +829,7 @@ const SETTINGS: &[Setting] = &[
     s("", "listen", Kind::Addr),
     s("", "shards", USIZE),
     s("", "driver", DRIVERS),
+    s("", "pin_shards", Kind::Bool),
     s("", "log", Kind::Str),
     s("auth", "jwt_secret", Kind::Str),
     s("auth", "api_keys", Kind::StrList),
@@ -927,6 +937,11 @@ fn parse_value(kind: Kind, raw: &str) -> Result<toml::Value, String> {
                 .map(|item| toml::Value::String(item.trim().to_string()))
                 .collect(),
         )),
+        Kind::Bool => match raw.trim() {
+            "true" => Ok(toml::Value::Boolean(true)),
+            "false" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("invalid value {raw:?}: expected true or false")),
+        },
         Kind::Choice(choices) => {
             let value = raw.trim();
             if choices.contains(&value) {
@@ -2284,6 +2299,29 @@ mod tests {
     }
 
     #[test]
+    fn pin_shards_comes_from_file_and_env_and_a_bad_value_is_named() {
+        assert!(Config::default().pin_shards);
+        assert!(
+            !load_file("pin_shards = false\n", &[], &[])
+                .expect("file")
+                .pin_shards
+        );
+        let c = load_file("pin_shards = false\n", &[], &[("RELAY_PIN_SHARDS", "true")])
+            .expect("env beats the file");
+        assert!(c.pin_shards);
+        let err = run(&[], &[("RELAY_PIN_SHARDS", "yes")]).expect_err("not a bool");
+        assert_eq!(
+            err.to_string(),
+            "environment RELAY_PIN_SHARDS: invalid value \"yes\": expected true or false"
+        );
+        let (_, shown) = file_error("pin_shards = \"no\"\n");
+        assert!(
+            shown.starts_with("relay.toml:1: key `pin_shards`: invalid type"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn bad_env_var_is_named() {
         let err = run(&[], &[("RELAY_SHARDS", "abc")]).expect_err("bad shards");
         assert_eq!(
@@ -2622,6 +2660,7 @@ history_ttl_s = 30
                 (Kind::Int { .. }, toml::Value::Integer(_)) => true,
                 (Kind::Str | Kind::Addr, toml::Value::String(_)) => true,
                 (Kind::StrList, toml::Value::Array(_)) => true,
+                (Kind::Bool, toml::Value::Boolean(_)) => true,
                 (Kind::Choice(choices), toml::Value::String(s)) => choices.contains(&s.as_str()),
                 _ => false,
             };

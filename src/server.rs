@@ -161,7 +161,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let mut threads = Vec::with_capacity(shards);
     for (id, std_listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
-        let core = cores.get(id % cores.len().max(1)).copied();
+        let core = match config.pin_shards {
+            true => cores.get(id % cores.len().max(1)).copied(),
+            false => None,
+        };
         let ready = ready_tx.clone();
         let driver = config.driver;
         let thread = std::thread::Builder::new()

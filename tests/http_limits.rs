@@ -27,6 +27,7 @@ both_drivers!(
     print_config,
     bad_env_variable_is_refused,
     raises_its_open_file_limit,
+    shards_are_pinned_unless_pin_shards_is_false,
 );
 
 const LIMITS_TOML: &str =
@@ -553,4 +554,73 @@ fn raises_its_open_file_limit(driver: &str) {
     );
     // And it serves.
     assert_eq!(server.get("/healthz").status, 200);
+}
+
+/// The CPUs a thread may run on (`Cpus_allowed_list` of its `/proc/.../status`).
+fn cpus_allowed(status_path: &str) -> String {
+    let status =
+        std::fs::read_to_string(status_path).unwrap_or_else(|e| panic!("read {status_path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no Cpus_allowed_list in {status_path}"))
+}
+
+/// (name, allowed CPUs) of each `relay-shard-N` thread of the server.
+fn shard_threads(server: &Server) -> Vec<(String, String)> {
+    let task_dir = format!("/proc/{}/task", server.child.id());
+    let mut shards: Vec<(String, String)> = std::fs::read_dir(&task_dir)
+        .unwrap_or_else(|e| panic!("read {task_dir}: {e}"))
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let name = name.trim().to_string();
+            name.starts_with("relay-shard-").then(|| {
+                let status = path.join("status");
+                (name, cpus_allowed(status.to_str().expect("utf-8 path")))
+            })
+        })
+        .collect();
+    shards.sort();
+    shards
+}
+
+/// By default each shard runs on one CPU of its own (of those the process may use); with
+/// `RELAY_PIN_SHARDS=false` (`pin_shards = false`) every shard may run on all of them. Both
+/// serve.
+fn shards_are_pinned_unless_pin_shards_is_false(driver: &str) {
+    let process_cpus = cpus_allowed("/proc/self/status");
+    let one_cpu = !process_cpus.contains(['-', ',']);
+
+    let pinned = Server::start(driver, &[]);
+    let shards = shard_threads(&pinned);
+    assert_eq!(shards.len(), 2, "two shard threads: {shards:?}");
+    if one_cpu {
+        assert!(
+            shards.iter().all(|(_, cpus)| *cpus == process_cpus),
+            "{shards:?}"
+        );
+    } else {
+        assert!(
+            shards.iter().all(|(_, cpus)| !cpus.contains(['-', ','])),
+            "each shard on one CPU, the process on {process_cpus}: {shards:?}"
+        );
+        assert_ne!(
+            shards[0].1, shards[1].1,
+            "two CPUs for two shards: {shards:?}"
+        );
+    }
+    assert_eq!(pinned.get("/healthz").status, 200);
+
+    let unpinned = Server::start_adjusted(driver, &[], |cmd| {
+        cmd.env("RELAY_PIN_SHARDS", "false");
+    });
+    let shards = shard_threads(&unpinned);
+    assert_eq!(shards.len(), 2, "two shard threads: {shards:?}");
+    assert!(
+        shards.iter().all(|(_, cpus)| *cpus == process_cpus),
+        "each shard on every CPU of the process ({process_cpus}): {shards:?}"
+    );
+    assert_eq!(unpinned.get("/healthz").status, 200);
 }
