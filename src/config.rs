@@ -15,7 +15,7 @@
 //! [`load_from_process`], which is `main`'s convenience wrapper.
 //!
 //! Environment scheme: `RELAY_<KEY>` for top-level keys (`RELAY_LISTEN`, `RELAY_SHARDS`,
-//! `RELAY_DRIVER`, `RELAY_LOG`), `RELAY_<SECTION>_<KEY>` for every scalar of every table section
+//! `RELAY_DRIVER`, `RELAY_PIN_SHARDS`, `RELAY_LOG`), `RELAY_<SECTION>_<KEY>` for every scalar of every table section
 //! (`RELAY_HISTORY_SIZE`, `RELAY_LIMITS_MAX_CONNECTIONS`, `RELAY_AUTH_API_KEYS=k1,k2` ...), and
 //! `RELAY_CONFIG` for the file path. `[[subsystems]]` and `[[channels]]` are file-only.
 
@@ -745,8 +745,8 @@ const AFTER_HELP: &str = "\
 Settings are layered: built-in defaults < config file < RELAY_* environment < flags.
 
 Every key of a table in the config file can also be set in the environment:
-RELAY_<KEY> for top-level keys (RELAY_LISTEN, RELAY_SHARDS, RELAY_DRIVER, RELAY_LOG) and
-RELAY_<SECTION>_<KEY> for keys in a section, e.g. RELAY_HISTORY_SIZE=5000,
+RELAY_<KEY> for top-level keys (RELAY_LISTEN, RELAY_SHARDS, RELAY_DRIVER, RELAY_PIN_SHARDS,
+RELAY_LOG) and RELAY_<SECTION>_<KEY> for keys in a section, e.g. RELAY_HISTORY_SIZE=5000,
 RELAY_LIMITS_MAX_CONNECTIONS=50000, RELAY_AUTH_API_KEYS=key1,key2 (comma-separated).
 [[subsystems]] and [[channels]] are file-only. `relay --print-config` lists every key.";
 
