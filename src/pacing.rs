@@ -169,6 +169,11 @@ impl Pacer {
         self.control.get().hold()
     }
 
+    /// Whether some writer is held now.
+    pub fn holding(&self) -> bool {
+        !self.held.borrow().is_empty()
+    }
+
     /// Sets the hold interval as if the shard had grown it to `hold`.
     #[cfg(test)]
     pub fn set_hold(&self, hold: Duration) {

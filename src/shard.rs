@@ -1216,13 +1216,16 @@ impl Shard {
     /// (see [`LocalSubs::deliver_batch`]). What is queued is bounded by what one round can
     /// publish or take from the rings; it is emptied every round.
     ///
-    /// Except while write pacing holds writes (the shard is saturated): then it gathers the
-    /// events of an eighth of the hold before offering them. An offer visits every
-    /// subscriber of the channel, and a held subscriber writes only when its hold ends, so
-    /// offering every round's two or three events visited each subscriber again and again
-    /// for little (at 3.5 M deliveries/s, 1,200-1,650 rounds a second: `offer_many` was 14%
-    /// of the shard's core). Gathering delays an event by at most that eighth of the hold
-    /// (2.5 ms at the default 20 ms), and never holds more than [`GATHER_EVENTS_MAX`] events.
+    /// Except while write pacing holds writes (the shard is saturated and some writer is
+    /// held): then it gathers the events of an eighth of the hold before offering them. An
+    /// offer visits every subscriber of the channel, and a held subscriber writes only when
+    /// its hold ends, so offering every round's two or three events visited each subscriber
+    /// again and again for little (at 3.5 M deliveries/s, 1,200-1,650 rounds a second:
+    /// `offer_many` was 14% of the shard's core). Gathering delays an event by at most that
+    /// eighth of the hold (2.5 ms at the default 20 ms), and never holds more than
+    /// [`GATHER_EVENTS_MAX`] events. A busy shard whose subscribers are all quiet (many
+    /// channels, a few events each) holds no writer and does not gather: there every event
+    /// is written at once, and a gathering would only have delayed it.
     pub async fn deliverer(self: Rc<Self>) {
         let mut batch: Vec<Arc<Event>> = Vec::new();
         let mut behind: Vec<Waker> = Vec::new();
@@ -1240,7 +1243,7 @@ impl Shard {
         loop {
             waiting_for(1).await;
             let gather = self.pacer.hold_interval() / GATHER_SHARE_OF_HOLD;
-            if !gather.is_zero() {
+            if !gather.is_zero() && self.pacer.holding() {
                 self.gathering.set(true);
                 // Answers waiting for these deliveries need not wait for the gathering.
                 std::mem::take(&mut *self.behind_deliveries.borrow_mut())
@@ -1729,12 +1732,25 @@ mod tests {
         ));
     }
 
+    /// Holds a writer (no release task runs in these tests, so it stays held).
+    fn hold_a_writer(shard: &Shard) {
+        let ctl = Rc::new(ConnCtl::new(99, "127.0.0.1:1".parse().unwrap(), false));
+        shard
+            .pacer
+            .hold(&ctl, Instant::now() + Duration::from_secs(60));
+    }
+
     #[monoio::test(enable_timer = true)]
     async fn under_write_pacing_deliveries_gather_and_answers_do_not_wait_for_them() {
         let shard = test_shard();
         let log = subscribed(&shard, 2).await;
-        // The deliverer gathers for an eighth of this: 100 ms.
+        // A busy shard whose subscribers are not held does not gather.
         shard.pacer.set_hold(Duration::from_millis(800));
+        publish_then_answer(&shard, &log).await;
+        assert_eq!(*log.borrow(), names(&[], 0..2, &["answer"]));
+        log.borrow_mut().clear();
+        // Once a writer is held, the deliverer gathers for an eighth of the hold: 100 ms.
+        hold_a_writer(&shard);
         publish_then_answer(&shard, &log).await;
         monoio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(*log.borrow(), names(&["answer"], 0..0, &[]));
@@ -1753,6 +1769,7 @@ mod tests {
         let log = subscribed(&shard, 2).await;
         // A gathering of a second.
         shard.pacer.set_hold(Duration::from_secs(8));
+        hold_a_writer(&shard);
         for seq in 1..GATHER_EVENTS_MAX as u64 {
             shard.queue_delivery(crate::bus::event::testing::event("c", seq, "t"));
         }
