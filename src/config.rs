@@ -15,9 +15,10 @@
 //! [`load_from_process`], which is `main`'s convenience wrapper.
 //!
 //! Environment scheme: `RELAY_<KEY>` for top-level keys (`RELAY_LISTEN`, `RELAY_SHARDS`,
-//! `RELAY_DRIVER`, `RELAY_PIN_SHARDS`, `RELAY_LOG`), `RELAY_<SECTION>_<KEY>` for every scalar of every table section
-//! (`RELAY_HISTORY_SIZE`, `RELAY_LIMITS_MAX_CONNECTIONS`, `RELAY_AUTH_API_KEYS=k1,k2` ...), and
-//! `RELAY_CONFIG` for the file path. `[[subsystems]]` and `[[channels]]` are file-only.
+//! `RELAY_DRIVER`, `RELAY_PIN_SHARDS`, `RELAY_LOG`), `RELAY_<SECTION>_<KEY>` for every scalar
+//! of every table section (`RELAY_HISTORY_SIZE`, `RELAY_LIMITS_MAX_CONNECTIONS`,
+//! `RELAY_AUTH_API_KEYS=k1,k2` ...), and `RELAY_CONFIG` for the file path. `[[subsystems]]`
+//! and `[[channels]]` are file-only.
 
 use std::collections::HashMap;
 use std::ffi::OsString;

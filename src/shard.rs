@@ -1246,9 +1246,7 @@ impl Shard {
             if !gather.is_zero() && self.pacer.holding() {
                 self.gathering.set(true);
                 // Answers waiting for these deliveries need not wait for the gathering.
-                std::mem::take(&mut *self.behind_deliveries.borrow_mut())
-                    .into_iter()
-                    .for_each(Waker::wake);
+                self.release_answers(&mut behind);
                 monoio::select! {
                     _ = monoio::time::sleep(gather) => {}
                     _ = waiting_for(GATHER_EVENTS_MAX) => {}
@@ -1257,15 +1255,19 @@ impl Shard {
             }
             std::mem::swap(&mut *self.deliveries.borrow_mut(), &mut batch);
             // Woken after the writers that the first offers woke, so they run after those.
-            let answers = || {
-                std::mem::swap(&mut *self.behind_deliveries.borrow_mut(), &mut behind);
-                behind.drain(..).for_each(Waker::wake);
-            };
+            let answers = || self.release_answers(&mut behind);
             self.local
                 .borrow()
                 .deliver_batch(&mut batch, DELIVERIES_BEFORE_ANSWERS, answers);
             batch.clear();
         }
+    }
+
+    /// Wakes the tasks waiting in [`Shard::local_deliveries_first`], through `spare` (the
+    /// deliverer's own vector, so that the waiting list keeps its buffer).
+    fn release_answers(&self, spare: &mut Vec<Waker>) {
+        std::mem::swap(&mut *self.behind_deliveries.borrow_mut(), spare);
+        spare.drain(..).for_each(Waker::wake);
     }
 
     /// Lets this round's local deliveries reach the kernel before what the caller writes next
