@@ -300,8 +300,10 @@ impl Default for SseConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
-    /// Milliseconds between server pings on a quiet connection, >= 100; announced to clients in
-    /// `welcome.heartbeat_ms`. Default 25000: under common proxy idle timeouts (30-60 s).
+    /// Milliseconds between server pings on every connection, busy or quiet, >= 100; announced
+    /// to clients in `welcome.heartbeat_ms`. Default 25000: under common proxy idle timeouts
+    /// (30-60 s), and well under `limits.idle_timeout_s`, which a client that only listens
+    /// meets by answering the pings.
     pub heartbeat_ms: u64,
 }
 

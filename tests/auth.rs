@@ -20,6 +20,7 @@ both_drivers!(
     channels_claim_limits_subscribing,
     publish_claim_limits_publishing,
     token_expiry_closes_with_1008,
+    token_expiry_ends_a_backlogged_connection,
     api_keys_guard_publish_and_admin,
     open_endpoints_stay_open,
     jwt_and_api_keys_are_separate,
@@ -429,6 +430,72 @@ fn token_expiry_closes_with_1008(driver: &str) {
     let t = token("eve", json!({}));
     let mut c = WsClient::open_with(server.addr, &ws_path(&t), &[]);
     c.assert_alive("a fresh token after the expiry");
+}
+
+/// A connection whose writer always has more queued (a client far behind) never goes quiet:
+/// its token's expiry is checked between its writes, not only once it has caught up.
+fn token_expiry_ends_a_backlogged_connection(driver: &str) {
+    let server = Server::start_with_config(
+        driver,
+        &format!(
+            "{JWT_ONLY}[limits]\noutbound_queue_messages = 100000\n\
+             outbound_queue_bytes = 67108864\n"
+        ),
+    );
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let exp = (now_ms + 2000).div_ceil(1000);
+    let t = sign_with(SECRET, &json!({"sub":"eve","exp":exp}));
+    let mut c = WsClient::try_open_on(small_rcvbuf_stream(server.addr), &ws_path(&t), &[])
+        .unwrap_or_else(|r| panic!("a token valid for 2 more seconds should be accepted, got {r}"));
+    c.welcome();
+    c.subscribe("late.c");
+    wait_subscribers(server.addr, &[("late.c", 1)]);
+    // 8000 events of 2 KB (16 MB) while the client does not read: a backlog several times what
+    // the kernel buffers between relay and the client hold (up to 4 MB here).
+    let data = format!("\"{}\"", "x".repeat(2000));
+    let mut conn = Conn::open(server.addr);
+    for batch in 0..160 {
+        let items: Vec<String> = (0..50)
+            .map(|_| event_json("late.c", "big", &data))
+            .collect();
+        let r = conn.publish(&format!("[{}]", items.join(",")));
+        assert_eq!(r.status, 202, "batch {batch}: {r}");
+    }
+    // Read an event a millisecond (8 s or more for all of them): the token expires 2-3 s after
+    // it was made, with more than half of the backlog still queued in relay.
+    let mut events = 0u64;
+    let ended = loop {
+        match c.next_frame(Duration::from_secs(10)) {
+            Ok(f) if f.opcode == OP_TEXT => {
+                events += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(f) if f.opcode == OP_CLOSE => break Some(f.close_code()),
+            Ok(f) => panic!("reading the backlog: unexpected frame {f:?} after {events} events"),
+            Err(WsReadError::Timeout) => {
+                panic!("reading the backlog: nothing for 10 s after {events} events")
+            }
+            // The queue did not drain within the close's linger: cut without a close frame.
+            Err(_) => break None,
+        }
+    };
+    assert!(
+        events < 8000,
+        "the token expired 2-3 s into an 8 s backlog: the connection should end before the \
+         backlog does, but all 8000 events came first (then {ended:?})"
+    );
+    if let Some((code, reason)) = ended {
+        assert_eq!(
+            code, 1008,
+            "token expiry closes with 1008, got {code} {reason:?}"
+        );
+    }
+    let t = token("eve", json!({}));
+    let mut c = WsClient::open_with(server.addr, &ws_path(&t), &[]);
+    c.assert_alive("a fresh token after a backlogged connection's expired");
 }
 
 // ---------------------------------------------------------------------------------------------

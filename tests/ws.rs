@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -43,6 +42,8 @@ both_drivers!(
     client_close_is_echoed,
     bad_upgrades,
     server_pings_a_quiet_connection,
+    a_listener_on_a_busy_channel_is_pinged_and_kept,
+    a_backlogged_writer_pings_between_its_writes,
     idle_connection_is_closed,
     idle_sides_park_and_wake,
     slow_consumer_is_closed_with_1013,
@@ -213,21 +214,6 @@ fn closes_by_code(server: &Server) -> String {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A client socket with a tiny receive buffer (for slow-consumer tests).
-fn small_rcvbuf_stream(server: &Server) -> TcpStream {
-    let sock =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    sock.connect_timeout(&server.addr.into(), Duration::from_secs(5))
-        .expect("connect");
-    let stream: TcpStream = sock.into();
-    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
 }
 
 /// Publishes 2 KB events on `channel` in batches of 50 until `relay_slow_consumer_drops_total`
@@ -1409,6 +1395,126 @@ fn server_pings_a_quiet_connection(driver: &str) {
     c.assert_alive("after answering pings");
 }
 
+/// Reads frames until `until`, answering pings with pongs (what any WebSocket client does, and
+/// all this client ever sends); returns (events, pings). A close or EOF fails the test.
+fn listen_answering_pings(c: &mut WsClient, until: Instant, what: &str) -> (u64, u64) {
+    let (mut events, mut pings) = (0, 0);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (events, pings);
+        }
+        match c.next_frame(left) {
+            Ok(f) if f.opcode == OP_PING => {
+                pings += 1;
+                c.send_frame(true, OP_PONG, &f.payload);
+            }
+            Ok(f) if f.opcode == OP_TEXT => {
+                let v: Value = serde_json::from_slice(&f.payload)
+                    .unwrap_or_else(|e| panic!("{what}: a text frame that is not JSON: {e}"));
+                assert_eq!(v["op"], "event", "{what}: only events expected: {v}");
+                events += 1;
+            }
+            Ok(f) if f.opcode == OP_CLOSE => {
+                panic!(
+                    "{what}: closed after {events} events and {pings} pings: {:?}",
+                    f.close_code()
+                )
+            }
+            Ok(f) => panic!("{what}: unexpected frame {f:?}"),
+            Err(WsReadError::Timeout) => return (events, pings),
+            Err(e) => panic!("{what}: the connection ended after {events} events: {e:?}"),
+        }
+    }
+}
+
+/// A client that only listens speaks only to answer pings, so pings must go out however often
+/// events do: without them it would be closed as idle while receiving.
+fn a_listener_on_a_busy_channel_is_pinged_and_kept(driver: &str) {
+    let server = Server::start_with_config(
+        driver,
+        "[limits]\nidle_timeout_s = 1\n[websocket]\nheartbeat_ms = 200\n",
+    );
+    let mut c = WsClient::open(server.addr);
+    c.subscribe("busy.c");
+    wait_subscribers(server.addr, &[("busy.c", 1)]);
+    let addr = server.addr;
+    // An event every 50 ms for 2.5 s: the writer is never quiet for a heartbeat.
+    let publisher = std::thread::spawn(move || {
+        let mut conn = Conn::open(addr);
+        for i in 0..50 {
+            let r = conn.publish(&event_json("busy.c", "tick", &i.to_string()));
+            assert_eq!(r.status, 202, "publish {i}: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let what = "a subscriber that only answers pings, events every 50 ms, heartbeat_ms = 200, \
+                idle_timeout_s = 1";
+    let (events, pings) =
+        listen_answering_pings(&mut c, Instant::now() + Duration::from_millis(3000), what);
+    publisher.join().expect("publisher thread");
+    assert_eq!(events, 50, "{what}: every event arrives");
+    assert!(
+        pings >= 5,
+        "{what}: about one ping per 200 ms over 3 s, got {pings}"
+    );
+    c.assert_alive("the listener, kept open by its pongs through 3 s of events");
+    assert_serving(&server, "after a busy listener");
+}
+
+/// A writer that finishes each write with more queued (a client catching up) never goes quiet:
+/// its pings go out between its writes.
+fn a_backlogged_writer_pings_between_its_writes(driver: &str) {
+    let server = Server::start_with_config(
+        driver,
+        "[limits]\noutbound_queue_messages = 100000\noutbound_queue_bytes = 67108864\n\
+         [websocket]\nheartbeat_ms = 100\n",
+    );
+    let stream = small_rcvbuf_stream(server.addr);
+    let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
+        .unwrap_or_else(|r| panic!("slow client upgrade: {r}"));
+    slow.welcome();
+    slow.subscribe("backlog.c");
+    wait_subscribers(server.addr, &[("backlog.c", 1)]);
+    // 3000 events of 2 KB while the client does not read: a backlog the kernel buffers cannot
+    // hold, so the writer has more queued after every write until the client has caught up.
+    let data = format!("\"{}\"", "x".repeat(2000));
+    let mut conn = Conn::open(server.addr);
+    for batch in 0..60 {
+        let items: Vec<String> = (0..50)
+            .map(|_| event_json("backlog.c", "big", &data))
+            .collect();
+        let r = conn.publish(&format!("[{}]", items.join(",")));
+        assert_eq!(r.status, 202, "batch {batch}: {r}");
+    }
+    // Catch up at about 10 events a millisecond (at least 300 ms in all), answering pings.
+    let (mut events, mut pings_during) = (0u64, 0u64);
+    while events < 3000 {
+        let f = slow.next_frame(READ_TIMEOUT).unwrap_or_else(|e| {
+            panic!("catching up: after {events} of 3000 events the stream stopped: {e:?}")
+        });
+        match f.opcode {
+            OP_PING => {
+                pings_during += u64::from(events > 0);
+                slow.send_frame(true, OP_PONG, &f.payload);
+            }
+            OP_TEXT => {
+                events += 1;
+                if events % 10 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            _ => panic!("catching up: unexpected frame {f:?} after {events} events"),
+        }
+    }
+    assert!(
+        pings_during >= 1,
+        "heartbeat_ms = 100: a writer 300 ms or more behind its client pings between its writes, \
+         got no ping between the first and the last of 3000 events"
+    );
+    slow.assert_alive("the client after catching up");
+}
+
 fn idle_connection_is_closed(driver: &str) {
     let server = Server::start_with_config(driver, "[limits]\nidle_timeout_s = 1\n");
     let mut silent = WsClient::open(server.addr);
@@ -1501,7 +1607,7 @@ fn slow_consumer_is_closed_with_1013(driver: &str) {
         driver,
         "[limits]\noutbound_queue_messages = 32\nslow_consumer = \"close\"\n",
     );
-    let stream = small_rcvbuf_stream(&server);
+    let stream = small_rcvbuf_stream(server.addr);
     let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
         .unwrap_or_else(|r| panic!("slow client upgrade: {r}"));
     slow.welcome();
@@ -1582,7 +1688,7 @@ fn slow_consumer_drop_oldest_sends_gap(driver: &str) {
         driver,
         "[limits]\noutbound_queue_messages = 32\nslow_consumer = \"drop_oldest\"\n",
     );
-    let stream = small_rcvbuf_stream(&server);
+    let stream = small_rcvbuf_stream(server.addr);
     let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
         .unwrap_or_else(|r| panic!("slow client upgrade: {r}"));
     slow.welcome();
@@ -1665,7 +1771,7 @@ fn stalled_reader_catches_up_intact(driver: &str) {
         driver,
         "[limits]\noutbound_queue_messages = 100000\noutbound_queue_bytes = 67108864\n",
     );
-    let stream = small_rcvbuf_stream(&server);
+    let stream = small_rcvbuf_stream(server.addr);
     let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
         .unwrap_or_else(|r| panic!("stalled client upgrade: {r}"));
     slow.welcome();

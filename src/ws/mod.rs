@@ -1,8 +1,9 @@
 //! WebSocket connections (API.md section 3): after the upgrade, the JSON protocol over RFC 6455.
 //!
 //! Owns one connection's life: a reading side (frames in, ops handled in order) and a writing
-//! side (one vectored write per batch of pending frames, pings on a quiet line, the close
-//! handshake), its subscriptions with their recovery state, and its bounded outbound queue.
+//! side (one vectored write per batch of pending frames, a ping every heartbeat however busy
+//! the line, the close handshake), its subscriptions with their recovery state, and its bounded
+//! outbound queue.
 //! Event frames are the shared bytes the owner shard encoded once; a connection adds nothing
 //! per event but a pointer in its queue. A side runs on a task only while it has work; a quiet
 //! side parks in the connection's `ConnCtl` (see [`crate::park`]), so an idle connection holds
@@ -298,6 +299,16 @@ impl WsConn {
 
     /// Queues a reply or push frame. Frames count toward the bound like live events.
     pub fn send_frame(&self, frame: Bytes) {
+        self.queue_frame(frame, VecDeque::push_back);
+    }
+
+    /// Queues a heartbeat ping ahead of everything queued: a control frame may go between any
+    /// two messages (RFC 6455 5.4), and a ping should measure the client, not the queue.
+    fn send_ping(&self, frame: Bytes) {
+        self.queue_frame(frame, VecDeque::push_front);
+    }
+
+    fn queue_frame(&self, frame: Bytes, push: fn(&mut VecDeque<Item>, Item)) {
         let mut out = self.out.borrow_mut();
         if out.close.is_some() {
             return;
@@ -306,7 +317,7 @@ impl WsConn {
             out.counted += 1;
             out.counted_bytes += frame.len();
             out.frames_queued += 1;
-            out.queue.push_back(Item::Frame(frame));
+            push(&mut out.queue, Item::Frame(frame));
             self.ctl.notify();
         }
     }
@@ -770,8 +781,16 @@ pub async fn serve(
     let writer = Box::new(WriteSide {
         shard: shard.clone(),
         conn: conn.clone(),
-        expires_at_s: request.principal.expires_at_s,
+        expires_at: Stamp::deadline_of(request.principal.expires_at_s.map(|exp_s| {
+            let left_ms = exp_s
+                .saturating_mul(1000)
+                .saturating_sub(crate::shard::unix_ms());
+            Instant::now() + Duration::from_millis(left_ms)
+        })),
         last_write: Stamp::now(),
+        next_ping: Stamp::deadline(
+            Instant::now() + Duration::from_millis(config.websocket.heartbeat_ms),
+        ),
         framing_intact: true,
         unsent: None,
     });
@@ -1121,13 +1140,20 @@ async fn handle_message(
     }
 }
 
-/// What the writing side of a connection holds for its whole life.
+/// What the writing side of a connection holds for its whole life (parked or not: its times
+/// are 8-byte stamps).
 struct WriteSide {
     shard: Rc<Shard>,
     conn: Rc<WsConn>,
-    expires_at_s: Option<u64>,
-    /// When the last write finished: pacing, pings and releasing buffers count from here.
+    /// When the client's token expires (`NONE`: it does not), counted on the monotonic clock
+    /// from the upgrade, so that no write has to read the wall clock to check it.
+    expires_at: Stamp,
+    /// When the last write finished: pacing and releasing buffers count from here.
     last_write: Stamp,
+    /// When the next heartbeat ping is due. Pings go out every `websocket.heartbeat_ms` however
+    /// busy the connection is: a client that only listens speaks only to answer them, and
+    /// without them it would be closed as idle (`limits.idle_timeout_s`) while receiving.
+    next_ping: Stamp,
     /// False once a write was cut mid-frame: nothing more can be framed after it.
     framing_intact: bool,
     /// What a write done at once (see [`WriteSide::write_at_once`]) left for the task: replies
@@ -1158,23 +1184,33 @@ impl WriteSide {
     /// When a quiet writer must run again: a heartbeat ping, the token's expiry, and while
     /// `streaming`, the release of its buffers.
     fn wake_at(&self, streaming: bool) -> Instant {
-        let heartbeat = Duration::from_millis(self.shard.config().websocket.heartbeat_ms);
-        let last_write = self.last_write();
-        let mut wake_at = last_write + heartbeat;
+        let mut wake_at = self.next_ping.instant().unwrap_or_else(Instant::now);
         if streaming {
-            wake_at = wake_at.min(last_write + RELEASE_AFTER);
+            wake_at = wake_at.min(self.last_write() + RELEASE_AFTER);
         }
-        if let Some(exp) = self.expires_at_s {
-            let left_ms = (exp * 1000).saturating_sub(crate::shard::unix_ms());
-            wake_at = wake_at.min(Instant::now() + Duration::from_millis(left_ms));
+        if let Some(expires_at) = self.expires_at.instant() {
+            wake_at = wake_at.min(expires_at);
         }
         wake_at
     }
 
     /// Whether a heartbeat ping is due or the token has expired (the task acts on both).
     fn ping_or_expiry_due(&self, now: Instant) -> bool {
+        let now = Stamp::reading(now);
+        self.next_ping.passed_by(now) || self.expires_at.passed_by(now)
+    }
+
+    /// Queues a heartbeat ping when one is due by `now`; true when it did.
+    fn ping_if_due(&mut self, now: Instant) -> bool {
+        if !self.next_ping.passed_by(Stamp::reading(now)) {
+            return false;
+        }
+        let mut ping = Vec::with_capacity(2);
+        codec::write_ping(&mut ping, b"");
+        self.conn.send_ping(Bytes::from(ping));
         let heartbeat = Duration::from_millis(self.shard.config().websocket.heartbeat_ms);
-        now >= self.last_write() + heartbeat || token_expired(self.expires_at_s)
+        self.next_ping = Stamp::deadline(now + heartbeat);
+        true
     }
 
     /// A parked writer is mostly woken for a reply or a push that its idle socket takes at
@@ -1216,10 +1252,6 @@ impl WriteSide {
         conn.out.borrow_mut().queue.shrink_to(0);
         !conn.has_pending()
     }
-}
-
-fn token_expired(expires_at_s: Option<u64>) -> bool {
-    expires_at_s.is_some_and(|exp| crate::shard::unix_ms() / 1000 >= exp)
 }
 
 /// Runs the writing side until it parks or the connection ends. `stream` is the socket's
@@ -1281,9 +1313,7 @@ async fn write_side(mut side: Box<WriteSide>, stream: Option<TcpStream>) {
 /// Writes what is queued until the connection closes, or until it is quiet and parks.
 async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
     let (shard, conn) = (side.shard.clone(), side.conn.clone());
-    let expires_at_s = side.expires_at_s;
     let config = shard.config();
-    let heartbeat = Duration::from_millis(config.websocket.heartbeat_ms);
     let spread_ms = config.shutdown.close_spread_ms;
     let mut batch = side
         .unsent
@@ -1353,6 +1383,13 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
             side.last_write = Stamp::reading(written_at);
             wrote_live |= batch.record_delivered(&shard.stats, written_at);
             batch.clear();
+            // A writer that always has more to write never reaches the quiet checks below:
+            // its pings and its token's expiry are checked here, on the write's own reading.
+            if side.expires_at.passed_by(side.last_write) {
+                conn.close_with(close::POLICY, "token expired");
+            } else {
+                side.ping_if_due(written_at);
+            }
             continue;
         }
         if conn.ctl.is_closing() {
@@ -1368,7 +1405,8 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
             conn.close_with(close::GOING_AWAY, "server shutting down");
             continue;
         }
-        if token_expired(expires_at_s) {
+        let now = Instant::now();
+        if side.expires_at.passed_by(Stamp::reading(now)) {
             conn.close_with(close::POLICY, "token expired");
             continue;
         }
@@ -1376,16 +1414,14 @@ async fn write_loop(side: &mut WriteSide, stream: &mut TcpStream) -> Stopped {
         // `RELEASE_AFTER` (the next event is likely near); one that wrote only replies, or has
         // been quiet that long, gives them back and parks: an idle connection holds no write
         // buffers and no task.
-        let streaming = wrote_live && side.last_write().elapsed() < RELEASE_AFTER;
+        let streaming =
+            wrote_live && now.saturating_duration_since(side.last_write()) < RELEASE_AFTER;
         if !streaming {
             batch = FrameBatch::new();
             wrote_live = false;
             conn.out.borrow_mut().queue.shrink_to(0);
         }
-        if side.last_write().elapsed() >= heartbeat {
-            let mut ping = Vec::with_capacity(2);
-            codec::write_ping(&mut ping, b"");
-            conn.send_frame(Bytes::from(ping));
+        if side.ping_if_due(now) {
             continue;
         }
         // Woken by a frame to write, a close, or the shard's connection timer (no timer of

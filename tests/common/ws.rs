@@ -12,6 +12,21 @@ use super::{connect, Conn, HttpResponse, READ_TIMEOUT};
 
 pub const WS_PATH: &str = "/api/v1/relay/ws";
 
+/// A client socket with a tiny receive buffer (for slow-consumer and backlog tests).
+pub fn small_rcvbuf_stream(addr: SocketAddr) -> TcpStream {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .expect("connect");
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
