@@ -406,15 +406,26 @@ fn publish_claim_limits_publishing(driver: &str) {
     }
 }
 
-fn token_expiry_closes_with_1008(driver: &str) {
-    let server = Server::start_with_config(driver, JWT_ONLY);
-    // `exp` is whole seconds: round up so the token has at least 2 s (at most 3 s) left.
+/// A new connection with a fresh token is served: the server survived what came before.
+fn assert_fresh_token_works(server: &Server, after: &str) {
+    let t = token("eve", json!({}));
+    let mut c = WsClient::open_with(server.addr, &ws_path(&t), &[]);
+    c.assert_alive(&format!("a fresh token {after}"));
+}
+
+/// A token for "eve" with 2 to 3 seconds left (`exp` is whole seconds, rounded up).
+fn token_expiring_in_2_to_3_s() -> String {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as u64;
     let exp = (now_ms + 2000).div_ceil(1000);
-    let t = sign_with(SECRET, &json!({"sub":"eve","exp":exp}));
+    sign_with(SECRET, &json!({"sub":"eve","exp":exp}))
+}
+
+fn token_expiry_closes_with_1008(driver: &str) {
+    let server = Server::start_with_config(driver, JWT_ONLY);
+    let t = token_expiring_in_2_to_3_s();
     let mut c = WsClient::try_open(server.addr, &ws_path(&t), &[])
         .unwrap_or_else(|r| panic!("a token valid for 2 more seconds should be accepted, got {r}"));
     c.welcome();
@@ -426,10 +437,7 @@ fn token_expiry_closes_with_1008(driver: &str) {
         code, 1008,
         "token expiry closes with 1008 policy violation, got {code} {reason:?}"
     );
-    // A fresh token still works.
-    let t = token("eve", json!({}));
-    let mut c = WsClient::open_with(server.addr, &ws_path(&t), &[]);
-    c.assert_alive("a fresh token after the expiry");
+    assert_fresh_token_works(&server, "after the expiry");
 }
 
 /// A connection whose writer always has more queued (a client far behind) never goes quiet:
@@ -442,28 +450,11 @@ fn token_expiry_ends_a_backlogged_connection(driver: &str) {
              outbound_queue_bytes = 67108864\n"
         ),
     );
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64;
-    let exp = (now_ms + 2000).div_ceil(1000);
-    let t = sign_with(SECRET, &json!({"sub":"eve","exp":exp}));
-    let mut c = WsClient::try_open_on(small_rcvbuf_stream(server.addr), &ws_path(&t), &[])
-        .unwrap_or_else(|r| panic!("a token valid for 2 more seconds should be accepted, got {r}"));
-    c.welcome();
-    c.subscribe("late.c");
-    wait_subscribers(server.addr, &[("late.c", 1)]);
+    let t = token_expiring_in_2_to_3_s();
+    let mut c = slow_subscriber(server.addr, &ws_path(&t), "late.c");
     // 8000 events of 2 KB (16 MB) while the client does not read: a backlog several times what
     // the kernel buffers between relay and the client hold (up to 4 MB here).
-    let data = format!("\"{}\"", "x".repeat(2000));
-    let mut conn = Conn::open(server.addr);
-    for batch in 0..160 {
-        let items: Vec<String> = (0..50)
-            .map(|_| event_json("late.c", "big", &data))
-            .collect();
-        let r = conn.publish(&format!("[{}]", items.join(",")));
-        assert_eq!(r.status, 202, "batch {batch}: {r}");
-    }
+    publish_2kb_events(server.addr, "late.c", 8000);
     // Read an event a millisecond (8 s or more for all of them): the token expires 2-3 s after
     // it was made, with more than half of the backlog still queued in relay.
     let mut events = 0u64;
@@ -493,9 +484,7 @@ fn token_expiry_ends_a_backlogged_connection(driver: &str) {
             "token expiry closes with 1008, got {code} {reason:?}"
         );
     }
-    let t = token("eve", json!({}));
-    let mut c = WsClient::open_with(server.addr, &ws_path(&t), &[]);
-    c.assert_alive("a fresh token after a backlogged connection's expired");
+    assert_fresh_token_works(&server, "after a backlogged connection's token expired");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1470,23 +1470,10 @@ fn a_backlogged_writer_pings_between_its_writes(driver: &str) {
         "[limits]\noutbound_queue_messages = 100000\noutbound_queue_bytes = 67108864\n\
          [websocket]\nheartbeat_ms = 100\n",
     );
-    let stream = small_rcvbuf_stream(server.addr);
-    let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
-        .unwrap_or_else(|r| panic!("slow client upgrade: {r}"));
-    slow.welcome();
-    slow.subscribe("backlog.c");
-    wait_subscribers(server.addr, &[("backlog.c", 1)]);
+    let mut slow = slow_subscriber(server.addr, WS_PATH, "backlog.c");
     // 3000 events of 2 KB while the client does not read: a backlog the kernel buffers cannot
     // hold, so the writer has more queued after every write until the client has caught up.
-    let data = format!("\"{}\"", "x".repeat(2000));
-    let mut conn = Conn::open(server.addr);
-    for batch in 0..60 {
-        let items: Vec<String> = (0..50)
-            .map(|_| event_json("backlog.c", "big", &data))
-            .collect();
-        let r = conn.publish(&format!("[{}]", items.join(",")));
-        assert_eq!(r.status, 202, "batch {batch}: {r}");
-    }
+    publish_2kb_events(server.addr, "backlog.c", 3000);
     // Catch up at about 10 events a millisecond (at least 300 ms in all), answering pings.
     let (mut events, mut pings_during) = (0u64, 0u64);
     while events < 3000 {
@@ -1607,12 +1594,7 @@ fn slow_consumer_is_closed_with_1013(driver: &str) {
         driver,
         "[limits]\noutbound_queue_messages = 32\nslow_consumer = \"close\"\n",
     );
-    let stream = small_rcvbuf_stream(server.addr);
-    let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
-        .unwrap_or_else(|r| panic!("slow client upgrade: {r}"));
-    slow.welcome();
-    slow.subscribe("slow.ws");
-    wait_subscribers(server.addr, &[("slow.ws", 1)]);
+    let mut slow = slow_subscriber(server.addr, WS_PATH, "slow.ws");
     // And a healthy subscriber on the same channel.
     let mut healthy = WsClient::open(server.addr);
     healthy.subscribe("slow.ws");
@@ -1688,12 +1670,7 @@ fn slow_consumer_drop_oldest_sends_gap(driver: &str) {
         driver,
         "[limits]\noutbound_queue_messages = 32\nslow_consumer = \"drop_oldest\"\n",
     );
-    let stream = small_rcvbuf_stream(server.addr);
-    let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
-        .unwrap_or_else(|r| panic!("slow client upgrade: {r}"));
-    slow.welcome();
-    slow.subscribe("drop.ws");
-    wait_subscribers(server.addr, &[("drop.ws", 1)]);
+    let mut slow = slow_subscriber(server.addr, WS_PATH, "drop.ws");
 
     let published = publish_until_drops(&server, "drop.ws", 5000);
     let drops = server.metric_sum("relay_slow_consumer_drops_total");
@@ -1771,12 +1748,7 @@ fn stalled_reader_catches_up_intact(driver: &str) {
         driver,
         "[limits]\noutbound_queue_messages = 100000\noutbound_queue_bytes = 67108864\n",
     );
-    let stream = small_rcvbuf_stream(server.addr);
-    let mut slow = WsClient::try_open_on(stream, WS_PATH, &[])
-        .unwrap_or_else(|r| panic!("stalled client upgrade: {r}"));
-    slow.welcome();
-    slow.subscribe("stall.ws");
-    wait_subscribers(server.addr, &[("stall.ws", 1)]);
+    let mut slow = slow_subscriber(server.addr, WS_PATH, "stall.ws");
 
     // 3000 events of 2 KB (6 MB): more than the kernel buffers between us and the server hold.
     let data = "x".repeat(2000);

@@ -1066,6 +1066,18 @@ pub fn event_json(channel: &str, event_type: &str, data: &str) -> String {
     format!(r#"{{"channel":"{channel}","type":"{event_type}","data":{data}}}"#)
 }
 
+/// Publishes `n` events of about 2 KB each to `channel` (in batches of 50, `n` a multiple of
+/// 50), asserting each batch is accepted.
+pub fn publish_2kb_events(addr: SocketAddr, channel: &str, n: u64) {
+    let data = format!("\"{}\"", "x".repeat(2000));
+    let mut conn = Conn::open(addr);
+    for batch in 0..n / 50 {
+        let items: Vec<String> = (0..50).map(|_| event_json(channel, "big", &data)).collect();
+        let r = conn.publish(&format!("[{}]", items.join(",")));
+        assert_eq!(r.status, 202, "{channel}: batch {batch} of {}: {r}", n / 50);
+    }
+}
+
 /// Publishes `body` on a fresh connection and asserts 202; returns the parsed reply.
 pub fn publish(addr: SocketAddr, body: &str) -> serde_json::Value {
     let r = request(

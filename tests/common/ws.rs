@@ -12,8 +12,19 @@ use super::{connect, Conn, HttpResponse, READ_TIMEOUT};
 
 pub const WS_PATH: &str = "/api/v1/relay/ws";
 
+/// A WebSocket client on `path` with a 4 KB receive buffer (so that what it does not read
+/// backs up into relay quickly), subscribed to `channel` and counted by the server.
+pub fn slow_subscriber(addr: SocketAddr, path: &str, channel: &str) -> WsClient {
+    let mut slow = WsClient::try_open_on(small_rcvbuf_stream(addr), path, &[])
+        .unwrap_or_else(|r| panic!("slow client upgrade on {path}: {r}"));
+    slow.welcome();
+    slow.subscribe(channel);
+    super::wait_subscribers(addr, &[(channel, 1)]);
+    slow
+}
+
 /// A client socket with a tiny receive buffer (for slow-consumer and backlog tests).
-pub fn small_rcvbuf_stream(addr: SocketAddr) -> TcpStream {
+fn small_rcvbuf_stream(addr: SocketAddr) -> TcpStream {
     let sock =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
