@@ -174,6 +174,12 @@ impl History {
         }
     }
 
+    /// The earliest the oldest retained event can expire (`None`: nothing retained, or a TTL
+    /// past the clock's range).
+    pub fn expires_no_sooner(&self) -> Option<Instant> {
+        self.expires_no_sooner
+    }
+
     /// Drops events older than the TTL; returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
         match self.expires_no_sooner {

@@ -10,6 +10,8 @@ pub mod event;
 pub mod history;
 pub mod ids;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -175,6 +177,9 @@ struct OwnedChannel {
     interest: SmallVec<[(u16, u32); 4]>,
     settings: ChannelSettings,
     presence: Presence,
+    /// Whether the channel has its entry in [`Owned::expiries`]: exactly while its history
+    /// holds events that can expire.
+    expiry_queued: bool,
 }
 
 impl OwnedChannel {
@@ -195,6 +200,13 @@ pub struct Owned {
     history_events: usize,
     /// The ids this shard gives events whose publisher gave none.
     ids: ids::IdSource,
+    /// When each channel's oldest retained event expires, earliest first: a sweep visits the
+    /// channels that have something to expire, not every channel (a shard may own millions,
+    /// and visiting each of a million cost a 20 ms stall four times a second).
+    expiries: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    /// Channels that lost their last subscriber since the last sweep: reclaimed then if they
+    /// retain nothing either.
+    maybe_idle: Vec<Arc<str>>,
 }
 
 /// What a maintenance sweep did.
@@ -212,6 +224,8 @@ impl Owned {
             epochs: EpochSource::new(epoch_seed),
             history_events: 0,
             ids: ids::IdSource::new(),
+            expiries: BinaryHeap::new(),
+            maybe_idle: Vec::new(),
         }
     }
 
@@ -257,6 +271,7 @@ impl Owned {
                     interest: SmallVec::new(),
                     settings,
                     presence: Presence::default(),
+                    expiry_queued: false,
                 };
                 entry.insert_with_key(name, channel)
             }
@@ -307,6 +322,12 @@ impl Owned {
         channel.last_seq = seq;
         // A generated id is found by the seq it carries (see `ids`), not through the index.
         channel.history.push(event.clone(), draft.id.is_some());
+        if !channel.expiry_queued {
+            if let Some(at) = channel.history.expires_no_sooner() {
+                self.expiries.push(Reverse((at, channel.name.clone())));
+                channel.expiry_queued = true;
+            }
+        }
         for &(shard, _) in &channel.interest {
             deliver(usize::from(shard), &event);
         }
@@ -411,6 +432,9 @@ impl Owned {
             channel.interest[pos].1 -= 1;
             if channel.interest[pos].1 == 0 {
                 channel.interest.swap_remove(pos);
+                if channel.interest.is_empty() && channel.history.is_empty() {
+                    self.maybe_idle.push(channel.name.clone());
+                }
             }
         }
         push
@@ -448,17 +472,40 @@ impl Owned {
         })
     }
 
-    /// Expires old history and reclaims channels with no subscribers and no history.
+    /// Expires old history and reclaims channels with no subscribers and no history. Visits
+    /// only the channels whose oldest event is due and those that lost their last subscriber.
     pub fn sweep(&mut self, now: Instant) -> Sweep {
         let mut sweep = Sweep::default();
-        self.channels.retain(|_, channel| {
+        while let Some(Reverse((at, _))) = self.expiries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, name))) = self.expiries.pop() else {
+                break;
+            };
+            let Some(channel) = self.channels.get_mut(&name) else {
+                continue;
+            };
             sweep.expired += channel.history.expire(now);
-            let keep = !channel.history.is_empty() || !channel.interest.is_empty();
-            if !keep {
+            match channel.history.expires_no_sooner() {
+                Some(next) => self.expiries.push(Reverse((next, name))),
+                None => {
+                    channel.expiry_queued = false;
+                    if channel.interest.is_empty() {
+                        self.channels.remove(&name);
+                        sweep.reclaimed += 1;
+                    }
+                }
+            }
+        }
+        for name in self.maybe_idle.drain(..) {
+            let idle = (self.channels.get(&name))
+                .is_some_and(|c| c.interest.is_empty() && c.history.is_empty());
+            if idle {
+                self.channels.remove(&name);
                 sweep.reclaimed += 1;
             }
-            keep
-        });
+        }
         self.history_events -= sweep.expired;
         sweep
     }
@@ -865,6 +912,100 @@ mod tests {
         assert_eq!(again.seq, 1);
         assert_ne!(bus.history("c", 0, 10).unwrap().epoch, epoch);
         assert_eq!(bus.history_events(), 1);
+    }
+
+    #[test]
+    fn a_sweep_expires_what_is_due_and_queues_each_channel_with_history_once() {
+        let mut bus = Owned::new(Box::new(|_| settings(10, 10, false)), 7);
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // "a" at 0 and 3 s, "b" at 1 s, "c" at 5 s: one queue entry per channel.
+        bus.publish(&draft("a", None), 0, at(0), |_, _| {});
+        bus.publish(&draft("b", None), 0, at(1), |_, _| {});
+        bus.publish(&draft("a", None), 0, at(3), |_, _| {});
+        bus.publish(&draft("c", None), 0, at(5), |_, _| {});
+        assert_eq!(bus.expiries.len(), 3);
+        assert_eq!(
+            bus.sweep(at(9)),
+            Sweep::default(),
+            "nothing is 10 s old yet"
+        );
+        // At 11 s: a's first event and all of b.
+        assert_eq!(
+            bus.sweep(at(11)),
+            Sweep {
+                expired: 2,
+                reclaimed: 1
+            }
+        );
+        assert!(
+            bus.history("b", 0, 10).is_none(),
+            "b retained nothing: reclaimed"
+        );
+        assert_eq!(bus.history("a", 0, 10).map(|p| p.events.len()), Some(1));
+        assert_eq!(
+            bus.expiries.len(),
+            2,
+            "a (again, for its second event) and c"
+        );
+        assert_eq!(bus.history_events(), 2);
+        // At 16 s the rest: a at 13 s, c at 15 s.
+        assert_eq!(
+            bus.sweep(at(16)),
+            Sweep {
+                expired: 2,
+                reclaimed: 2
+            }
+        );
+        assert!(bus.expiries.is_empty() && bus.channel_count() == 0);
+        assert_eq!(bus.history_events(), 0);
+    }
+
+    #[test]
+    fn a_subscribed_channel_whose_history_expired_is_queued_again_by_its_next_event() {
+        let mut bus = Owned::new(Box::new(|_| settings(10, 1, false)), 7);
+        let name: Arc<str> = Arc::from("s");
+        let start = Instant::now();
+        bus.subscribe(&name, 0, None);
+        bus.publish(&draft("s", None), 0, start, |_, _| {});
+        let later = start + Duration::from_secs(2);
+        assert_eq!(
+            bus.sweep(later),
+            Sweep {
+                expired: 1,
+                reclaimed: 0
+            },
+            "a channel with a subscriber stays, empty"
+        );
+        assert!(bus.expiries.is_empty());
+        bus.publish(&draft("s", None), 0, later, |_, _| {});
+        assert_eq!(bus.expiries.len(), 1, "its next event queues it again");
+        let much_later = later + Duration::from_secs(2);
+        assert_eq!(bus.sweep(much_later).expired, 1);
+        // The last subscriber leaves a channel that retains nothing: reclaimed at the next
+        // sweep, whenever that is.
+        bus.unsubscribe("s", 0);
+        assert_eq!(bus.sweep(much_later).reclaimed, 1);
+        assert_eq!(bus.channel_count(), 0);
+    }
+
+    #[test]
+    fn a_channel_that_loses_its_last_subscriber_but_retains_events_waits_for_them() {
+        let mut bus = Owned::new(Box::new(|_| settings(10, 1, false)), 7);
+        let name: Arc<str> = Arc::from("k");
+        let start = Instant::now();
+        bus.subscribe(&name, 0, None);
+        bus.publish(&draft("k", None), 0, start, |_, _| {});
+        bus.unsubscribe("k", 0);
+        assert_eq!(bus.sweep(start).reclaimed, 0, "its event is still retained");
+        assert!(bus.history("k", 0, 10).is_some());
+        assert_eq!(
+            bus.sweep(start + Duration::from_secs(2)),
+            Sweep {
+                expired: 1,
+                reclaimed: 1
+            }
+        );
     }
 
     #[test]
