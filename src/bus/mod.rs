@@ -961,13 +961,19 @@ mod tests {
         assert_eq!(bus.history_events(), 0);
     }
 
+    /// A bus (history TTL 1 s) whose channel `name` has a subscriber on shard 0 and one event,
+    /// published at the instant returned.
+    fn one_subscriber_one_event(name: &str) -> (Owned, Instant) {
+        let mut bus = Owned::new(Box::new(|_| settings(10, 1, false)), 7);
+        let start = Instant::now();
+        bus.subscribe(&Arc::from(name), 0, None);
+        bus.publish(&draft(name, None), 0, start, |_, _| {});
+        (bus, start)
+    }
+
     #[test]
     fn a_subscribed_channel_whose_history_expired_is_queued_again_by_its_next_event() {
-        let mut bus = Owned::new(Box::new(|_| settings(10, 1, false)), 7);
-        let name: Arc<str> = Arc::from("s");
-        let start = Instant::now();
-        bus.subscribe(&name, 0, None);
-        bus.publish(&draft("s", None), 0, start, |_, _| {});
+        let (mut bus, start) = one_subscriber_one_event("s");
         let later = start + Duration::from_secs(2);
         assert_eq!(
             bus.sweep(later),
@@ -991,11 +997,7 @@ mod tests {
 
     #[test]
     fn a_channel_that_loses_its_last_subscriber_but_retains_events_waits_for_them() {
-        let mut bus = Owned::new(Box::new(|_| settings(10, 1, false)), 7);
-        let name: Arc<str> = Arc::from("k");
-        let start = Instant::now();
-        bus.subscribe(&name, 0, None);
-        bus.publish(&draft("k", None), 0, start, |_, _| {});
+        let (mut bus, start) = one_subscriber_one_event("k");
         bus.unsubscribe("k", 0);
         assert_eq!(bus.sweep(start).reclaimed, 0, "its event is still retained");
         assert!(bus.history("k", 0, 10).is_some());
