@@ -187,6 +187,11 @@ pub struct HistoryConfig {
     pub size: usize,
     /// Seconds an event stays in history, >= 1. Default 3600: an hour of resumability.
     pub ttl_s: u64,
+    /// Events the whole node retains, all channels together, >= 1 (each shard keeps its
+    /// share). Default 5000000: about 3.7 GB at the ~750 B a retained event costs with its
+    /// share of its channel. Past it the events nearest their expiry are dropped first
+    /// (`relay_history_budget_drops_total`): per-user channels must not exhaust memory.
+    pub max_events: usize,
 }
 
 impl Default for HistoryConfig {
@@ -194,6 +199,7 @@ impl Default for HistoryConfig {
         HistoryConfig {
             size: 1000,
             ttl_s: 3600,
+            max_events: 5_000_000,
         }
     }
 }
@@ -838,6 +844,7 @@ const SETTINGS: &[Setting] = &[
     s("auth", "api_keys", Kind::StrList),
     s("history", "size", USIZE),
     s("history", "ttl_s", U64),
+    s("history", "max_events", USIZE),
     s("limits", "max_connections", USIZE),
     s("limits", "max_connections_per_ip", USIZE),
     s("limits", "max_frame_bytes", USIZE),
@@ -1565,6 +1572,7 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     }
 
     o.between("history.size", n(c.history.size), 1, MAX_HISTORY_SIZE)?;
+    o.at_least("history.max_events", n(c.history.max_events), 1)?;
     o.at_least("history.ttl_s", c.history.ttl_s, 1)?;
 
     let l = &c.limits;
@@ -1872,6 +1880,7 @@ mod tests {
         assert_eq!(c.log, "info");
         assert_eq!(c.auth, AuthConfig::default());
         assert_eq!((c.history.size, c.history.ttl_s), (1000, 3600));
+        assert_eq!(c.history.max_events, 5_000_000);
         assert_eq!(c.limits.max_connections, 100_000);
         assert_eq!(c.limits.max_frame_bytes, 65_536);
         assert_eq!(c.limits.outbound_queue_bytes, 4_194_304);
@@ -1967,6 +1976,7 @@ mod tests {
                 ("RELAY_LIMITS_MAX_CONNECTIONS", "9"),
                 ("RELAY_LIMITS_SLOW_CONSUMER", "drop_oldest"),
                 ("RELAY_SSE_KEEPALIVE_S", "7"),
+                ("RELAY_HISTORY_MAX_EVENTS", "123456"),
                 ("RELAY_HEALTH_HEALTHY_THRESHOLD", "4"),
                 ("RELAY_RATE_LIMIT_PUBLISH_PER_S", "100"),
                 ("RELAY_AUTH_JWT_SECRET", "s3cret"),
@@ -1978,6 +1988,7 @@ mod tests {
         assert_eq!(c.limits.max_connections, 9);
         assert_eq!(c.limits.slow_consumer, SlowConsumerPolicy::DropOldest);
         assert_eq!(c.sse.keepalive_s, 7);
+        assert_eq!(c.history.max_events, 123_456);
         assert_eq!(c.health.healthy_threshold, 4);
         assert_eq!(c.rate_limit.publish_per_s, 100);
         assert_eq!(c.auth.jwt_secret.as_deref(), Some("s3cret"));
@@ -2242,6 +2253,11 @@ mod tests {
         assert_eq!(
             shown,
             "relay.toml:2: key `history.size`: must be between 1 and 1000000"
+        );
+        let (_, shown) = file_error("[history]\nmax_events = 0\n");
+        assert_eq!(
+            shown,
+            "relay.toml:2: key `history.max_events`: must be at least 1"
         );
         let (_, shown) = file_error("[bus]\nring_capacity = 1\n");
         assert_eq!(

@@ -372,6 +372,8 @@ pub struct ShardStats {
     /// Local subscriptions (connection x channel) on this shard.
     pub subscriptions: Gauge,
     pub slow_consumer_drops: Counter,
+    /// Events dropped from history before their time to keep within `history.max_events`.
+    pub history_budget_drops: Counter,
     /// Indexed by `ErrorKind as usize`; prefer [`ShardStats::error`].
     pub errors: [Counter; ErrorKind::COUNT],
     pub http_requests: Counter,
@@ -442,6 +444,7 @@ impl ShardStats {
             history_events: Gauge::new(),
             subscriptions: Gauge::new(),
             slow_consumer_drops: Counter::new(),
+            history_budget_drops: Counter::new(),
             errors: [const { Counter::new() }; ErrorKind::COUNT],
             http_requests: Counter::new(),
             ring_batches_sent: Counter::new(),
@@ -915,6 +918,13 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "relay_slow_consumer_drops_total",
         "Subscribers dropped for not keeping up.",
         |s| &s.slow_consumer_drops,
+    );
+    summed_counter(
+        out,
+        shards,
+        "relay_history_budget_drops_total",
+        "Events dropped from history before their time to keep within history.max_events.",
+        |s| &s.history_budget_drops,
     );
     family(out, "relay_errors_total", "counter", "Errors, by kind.");
     for k in ErrorKind::ALL {
@@ -1502,6 +1512,7 @@ mod tests {
             "relay_history_events 123",
             "relay_subscriptions 9",
             "relay_slow_consumer_drops_total 1",
+            "relay_history_budget_drops_total 0",
             "relay_errors_total{kind=\"bad_request\"} 0",
             "relay_errors_total{kind=\"not_found\"} 2",
             "relay_errors_total{kind=\"method_not_allowed\"} 0",
@@ -1580,7 +1591,7 @@ mod tests {
         assert!(!out.contains("relay_shard_cpu_seconds_total{shard=\"1\"}"));
         assert!(!out.contains("relay_shard_preemptions_total{shard=\"1\"}"));
         let families = check_exposition(&out);
-        assert_eq!(families, 42);
+        assert_eq!(families, 43);
     }
 
     #[test]

@@ -641,6 +641,7 @@ impl Shard {
             }
         });
         let seed = epoch_seed(id);
+        let history_budget = config.history.max_events.div_ceil(shared.shards);
         let proxy = crate::proxy::ProxyState::new(&config, id, shared.shards);
         // The start-up registry is taken exactly once, by shard 0.
         let control = (id == 0)
@@ -684,7 +685,7 @@ impl Shard {
             shared,
             outbox,
             answers: Answers::new(),
-            owned: RefCell::new(Owned::new(policy, seed)),
+            owned: RefCell::new(Owned::new(policy, seed).with_event_budget(history_budget)),
             local: RefCell::new(LocalSubs::default()),
             wall: WallClock::new(),
             conns: RefCell::new(AHashMap::new()),
@@ -940,6 +941,9 @@ impl Shard {
             out.push(published);
         }
         self.stats.history_events.set(owned.history_events() as i64);
+        self.stats
+            .history_budget_drops
+            .add(owned.take_budget_drops());
         self.stats.channels_owned.set(owned.channel_count() as i64);
         Ok(out)
     }
@@ -1320,6 +1324,9 @@ impl Shard {
                 let mut owned = self.owned.borrow_mut();
                 owned.sweep(now);
                 self.stats.history_events.set(owned.history_events() as i64);
+                self.stats
+                    .history_budget_drops
+                    .add(owned.take_budget_drops());
                 self.stats.channels_owned.set(owned.channel_count() as i64);
             }
             self.proxy.client().prune(now);

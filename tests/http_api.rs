@@ -16,6 +16,7 @@ both_drivers!(
     channels_listing,
     history_queries,
     history_keeps_data_bytes_with_line_breaks,
+    history_stays_within_max_events_node_wide,
     connections_endpoint,
     unknown_path_and_wrong_method,
     head_request,
@@ -816,6 +817,49 @@ fn wrong_methods_elsewhere(driver: &str) {
 
 /// API.md 1: `data` is "kept byte-for-byte as the publisher sent it". JSON allows CR, LF and
 /// CRLF as whitespace; the history API must return them unchanged.
+/// `history.max_events` bounds what the whole node retains (each shard keeps its share), the
+/// events nearest their expiry going first.
+fn history_stays_within_max_events_node_wide(driver: &str) {
+    let server = Server::start_with_config(driver, "[history]\nmax_events = 100\n");
+    // 100 events on each of three channels, the oldest channel first.
+    for chan in ["budget.a", "budget.b", "budget.c"] {
+        for half in 0..2 {
+            let batch: Vec<String> = (0..50)
+                .map(|i| event_json(chan, "t", &(half * 50 + i).to_string()))
+                .collect();
+            let r = publish(server.addr, &format!("[{}]", batch.join(",")));
+            assert_eq!(
+                r["results"].as_array().map(Vec::len),
+                Some(50),
+                "{chan}: {r}"
+            );
+        }
+    }
+    let kept = server.metric_sum("relay_history_events");
+    let dropped = server.metric_sum("relay_history_budget_drops_total");
+    assert!(
+        kept <= 100.0,
+        "history.max_events = 100: the node retains at most 100 events, got {kept}"
+    );
+    assert_eq!(
+        kept + dropped,
+        300.0,
+        "every event is either retained or counted in relay_history_budget_drops_total \
+         (retained {kept}, dropped {dropped})"
+    );
+    // The newest channel's newest events are what is left on its shard.
+    let r = server.get("/api/v1/relay/channels/budget.c/history?since=99");
+    assert_eq!(r.status, 200, "{r}");
+    assert_eq!(
+        json(&r)["events"][0]["seq"],
+        100,
+        "budget.c keeps its newest: {r}"
+    );
+    // Publishing goes on as before.
+    let r = publish(server.addr, &event_json("budget.a", "t", "1"));
+    assert_eq!(r["results"][0]["duplicate"], false, "{r}");
+}
+
 fn history_keeps_data_bytes_with_line_breaks(driver: &str) {
     let server = Server::start(driver, &[]);
     for (chan, raw_data) in [

@@ -195,6 +195,23 @@ impl History {
             self.pop_front();
             expired += 1;
         }
+        self.after_dropping_oldest();
+        expired
+    }
+
+    /// Drops up to `n` of the oldest events before their time (a node over its history
+    /// budget); returns how many.
+    pub fn drop_oldest(&mut self, n: usize) -> usize {
+        let mut dropped = 0;
+        while dropped < n && self.pop_front().is_some() {
+            dropped += 1;
+        }
+        self.after_dropping_oldest();
+        dropped
+    }
+
+    /// What `expire` and `drop_oldest` leave in order: the next expiry, and the id index.
+    fn after_dropping_oldest(&mut self) {
         self.expires_no_sooner = self
             .events
             .front()
@@ -205,7 +222,6 @@ impl History {
         } else {
             self.sweep_if_due();
         }
-        expired
     }
 
     fn pop_front(&mut self) -> Option<Arc<Event>> {

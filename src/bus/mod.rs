@@ -207,6 +207,11 @@ pub struct Owned {
     /// Channels that lost their last subscriber since the last sweep: reclaimed then if they
     /// retain nothing either.
     maybe_idle: Vec<Arc<str>>,
+    /// The most events this shard retains, all channels together (its share of
+    /// `history.max_events`): past it, the events nearest their expiry go first.
+    event_budget: usize,
+    /// Events dropped to keep within `event_budget`, since [`Owned::take_budget_drops`].
+    budget_drops: u64,
 }
 
 /// What a maintenance sweep did.
@@ -226,7 +231,20 @@ impl Owned {
             ids: ids::IdSource::new(),
             expiries: BinaryHeap::new(),
             maybe_idle: Vec::new(),
+            event_budget: usize::MAX,
+            budget_drops: 0,
         }
+    }
+
+    /// Caps the events this shard retains, all channels together, at `budget` (at least 1).
+    pub fn with_event_budget(mut self, budget: usize) -> Self {
+        self.event_budget = budget.max(1);
+        self
+    }
+
+    /// Events dropped to keep within the budget since the last call.
+    pub fn take_budget_drops(&mut self) -> u64 {
+        std::mem::take(&mut self.budget_drops)
     }
 
     pub fn channel_count(&self) -> usize {
@@ -333,6 +351,9 @@ impl Owned {
         }
         let name = channel.name.clone();
         self.history_events = self.history_events + 1 - evicted;
+        if self.history_events > self.event_budget {
+            self.drop_to_budget();
+        }
         Published {
             channel: name,
             seq,
@@ -472,31 +493,60 @@ impl Owned {
         })
     }
 
+    /// Drops the events nearest their expiry (the oldest, where channels share a TTL) until the
+    /// shard is back within its budget. A channel left with nothing is reclaimed, as if its
+    /// history had expired, unless it has subscribers.
+    fn drop_to_budget(&mut self) {
+        while self.history_events > self.event_budget {
+            let over = self.history_events - self.event_budget;
+            // `None`: only events that never expire are left, nothing to choose by.
+            let Some((dropped, _)) = self.drop_from_next(|history| history.drop_oldest(over))
+            else {
+                return;
+            };
+            self.history_events -= dropped;
+            self.budget_drops += dropped as u64;
+        }
+    }
+
+    /// Takes the channel whose oldest event expires first off the expiry heap and lets `drop`
+    /// take events from its history; then queues it again for what is left, or reclaims it when
+    /// it keeps nothing and has no subscriber. `Some((dropped, reclaimed))`; `None` when the
+    /// heap is empty.
+    fn drop_from_next(
+        &mut self,
+        drop: impl FnOnce(&mut History) -> usize,
+    ) -> Option<(usize, bool)> {
+        let Reverse((_, name)) = self.expiries.pop()?;
+        let Some(channel) = self.channels.get_mut(&name) else {
+            return Some((0, false));
+        };
+        let dropped = drop(&mut channel.history);
+        let mut reclaimed = false;
+        match channel.history.expires_no_sooner() {
+            Some(next) => self.expiries.push(Reverse((next, name))),
+            None => {
+                channel.expiry_queued = false;
+                if channel.interest.is_empty() {
+                    self.channels.remove(&name);
+                    reclaimed = true;
+                }
+            }
+        }
+        Some((dropped, reclaimed))
+    }
+
     /// Expires old history and reclaims channels with no subscribers and no history. Visits
     /// only the channels whose oldest event is due and those that lost their last subscriber.
     pub fn sweep(&mut self, now: Instant) -> Sweep {
         let mut sweep = Sweep::default();
-        while let Some(Reverse((at, _))) = self.expiries.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((_, name))) = self.expiries.pop() else {
+        while (self.expiries.peek()).is_some_and(|Reverse((at, _))| *at <= now) {
+            let Some((expired, reclaimed)) = self.drop_from_next(|history| history.expire(now))
+            else {
                 break;
             };
-            let Some(channel) = self.channels.get_mut(&name) else {
-                continue;
-            };
-            sweep.expired += channel.history.expire(now);
-            match channel.history.expires_no_sooner() {
-                Some(next) => self.expiries.push(Reverse((next, name))),
-                None => {
-                    channel.expiry_queued = false;
-                    if channel.interest.is_empty() {
-                        self.channels.remove(&name);
-                        sweep.reclaimed += 1;
-                    }
-                }
-            }
+            sweep.expired += expired;
+            sweep.reclaimed += usize::from(reclaimed);
         }
         for name in self.maybe_idle.drain(..) {
             let idle = (self.channels.get(&name))
@@ -959,6 +1009,52 @@ mod tests {
         );
         assert!(bus.expiries.is_empty() && bus.channel_count() == 0);
         assert_eq!(bus.history_events(), 0);
+    }
+
+    #[test]
+    fn past_its_budget_a_shard_drops_the_events_nearest_expiry_first() {
+        // Channel "short" keeps events 5 s, every other 60 s; the shard keeps 4 events in all.
+        let policy = |name: &str| settings(10, if name == "short" { 5 } else { 60 }, false);
+        let mut bus = Owned::new(Box::new(policy), 7).with_event_budget(4);
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let kept = Arc::from("kept");
+        bus.subscribe(&kept, 0, None);
+        bus.publish(&draft("kept", None), 0, at(0), |_, _| {});
+        bus.publish(&draft("old", None), 0, at(1), |_, _| {});
+        bus.publish(&draft("old", None), 0, at(2), |_, _| {});
+        bus.publish(&draft("short", None), 0, at(3), |_, _| {});
+        assert_eq!((bus.history_events(), bus.take_budget_drops()), (4, 0));
+        // A fifth: "short" expires soonest (8 s) and goes, and with it the channel.
+        bus.publish(&draft("new", None), 0, at(4), |_, _| {});
+        assert_eq!((bus.history_events(), bus.take_budget_drops()), (4, 1));
+        assert!(
+            bus.history("short", 0, 10).is_none(),
+            "emptied and unsubscribed: gone"
+        );
+        // Then "kept" (60 s from 0 s): emptied, but it has a subscriber, so it stays.
+        bus.publish(&draft("new", None), 0, at(5), |_, _| {});
+        assert_eq!(bus.take_budget_drops(), 1);
+        let page = bus
+            .history("kept", 0, 10)
+            .expect("a subscribed channel stays");
+        assert!(page.events.is_empty() && page.seq == 1);
+        // Then the oldest of "old", one event at a time.
+        bus.publish(&draft("new", None), 0, at(6), |_, _| {});
+        assert_eq!(bus.take_budget_drops(), 1);
+        let old = bus
+            .history("old", 0, 10)
+            .expect("old keeps its newer event");
+        assert_eq!(
+            old.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(bus.history_events(), 4);
+        assert_eq!(
+            bus.expiries.len(),
+            2,
+            "old and new: one entry per channel with events"
+        );
     }
 
     /// A bus (history TTL 1 s) whose channel `name` has a subscriber on shard 0 and one event,
