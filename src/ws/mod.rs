@@ -178,6 +178,35 @@ struct Outbound {
     frames_queued: usize,
 }
 
+/// [`WsConn::close_decided`]. Dropped (its write finished first), it takes its waker back out
+/// of the connection: a waker left there would keep the finished writer task's memory (about
+/// half a kilobyte) alive for as long as the connection stays idle.
+struct CloseDecided<'a> {
+    conn: &'a WsConn,
+}
+
+impl std::future::Future for CloseDecided<'_> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.conn.out.borrow().close.is_some() {
+            std::task::Poll::Ready(())
+        } else {
+            self.conn.close_waker.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        }
+    }
+}
+
+impl Drop for CloseDecided<'_> {
+    fn drop(&mut self) {
+        self.conn.close_waker.set(None);
+    }
+}
+
 /// One WebSocket connection as the bus and its two tasks see it.
 pub struct WsConn {
     pub conn_id: Arc<str>,
@@ -282,15 +311,8 @@ impl WsConn {
     }
 
     /// Resolves once a close is decided.
-    fn close_decided(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.out.borrow().close.is_some() {
-                std::task::Poll::Ready(())
-            } else {
-                self.close_waker.set(Some(cx.waker().clone()));
-                std::task::Poll::Pending
-            }
-        })
+    fn close_decided(&self) -> CloseDecided<'_> {
+        CloseDecided { conn: self }
     }
 
     fn closing(&self) -> bool {
@@ -1805,6 +1827,36 @@ mod tests {
         batch.consume(5);
         assert!(batch.done());
         assert_eq!(batch.read_iovec_len(), 0);
+    }
+
+    #[test]
+    fn a_write_that_finished_first_leaves_no_waker_behind() {
+        use std::future::Future;
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let c = conn(&Config::default());
+        let task = Arc::new(Noop);
+        let waker = std::task::Waker::from(task.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut wait = Box::pin(c.close_decided());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            Arc::strong_count(&task),
+            3,
+            "the connection holds the task's waker"
+        );
+        // The write won the select: the wait is dropped, and with it the connection's waker
+        // (else the finished task's memory stays alive as long as the connection).
+        drop(wait);
+        assert_eq!(Arc::strong_count(&task), 2);
+        // A decided close still resolves it.
+        c.close_with(1000, "");
+        assert!(Box::pin(c.close_decided())
+            .as_mut()
+            .poll(&mut cx)
+            .is_ready());
     }
 
     #[test]
