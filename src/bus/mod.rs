@@ -177,9 +177,6 @@ struct OwnedChannel {
     interest: SmallVec<[(u16, u32); 4]>,
     settings: ChannelSettings,
     presence: Presence,
-    /// Whether the channel has its entry in [`Owned::expiries`]: exactly while its history
-    /// holds events that can expire.
-    expiry_queued: bool,
 }
 
 impl OwnedChannel {
@@ -289,7 +286,6 @@ impl Owned {
                     interest: SmallVec::new(),
                     settings,
                     presence: Presence::default(),
-                    expiry_queued: false,
                 };
                 entry.insert_with_key(name, channel)
             }
@@ -338,13 +334,13 @@ impl Owned {
         };
         let event = Event::encode_reusing(spare, draft, &stamp);
         channel.last_seq = seq;
+        // A channel is in `expiries` exactly while its history has an expiry: queued when it
+        // gets one, and again by the sweep for as long as it keeps one.
+        let queued = channel.history.expires_no_sooner().is_some();
         // A generated id is found by the seq it carries (see `ids`), not through the index.
         channel.history.push(event.clone(), draft.id.is_some());
-        if !channel.expiry_queued {
-            if let Some(at) = channel.history.expires_no_sooner() {
-                self.expiries.push(Reverse((at, channel.name.clone())));
-                channel.expiry_queued = true;
-            }
+        if let (false, Some(at)) = (queued, channel.history.expires_no_sooner()) {
+            self.expiries.push(Reverse((at, channel.name.clone())));
         }
         for &(shard, _) in &channel.interest {
             deliver(usize::from(shard), &event);
@@ -525,13 +521,11 @@ impl Owned {
         let mut reclaimed = false;
         match channel.history.expires_no_sooner() {
             Some(next) => self.expiries.push(Reverse((next, name))),
-            None => {
-                channel.expiry_queued = false;
-                if channel.interest.is_empty() {
-                    self.channels.remove(&name);
-                    reclaimed = true;
-                }
+            None if channel.interest.is_empty() => {
+                self.channels.remove(&name);
+                reclaimed = true;
             }
+            None => {}
         }
         Some((dropped, reclaimed))
     }
