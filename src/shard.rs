@@ -940,11 +940,7 @@ impl Shard {
             }
             out.push(published);
         }
-        self.stats.history_events.set(owned.history_events() as i64);
-        self.stats
-            .history_budget_drops
-            .add(owned.take_budget_drops());
-        self.stats.channels_owned.set(owned.channel_count() as i64);
+        self.record_owned_stats(&mut owned);
         Ok(out)
     }
 
@@ -1315,6 +1311,15 @@ impl Shard {
         }
     }
 
+    /// Brings the owned channels' gauges up to date and counts history dropped for the budget.
+    fn record_owned_stats(&self, owned: &mut Owned) {
+        self.stats.history_events.set(owned.history_events() as i64);
+        self.stats
+            .history_budget_drops
+            .add(owned.take_budget_drops());
+        self.stats.channels_owned.set(owned.channel_count() as i64);
+    }
+
     /// Expires history, reclaims idle channels, refreshes gauges and the heartbeat.
     pub async fn maintenance(self: Rc<Self>) {
         loop {
@@ -1323,11 +1328,7 @@ impl Shard {
             {
                 let mut owned = self.owned.borrow_mut();
                 owned.sweep(now);
-                self.stats.history_events.set(owned.history_events() as i64);
-                self.stats
-                    .history_budget_drops
-                    .add(owned.take_budget_drops());
-                self.stats.channels_owned.set(owned.channel_count() as i64);
+                self.record_owned_stats(&mut owned);
             }
             self.proxy.client().prune(now);
             self.stats
