@@ -470,11 +470,26 @@ impl Default for CircuitConfig {
 pub struct ProxyConfig {
     /// Milliseconds for a whole proxied request, >= 1. Default 30000.
     pub timeout_ms: u64,
+    /// Idle keep-alive connections each shard keeps per instance, shared by proxied requests,
+    /// health checks and webhooks; past it a connection that could be reused is closed and
+    /// counted (`relay_upstream_pool_overflow_total`). 0 turns pooling off. Default 1024: a
+    /// pool never holds more than the concurrency reached, so the bound only matters after a
+    /// burst, and a smaller one makes every request past it open a connection (and leave a
+    /// TIME-WAIT behind).
+    pub pool_max_idle: usize,
+    /// An idle pooled connection older than this is closed instead of reused, >= 1. Keep it
+    /// below the instances' own keep-alive timeout (Node.js: 5 s; nginx: 75 s) so that they
+    /// rarely close a connection relay is about to use. Default 30000.
+    pub pool_idle_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { timeout_ms: 30_000 }
+        ProxyConfig {
+            timeout_ms: 30_000,
+            pool_max_idle: 1024,
+            pool_idle_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -886,6 +901,8 @@ const SETTINGS: &[Setting] = &[
     s("circuit", "rate_window_ms", U64),
     s("circuit", "rate_min_requests", U32),
     s("proxy", "timeout_ms", U64),
+    s("proxy", "pool_max_idle", USIZE),
+    s("proxy", "pool_idle_timeout_ms", U64),
     s("rate_limit", "publish_per_s", U64),
     s("rate_limit", "publish_burst", U64),
     s("rate_limit", "proxy_per_s", U64),
@@ -1701,6 +1718,11 @@ fn validate(c: &Config, o: &Origins<'_>) -> Result<(), ConfigError> {
     )?;
 
     o.at_least("proxy.timeout_ms", c.proxy.timeout_ms, 1)?;
+    o.at_least(
+        "proxy.pool_idle_timeout_ms",
+        c.proxy.pool_idle_timeout_ms,
+        1,
+    )?;
 
     let r = &c.rate_limit;
     for (i, entry) in r.trusted_proxies.iter().enumerate() {
@@ -1891,6 +1913,10 @@ mod tests {
         assert_eq!(c.health.unhealthy_threshold, 3);
         assert_eq!(c.circuit.cooldown_ms, 10_000);
         assert_eq!(c.proxy.timeout_ms, 30_000);
+        assert_eq!(
+            (c.proxy.pool_max_idle, c.proxy.pool_idle_timeout_ms),
+            (1024, 30_000)
+        );
         assert_eq!(c.rate_limit, RateLimitConfig::default());
         assert!(c.subsystems.is_empty() && c.channels.is_empty());
     }
@@ -1979,6 +2005,7 @@ mod tests {
                 ("RELAY_HISTORY_MAX_EVENTS", "123456"),
                 ("RELAY_HEALTH_HEALTHY_THRESHOLD", "4"),
                 ("RELAY_RATE_LIMIT_PUBLISH_PER_S", "100"),
+                ("RELAY_PROXY_POOL_MAX_IDLE", "64"),
                 ("RELAY_AUTH_JWT_SECRET", "s3cret"),
             ],
         )
@@ -1991,6 +2018,7 @@ mod tests {
         assert_eq!(c.history.max_events, 123_456);
         assert_eq!(c.health.healthy_threshold, 4);
         assert_eq!(c.rate_limit.publish_per_s, 100);
+        assert_eq!(c.proxy.pool_max_idle, 64);
         assert_eq!(c.auth.jwt_secret.as_deref(), Some("s3cret"));
     }
 
@@ -2258,6 +2286,11 @@ mod tests {
         assert_eq!(
             shown,
             "relay.toml:2: key `history.max_events`: must be at least 1"
+        );
+        let (_, shown) = file_error("[proxy]\npool_idle_timeout_ms = 0\n");
+        assert_eq!(
+            shown,
+            "relay.toml:2: key `proxy.pool_idle_timeout_ms`: must be at least 1"
         );
         let (_, shown) = file_error("[bus]\nring_capacity = 1\n");
         assert_eq!(

@@ -409,6 +409,13 @@ pub struct ShardStats {
     pub webhook_attempts_failed: Counter,
     /// Webhook events queued on this shard.
     pub webhook_queue_events: Gauge,
+    /// TCP connections this shard's HTTP client opened to instances (proxy, health checks,
+    /// webhooks), and reusable ones it closed because the instance's pool was full
+    /// (`proxy.pool_max_idle`). Brought up to date by the maintenance tick.
+    pub upstream_connections_opened: Counter,
+    pub upstream_pool_overflow: Counter,
+    /// Idle keep-alive connections in this shard's pools.
+    pub upstream_idle_connections: Gauge,
     /// Subscriber writes held back by write pacing (`crate::pacing`) to carry more events.
     pub writes_held: Counter,
     /// The shard's current write-pacing hold, microseconds (0 while the shard is not busy).
@@ -467,6 +474,9 @@ impl ShardStats {
             webhook_events_dropped_full: Counter::new(),
             webhook_attempts_failed: Counter::new(),
             webhook_queue_events: Gauge::new(),
+            upstream_connections_opened: Counter::new(),
+            upstream_pool_overflow: Counter::new(),
+            upstream_idle_connections: Gauge::new(),
         }
     }
 
@@ -872,6 +882,27 @@ pub fn render_prometheus(out: &mut String, shards: &[&ShardStats], info: &Proces
         "relay_webhook_queue_events",
         "Webhook events waiting for delivery.",
         |s| &s.webhook_queue_events,
+    );
+    summed_counter(
+        out,
+        shards,
+        "relay_upstream_connections_opened_total",
+        "TCP connections opened to subsystem instances (proxy, health checks, webhooks).",
+        |s| &s.upstream_connections_opened,
+    );
+    summed_counter(
+        out,
+        shards,
+        "relay_upstream_pool_overflow_total",
+        "Reusable upstream connections closed because the instance's idle pool was full (proxy.pool_max_idle).",
+        |s| &s.upstream_pool_overflow,
+    );
+    summed_gauge(
+        out,
+        shards,
+        "relay_upstream_idle_connections",
+        "Idle keep-alive connections to subsystem instances.",
+        |s| &s.upstream_idle_connections,
     );
     summed_counter(
         out,

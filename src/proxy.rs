@@ -85,6 +85,8 @@ impl ProxyState {
                 connect_timeout: Duration::from_millis(config.health.timeout_ms).min(timeout),
                 request_timeout: timeout,
                 max_response_body_bytes: config.limits.max_body_bytes,
+                max_idle_per_host: config.proxy.pool_max_idle,
+                idle_timeout: Duration::from_millis(config.proxy.pool_idle_timeout_ms),
                 ..ClientConfig::default()
             }),
             timeout,

@@ -1320,6 +1320,18 @@ impl Shard {
         self.stats.channels_owned.set(owned.channel_count() as i64);
     }
 
+    /// Closes upstream connections idle too long, and brings the client's metrics up to date.
+    fn record_client_stats(&self, now: Instant) {
+        let client = self.proxy.client();
+        client.prune(now);
+        let counts = client.take_counts();
+        self.stats.upstream_connections_opened.add(counts.opened);
+        self.stats.upstream_pool_overflow.add(counts.pool_overflow);
+        self.stats
+            .upstream_idle_connections
+            .set(client.idle_connections() as i64);
+    }
+
     /// Expires history, reclaims idle channels, refreshes gauges and the heartbeat.
     pub async fn maintenance(self: Rc<Self>) {
         loop {
@@ -1330,7 +1342,7 @@ impl Shard {
                 owned.sweep(now);
                 self.record_owned_stats(&mut owned);
             }
-            self.proxy.client().prune(now);
+            self.record_client_stats(now);
             self.stats
                 .loop_heartbeat_ms
                 .store(self.shared.now_ms(), Ordering::Relaxed);

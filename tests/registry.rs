@@ -34,6 +34,7 @@ both_drivers!(
     circuit_opens_on_a_failure_rate,
     circuit_reset_closes_at_once,
     upstream_metrics_are_exported,
+    concurrent_requests_keep_their_upstream_connections,
     health_checks_take_instances_out_and_back,
     health_endpoint_degrades_without_a_healthy_instance,
     heartbeat_ttl_removes_silent_instances,
@@ -1325,6 +1326,95 @@ fn upstream_metrics_are_exported(driver: &str) {
         "relay_circuit_state{{subsystem=\"msys\",instance=\"a\"}} should be 2 (open); \
          relay_upstream*/relay_circuit* lines in /metrics: {relevant:?}"
     );
+}
+
+/// `clients` connections each send `rounds` GETs to `path`, every round started together (so
+/// the requests of a round are in flight at once against a slow instance); each must get 200.
+fn concurrent_rounds(addr: std::net::SocketAddr, path: &str, clients: usize, rounds: usize) {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let start = start.clone();
+            let path = format!("{path}/{i}");
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(addr);
+                for round in 0..rounds {
+                    start.wait();
+                    let r = conn.roundtrip("GET", &path, &[], b"");
+                    assert_eq!(r.status, 200, "client {i}, round {round}: {r}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client thread panicked");
+    }
+}
+
+/// The metric `name` once it reaches at least `min` (the shards bring the client's counts up to
+/// date on their maintenance tick, a quarter second apart).
+fn metric_reaching(server: &Server, name: &str, min: f64) -> f64 {
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let value = server.metric_sum(name);
+        if value >= min || Instant::now() >= deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn concurrent_requests_keep_their_upstream_connections(driver: &str) {
+    // 32 requests at a time, four times over: the connections of the first round serve the
+    // rest. A pool smaller than the concurrency (8 per shard before `proxy.pool_max_idle`)
+    // closed half of them after every round and opened them again on the next.
+    const CLIENTS: usize = 32;
+    let server = Server::start(driver, &[]);
+    let up = Upstream::start("pool", Behaviour::Delay(Duration::from_millis(100)));
+    register(server.addr, &reg("pool", "a", &up.url(), &["/pool"]));
+    concurrent_rounds(server.addr, "/pool", CLIENTS, 4);
+    assert_eq!(up.count(), CLIENTS * 4);
+    let accepted = up.connections();
+    assert!(
+        (CLIENTS..=CLIENTS + 4).contains(&accepted),
+        "{accepted} connections reached the instance for 4 rounds of {CLIENTS} concurrent \
+         requests; the first round's should serve them all (a few more for health checks)"
+    );
+    let opened = metric_reaching(
+        &server,
+        "relay_upstream_connections_opened_total",
+        accepted as f64,
+    );
+    assert_eq!(
+        opened, accepted as f64,
+        "relay_upstream_connections_opened_total"
+    );
+    assert_eq!(server.metric_sum("relay_upstream_pool_overflow_total"), 0.0);
+    let idle = metric_reaching(&server, "relay_upstream_idle_connections", CLIENTS as f64);
+    assert!(
+        idle >= CLIENTS as f64,
+        "relay_upstream_idle_connections {idle}: the connections wait in the pools"
+    );
+
+    // With a pool of 2 per shard, each round closes what the pools cannot keep, and counts it.
+    let small = Server::start_with_config(driver, "[proxy]\npool_max_idle = 2\n");
+    let up = Upstream::start("small", Behaviour::Delay(Duration::from_millis(100)));
+    register(small.addr, &reg("small", "a", &up.url(), &["/small"]));
+    concurrent_rounds(small.addr, "/small", CLIENTS, 2);
+    let accepted = up.connections();
+    assert!(
+        accepted >= CLIENTS + CLIENTS / 2,
+        "{accepted} connections: the second round must have opened most of its own again"
+    );
+    let overflow = metric_reaching(&small, "relay_upstream_pool_overflow_total", 1.0);
+    assert!(
+        overflow >= (CLIENTS - 4) as f64,
+        "relay_upstream_pool_overflow_total {overflow}: each round closes all but 2 per shard"
+    );
+    assert!(small.metric_sum("relay_upstream_idle_connections") <= 4.0);
+    // The server keeps serving after all that churn.
+    let mut conn = Conn::open(small.addr);
+    assert_eq!(conn.roundtrip("GET", "/small/after", &[], b"").status, 200);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 //! Owns:
 //! * the TCP connections this shard opens to upstream instances, and their keep-alive pools
 //!   (per upstream address, at most `max_idle_per_host` idle, each dropped once idle past
-//!   `idle_timeout`, on [`Client::prune`] or when next looked at);
+//!   `idle_timeout`, on [`Client::prune`] or when next looked at), and the counts of
+//!   connections opened and of reusable ones a full pool closed ([`Client::take_counts`]);
 //! * request serialisation ([`Request`] to bytes: request line, `Host`, the caller's headers,
 //!   `Content-Length`);
 //! * response parsing with limits: head bytes, header count, body bytes; `Content-Length`,
@@ -42,8 +43,8 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
@@ -240,11 +241,22 @@ struct IdleConn {
     since: Instant,
 }
 
+/// What a [`Client`] did with connections since [`Client::take_counts`] last asked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    /// TCP connections opened (successfully connected).
+    pub opened: u64,
+    /// Reusable connections closed because their upstream's pool was full.
+    pub pool_overflow: u64,
+}
+
 /// The shard's HTTP/1.1 client. See the module docs.
 pub struct Client {
     config: ClientConfig,
-    /// Idle connections per upstream, oldest first; reuse takes the newest.
-    idle: RefCell<HashMap<SocketAddr, Vec<IdleConn>>>,
+    /// Idle connections per upstream, oldest first; reuse takes the newest, a full pool drops
+    /// the oldest.
+    idle: RefCell<HashMap<SocketAddr, VecDeque<IdleConn>>>,
+    counts: Cell<ConnectionCounts>,
     /// One per shard: keep it `!Send` whatever the fields above become.
     _not_send: PhantomData<Rc<()>>,
 }
@@ -277,6 +289,7 @@ impl Client {
         Client {
             config,
             idle: RefCell::new(HashMap::new()),
+            counts: Cell::new(ConnectionCounts::default()),
             _not_send: PhantomData,
         }
     }
@@ -411,7 +424,19 @@ impl Client {
 
     /// Idle pooled connections, all upstreams together.
     pub fn idle_connections(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
+        self.idle.borrow().values().map(VecDeque::len).sum()
+    }
+
+    /// The counts since the last call, which starts them again from zero (the shard adds them
+    /// to its metrics).
+    pub fn take_counts(&self) -> ConnectionCounts {
+        self.counts.take()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ConnectionCounts)) {
+        let mut counts = self.counts.get();
+        f(&mut counts);
+        self.counts.set(counts);
     }
 
     /// Closes pooled connections idle for `idle_timeout` or longer at `now`. Call from a
@@ -435,7 +460,7 @@ impl Client {
         let mut idle = self.idle.borrow_mut();
         let conns = idle.get_mut(&addr)?;
         let mut found = None;
-        while let Some(conn) = conns.pop() {
+        while let Some(conn) = conns.pop_back() {
             if now.saturating_duration_since(conn.since) < self.config.idle_timeout {
                 found = Some(conn.stream);
                 break;
@@ -459,9 +484,10 @@ impl Client {
         let conns = idle.entry(addr).or_default();
         if conns.len() >= max {
             // The oldest is the likeliest to be closed by the upstream soon.
-            conns.remove(0);
+            conns.pop_front();
+            self.count(|c| c.pool_overflow += 1);
         }
-        conns.push(IdleConn {
+        conns.push_back(IdleConn {
             stream,
             since: Instant::now(),
         });
@@ -479,6 +505,7 @@ impl Client {
             Ok(Ok(stream)) => {
                 // Requests leave in one write; waiting for an ACK before it only adds latency.
                 let _ = stream.set_nodelay(true);
+                self.count(|c| c.opened += 1);
                 Ok(stream)
             }
             Ok(Err(e)) => Err(ClientError::Connect(e)),
@@ -1904,6 +1931,19 @@ mod tests {
         }
         assert_eq!(up.accepted(), 3);
         assert_eq!(client.idle_connections(), 2);
+        // The third connection back found the pool full: one closed, counted.
+        assert_eq!(
+            client.take_counts(),
+            ConnectionCounts {
+                opened: 3,
+                pool_overflow: 1
+            }
+        );
+        assert_eq!(client.take_counts(), ConnectionCounts::default());
+        // Reuse opens nothing: the two idle connections serve two requests in turn.
+        get(&client, &up, "/").await.unwrap();
+        get(&client, &up, "/").await.unwrap();
+        assert_eq!((up.accepted(), client.take_counts().opened), (3, 0));
 
         client.prune(Instant::now());
         assert_eq!(client.idle_connections(), 2);
