@@ -38,6 +38,9 @@ use crate::shard::{ConnCtl, Shard};
 /// goes out in slices instead of one buffer the size of the backlog.
 const WRITE_BATCH_EVENTS: usize = 512;
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// A write buffer grown past this by a burst or a replay is let go once the queue is empty,
+/// so a stream does not keep its largest write for life.
+const KEPT_BUFFER_BYTES: usize = 16 * 1024;
 
 /// A validated stream request.
 #[derive(Debug)]
@@ -243,6 +246,17 @@ impl SseSink {
         }
     }
 
+    /// Lets go of the queue's memory while it is empty (a quiet stream holds no buffer).
+    fn release_idle_memory(&self) {
+        let mut out = self.out.borrow_mut();
+        if out.queue.is_empty() {
+            out.queue = VecDeque::new();
+        }
+        if out.gaps.is_empty() {
+            out.gaps = Vec::new();
+        }
+    }
+
     /// Applies the owner's answer for one channel: replay, then what arrived meanwhile.
     fn recovered(&self, channel: &Arc<str>, answer: &Subscribed, asked: Option<&Since>) {
         let mut out = self.out.borrow_mut();
@@ -313,12 +327,55 @@ impl Sink for SseSink {
 }
 
 /// Serves the stream until the client leaves, the shard drains, or the policy closes it.
-pub async fn serve(
+/// Serves one stream until it ends, then closes the connection: the stream's own task.
+pub async fn serve(shard: Rc<Shard>, ctl: Rc<ConnCtl>, stream: TcpStream, request: StreamRequest) {
+    let expires_at_s = request.expires_at_s;
+    // Boxed: the subscriptions and the answer's head are awaited once, and the future of a
+    // stream, which spends its life waiting, need not be sized for them.
+    let mut opened = Box::pin(open(&shard, &ctl, stream, request)).await;
+    if opened.answered {
+        write_loop(
+            &shard,
+            &ctl,
+            &opened.sink,
+            &mut opened.write_half,
+            &mut opened.cursor,
+            expires_at_s,
+        )
+        .await;
+    }
+    // Every channel asked for: one that failed mid-subscribe registered its local sink already.
+    for channel in &opened.channels {
+        shard.unsubscribe(channel, ctl.id, None);
+    }
+    // Wakes the reader (its read returns) so the socket closes once both halves are gone.
+    // SAFETY: `fd` is the live socket owned by `write_half`, still in scope here.
+    unsafe {
+        libc::shutdown(opened.fd, libc::SHUT_RDWR);
+    }
+    shard.close_conn(&ctl);
+}
+
+/// A stream once subscribed and answered.
+struct Opened {
+    sink: Rc<SseSink>,
+    cursor: Cursor,
+    /// The channels asked for, to unsubscribe at the end.
+    channels: Vec<Arc<str>>,
+    write_half: monoio::net::tcp::TcpOwnedWriteHalf,
+    fd: std::os::fd::RawFd,
+    /// Every channel subscribed and the 200 written: events may follow.
+    answered: bool,
+}
+
+/// Subscribes to every channel, then answers 200 (or 503 when the shard is shutting down),
+/// and starts the reader that notices the client leaving.
+async fn open(
     shard: &Rc<Shard>,
     ctl: &Rc<ConnCtl>,
     stream: TcpStream,
     request: StreamRequest,
-) {
+) -> Opened {
     shard.set_transport(ctl, Transport::Sse);
     let config = shard.config();
     let sink = Rc::new(SseSink::new(
@@ -328,11 +385,9 @@ pub async fn serve(
         request.types,
         config,
     ));
-    let sink_id = ctl.id;
 
     // Subscribe before answering: once the client sees 200, nothing published is missed.
     let mut cursor = Cursor::new();
-    let mut subscribed = Vec::with_capacity(request.channels.len());
     let mut failed = false;
     for channel in &request.channels {
         let since = request
@@ -344,7 +399,7 @@ pub async fn serve(
                 seq,
             });
         match shard
-            .subscribe(channel, sink_id, sink.clone(), since.clone(), None)
+            .subscribe(channel, ctl.id, sink.clone(), since.clone(), None)
             .await
         {
             Ok(answer) => {
@@ -354,7 +409,6 @@ pub async fn serve(
                 };
                 cursor.set(channel, &answer.epoch, position);
                 sink.recovered(channel, &answer, since.as_ref());
-                subscribed.push(channel.clone());
             }
             Err(_) => {
                 failed = true;
@@ -365,7 +419,7 @@ pub async fn serve(
 
     let fd = stream.as_raw_fd();
     let (read_half, mut write_half) = stream.into_split();
-    let mut buf = Vec::with_capacity(512);
+    let mut head = Vec::with_capacity(512);
     if failed {
         let response = crate::http::Response::error(
             503,
@@ -373,17 +427,15 @@ pub async fn serve(
             "the relay is shutting down; reconnect shortly",
         )
         .with_header("Retry-After", "1");
-        crate::http::conn::write(&mut buf, &response, false, false, shard.id);
-        let (_, returned) = write_half.write_all(buf).await;
-        buf = returned;
+        crate::http::conn::write(&mut head, &response, false, false, shard.id);
+        let _ = write_half.write_all(head).await;
     } else {
-        buf.extend_from_slice(
+        head.extend_from_slice(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\n",
         );
-        buf.extend_from_slice(format!("X-Relay-Shard: {}\r\n\r\n", shard.id).as_bytes());
-        buf.extend_from_slice(format!("retry: {}\n\n", config.sse.retry_ms).as_bytes());
-        let (result, returned) = write_half.write_all(buf).await;
-        buf = returned;
+        head.extend_from_slice(format!("X-Relay-Shard: {}\r\n\r\n", shard.id).as_bytes());
+        head.extend_from_slice(format!("retry: {}\n\n", config.sse.retry_ms).as_bytes());
+        let (result, _) = write_half.write_all(head).await;
         failed = result.is_err();
     }
 
@@ -404,30 +456,13 @@ pub async fn serve(
         reader_ctl.close();
     });
 
-    if !failed {
-        let expires_at_s = request.expires_at_s;
-        write_loop(
-            shard,
-            ctl,
-            &sink,
-            &mut write_half,
-            &mut cursor,
-            buf,
-            expires_at_s,
-        )
-        .await;
-    }
-    for channel in &subscribed {
-        shard.unsubscribe(channel, sink_id, None);
-    }
-    // Any channel that failed mid-subscribe registered its local sink already.
-    for channel in request.channels.iter().skip(subscribed.len()) {
-        shard.unsubscribe(channel, sink_id, None);
-    }
-    // Wakes the reader (its read returns) so the socket closes once both halves are gone.
-    // SAFETY: `fd` is the live socket owned by `write_half`, still in scope here.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
+    Opened {
+        sink,
+        cursor,
+        channels: request.channels,
+        write_half,
+        fd,
+        answered: !failed,
     }
 }
 
@@ -437,9 +472,10 @@ async fn write_loop(
     sink: &Rc<SseSink>,
     write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf,
     cursor: &mut Cursor,
-    mut buf: Vec<u8>,
     expires_at_s: Option<u64>,
 ) {
+    // Allocated by the first event: a stream that never gets one holds no write buffer.
+    let mut buf: Vec<u8> = Vec::new();
     let keepalive = Duration::from_secs(shard.config().sse.keepalive_s.max(1));
     let mut last_write = Instant::now();
     let mut batch: Vec<(Arc<Event>, bool)> = Vec::new();
@@ -488,20 +524,24 @@ async fn write_loop(
             event.write_sse(&mut buf);
         }
         if buf.is_empty() && last_write.elapsed() >= keepalive {
-            buf.extend_from_slice(b": keepalive\n\n");
+            // Quiet for a whole keepalive: from here until its next event the stream holds
+            // no buffer of its own.
+            buf = Vec::new();
+            batch = Vec::new();
+            sink.release_idle_memory();
+            if write_unless_overflowed(write_half, ctl, sink, KEEPALIVE)
+                .await
+                .is_none()
+            {
+                return;
+            }
+            last_write = Instant::now();
+            continue;
         }
         if !buf.is_empty() {
-            // A client that stopped reading must not hold the stream open once the
-            // slow-consumer policy closes it: the write races that decision. (A drain lets
-            // the write finish; the drain deadline bounds it.)
-            monoio::select! {
-                (result, returned) = write_half.write_all(buf) => {
-                    buf = returned;
-                    if result.is_err() {
-                        return;
-                    }
-                }
-                _ = ctl.wait_until(|| sink.out.borrow().overflowed) => return,
+            match write_unless_overflowed(write_half, ctl, sink, buf).await {
+                Some(returned) => buf = returned,
+                None => return,
             }
             last_write = Instant::now();
             if !batch.is_empty() {
@@ -521,6 +561,9 @@ async fn write_loop(
         if ctl.is_closing() {
             return;
         }
+        if buf.capacity() > KEPT_BUFFER_BYTES {
+            buf = Vec::new();
+        }
         let mut wait = keepalive.saturating_sub(last_write.elapsed());
         if let Some(exp) = expires_at_s {
             let left_ms = exp
@@ -531,14 +574,36 @@ async fn write_loop(
             }
             wait = wait.min(Duration::from_millis(left_ms));
         }
-        monoio::select! {
-            _ = ctl.wait() => {}
-            _ = monoio::time::sleep(wait) => {}
-        }
+        // The shard's connection timers wake it: a monoio sleep would add 640 bytes to every
+        // stream's future, and they tick often enough (250 ms apart at most) for a keepalive.
+        ctl.set_timer(Some(Instant::now() + wait));
+        ctl.wait().await;
+        ctl.set_timer(None);
         if ctl.is_closing() && sink.out.borrow().queue.is_empty() {
             return;
         }
     }
+}
+
+const KEEPALIVE: &[u8] = b": keepalive\n\n";
+
+/// Writes `data` unless the slow-consumer policy closes the stream first: a client that stopped
+/// reading must not hold the stream open once the policy gave up on it. (A drain lets the
+/// write finish; the drain deadline bounds it.) `None` when the stream must end. Boxed, so
+/// that the future of every stream, mostly waiting, is not sized for a write.
+async fn write_unless_overflowed<B: monoio::buf::IoBuf + 'static>(
+    write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf,
+    ctl: &ConnCtl,
+    sink: &SseSink,
+    data: B,
+) -> Option<B> {
+    Box::pin(async {
+        monoio::select! {
+            (result, returned) = write_half.write_all(data) => result.ok().map(|_| returned),
+            _ = ctl.wait_until(|| sink.out.borrow().overflowed) => None,
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

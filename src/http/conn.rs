@@ -365,8 +365,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, ctl: Rc<ConnCtl>) {
                 if !flush(&mut stream, &mut output).await {
                     break 'conn;
                 }
-                Box::pin(crate::sse::serve(&shard, &ctl, stream, stream_request)).await;
-                shard.close_conn(&ctl);
+                // As a WebSocket session does, the stream gets a task of its own and this one
+                // ends: its future and buffers, sized for every HTTP path, would sit idle for
+                // the stream's whole life (5.9 KB of an idle stream's 10.3 KB).
+                monoio::spawn(crate::sse::serve(shard, ctl, stream, stream_request));
                 return;
             }
             Reply::WebSocket(request) => {
