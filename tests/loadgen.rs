@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use relay_loadgen::report::Report;
 use relay_loadgen::{
-    CloseMode, Driver, LoadgenError, Options, PublishVia, Ramp, RatePlan, Scenario,
+    CloseMode, Driver, LoadgenError, Options, PublishVia, Ramp, RatePlan, Scenario, Transport,
 };
 
 use common::*;
@@ -268,6 +268,17 @@ fn idle_reports_the_relays_rss(driver: &str) {
             step.rss_per_conn_bytes
         );
     }
+    assert_eq!(r.disconnected, 0);
+
+    // The same with SSE streams.
+    let mut sse = o.clone();
+    sse.transport = Transport::Sse;
+    sse.idle_steps = vec![100];
+    let r = run(&sse);
+    let idle = r.idle.as_ref().expect("an idle report for SSE streams");
+    assert_eq!(idle.steps.len(), 1);
+    assert_eq!(idle.steps[0].subscribed, 100);
+    assert!(idle.steps[0].rss_per_conn_bytes.abs() < 1_048_576.0);
     assert_eq!(r.disconnected, 0);
 
     // An explicit pid that is not a process is a clear error, not a panic.

@@ -212,6 +212,9 @@ pub struct Idle {
     /// Channels the connections subscribe to (round robin)
     #[arg(long)]
     pub channels: Option<usize>,
+    /// How the connections subscribe: WebSocket, or SSE streams [default: ws]
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
     /// Wait after the last connection subscribed before reading RSS, seconds [default: 2]
     #[arg(long, value_name = "S")]
     pub settle_s: Option<f64>,
@@ -267,6 +270,7 @@ impl Cli {
                     o.idle_steps = a.steps;
                 }
                 set(&mut o.channels, a.channels);
+                set(&mut o.transport, a.transport);
                 set(&mut o.settle_s, a.settle_s);
                 o.server_pid = a.server_pid;
                 (o, out)
@@ -431,6 +435,15 @@ mod tests {
         assert_eq!(o.server_pid, Some(42));
         let (o, _) = parse(&["idle", "--connections", "300"]);
         assert_eq!(o.idle_steps, vec![300]);
+        assert_eq!(o.transport, Transport::Ws);
+        let (o, _) = parse(&["idle", "--connections", "300", "--transport", "sse"]);
+        assert_eq!(o.transport, Transport::Sse);
+        assert!(o.validate().is_ok());
+        let (o, _) = parse(&["idle", "--target-kind", "nats", "--transport", "sse"]);
+        assert!(
+            o.validate().is_err(),
+            "nats-server has no SSE streams to hold"
+        );
         let (o, _) = parse(&["connect", "--ramp", "1:8:2", "--driver", "io_uring"]);
         assert_eq!(o.concurrency_steps(), vec![1, 2, 4, 8]);
         assert_eq!(o.driver, Driver::IoUring);

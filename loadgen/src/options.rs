@@ -616,7 +616,9 @@ impl Options {
             }
             return Ok(());
         }
-        if s == Scenario::Sse || (s.delivers() && self.transport == Transport::Sse) {
+        if s == Scenario::Sse
+            || ((s.delivers() || s == Scenario::Idle) && self.transport == Transport::Sse)
+        {
             return bad(
                 "--target-kind nats has no SSE subscribers (nats-server speaks WebSocket); use \
                  the latency scenario"

@@ -418,6 +418,14 @@ impl Report {
                     c.event_bytes
                 );
             }
+            Scenario::Idle => {
+                let _ = writeln!(
+                    o,
+                    "  idle {} subscribers on {} channels",
+                    c.transport.name(),
+                    c.channels
+                );
+            }
             _ => {}
         }
         o.push('\n');
