@@ -1477,6 +1477,11 @@ mod tests {
         a.connections_total[Transport::Http as usize].add(9);
         b.connections_total[Transport::Ws as usize].add(6);
         b.connections_refused.inc();
+        a.upstream_connections_opened.add(3);
+        b.upstream_connections_opened.add(4);
+        b.upstream_pool_overflow.add(2);
+        a.upstream_idle_connections.set(1);
+        b.upstream_idle_connections.set(2);
 
         a.channels_owned.set(4);
         b.channels_owned.set(6);
@@ -1538,6 +1543,11 @@ mod tests {
             "relay_connections_total{transport=\"sse\"} 0",
             "relay_connections_total{transport=\"ws\"} 6",
             "relay_connections_refused_total 1",
+            "# TYPE relay_upstream_connections_opened_total counter",
+            "relay_upstream_connections_opened_total 7",
+            "relay_upstream_pool_overflow_total 2",
+            "# TYPE relay_upstream_idle_connections gauge",
+            "relay_upstream_idle_connections 3",
             "# TYPE relay_channels_active gauge",
             "relay_channels_active 10",
             "relay_history_events 123",
@@ -1622,7 +1632,7 @@ mod tests {
         assert!(!out.contains("relay_shard_cpu_seconds_total{shard=\"1\"}"));
         assert!(!out.contains("relay_shard_preemptions_total{shard=\"1\"}"));
         let families = check_exposition(&out);
-        assert_eq!(families, 43);
+        assert_eq!(families, 46);
     }
 
     #[test]
