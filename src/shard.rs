@@ -26,7 +26,10 @@ use smallvec::SmallVec;
 
 use crate::answers::{AnswerKey, Answers, Awaited};
 use crate::bus::event::{Draft, Drafts, Event};
-use crate::bus::{shard_of, HistoryPage, LocalSubs, Member, Owned, Published, Since, Subscribed};
+use crate::bus::{
+    shard_of, ChannelPage, ChannelQuery, HistoryPage, LocalSubs, Member, Owned, Published, Since,
+    Subscribed,
+};
 use crate::clock::{Stamp, WallClock};
 use crate::config::Config;
 use crate::mesh::{Mesh, Outbox};
@@ -79,9 +82,10 @@ pub enum Msg {
     },
     /// From the owner to a shard with subscribers: write this to them.
     Deliver(Arc<Event>),
-    /// To every shard: what you own and who subscribes here.
+    /// To every shard: a page of the channels you own.
     ListChannels {
-        reply: oneshot::Sender<ShardChannels>,
+        query: ChannelQuery,
+        reply: oneshot::Sender<ChannelPage>,
     },
 }
 
@@ -261,13 +265,6 @@ pub enum Refused {
     Full,
     /// Over `limits.max_connections_per_ip` (429).
     PerIp,
-}
-
-/// One shard's part of the channel listing.
-#[derive(Debug, Default)]
-pub struct ShardChannels {
-    pub owned: Vec<crate::bus::OwnedInfo>,
-    pub local_subscribers: Vec<(Arc<str>, usize)>,
 }
 
 /// How many subscribers' writes a publisher's answer lets go first (see
@@ -1077,8 +1074,8 @@ impl Shard {
         answer.await.map_err(|_| BusError::Unavailable)
     }
 
-    /// Every shard's owned channels and local subscriber counts.
-    pub async fn channels(&self) -> Result<Vec<ShardChannels>, BusError> {
+    /// Every shard's page of the channels it owns.
+    pub async fn channels(&self, query: &ChannelQuery) -> Result<Vec<ChannelPage>, BusError> {
         let mut answers = Vec::with_capacity(self.shards());
         let mut waiting = Vec::new();
         for shard in 0..self.shards() {
@@ -1086,26 +1083,20 @@ impl Shard {
                 continue;
             }
             let (reply, answer) = oneshot::channel();
-            self.outbox.send(shard, Msg::ListChannels { reply });
+            self.outbox.send(
+                shard,
+                Msg::ListChannels {
+                    query: query.clone(),
+                    reply,
+                },
+            );
             waiting.push(answer);
         }
-        answers.push(self.list_channels());
+        answers.push(self.owned.borrow().list(query));
         for answer in waiting {
             answers.push(answer.await.map_err(|_| BusError::Unavailable)?);
         }
         Ok(answers)
-    }
-
-    fn list_channels(&self) -> ShardChannels {
-        ShardChannels {
-            owned: self.owned.borrow().list(),
-            local_subscribers: self
-                .local
-                .borrow()
-                .counts()
-                .map(|(c, n)| (c.clone(), n))
-                .collect(),
-        }
     }
 
     // ----- what arrives from other shards -----
@@ -1178,8 +1169,8 @@ impl Shard {
             } => {
                 let _ = reply.send(self.owned.borrow().history(&channel, since, limit));
             }
-            Msg::ListChannels { reply } => {
-                let _ = reply.send(self.list_channels());
+            Msg::ListChannels { query, reply } => {
+                let _ = reply.send(self.owned.borrow().list(&query));
             }
         }
     }

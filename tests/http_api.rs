@@ -347,6 +347,49 @@ fn channels_listing(driver: &str) {
         .find(|row| row["channel"] == "other/chan")
         .unwrap_or_else(|| panic!("other/chan should be listed: {v}"));
     assert_eq!(row["seq"], 1, "{v}");
+    assert!(v["next"].is_null(), "one page holds them all: {v}");
+
+    // Pages: the test server's two shards own these channels between them, and the pages
+    // come out merged, in name order, `count` being every match.
+    let names = ["page.a", "page.b", "page.c", "page.d", "page.e"];
+    for name in names.iter().rev() {
+        publish(server.addr, &event_json(name, "t", "1"));
+    }
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/relay/channels?prefix=page.&limit=2".to_string();
+    for expected_next in [Some("page.b"), Some("page.d"), None] {
+        let v = json(&server.get(&path));
+        assert_eq!(v["count"], 5, "{path}: {v}");
+        assert_eq!(v["next"].as_str(), expected_next, "{path}: {v}");
+        let rows = v["channels"].as_array().cloned().unwrap_or_default();
+        seen.extend(
+            rows.iter()
+                .map(|r| r["channel"].as_str().unwrap_or("?").to_string()),
+        );
+        if let Some(next) = expected_next {
+            path = format!("/api/v1/relay/channels?prefix=page.&limit=2&after={next}");
+        }
+    }
+    assert_eq!(seen, names, "every page in order, none twice");
+
+    // Bad paging is refused with a reason, and the server keeps serving.
+    for (query, says) in [
+        ("limit=0", "limit must be an integer from 1 to 10000"),
+        ("limit=10001", "limit must be an integer from 1 to 10000"),
+        ("limit=ten", "limit must be an integer"),
+        ("page=2", "unknown query parameter"),
+    ] {
+        let r = server.get(&format!("/api/v1/relay/channels?{query}"));
+        assert_eq!(r.status, 400, "?{query}: {r}");
+        assert!(r.text().contains(says), "?{query} should say {says:?}: {r}");
+    }
+    let long = "x".repeat(256);
+    let r = server.get(&format!("/api/v1/relay/channels?after={long}"));
+    assert_eq!(
+        r.status, 400,
+        "an `after` longer than any channel name: {r}"
+    );
+    assert_eq!(server.get("/api/v1/relay/channels?limit=1").status, 200);
 }
 
 fn history_queries(driver: &str) {
