@@ -765,19 +765,11 @@ async fn channels(shard: &Rc<Shard>, query: Option<&str>) -> Response {
         match key.as_str() {
             "prefix" => wanted.prefix = value,
             "after" => wanted.after = Some(value),
-            "limit" => match value.parse::<usize>() {
-                Ok(v) if (1..=CHANNELS_LIMIT_MAX).contains(&v) => wanted.limit = v,
-                _ => {
-                    return bad_request(&format!(
-                        "limit must be an integer from 1 to {CHANNELS_LIMIT_MAX}, not {value:?}"
-                    ))
-                }
+            "limit" => match page_limit(&value, CHANNELS_LIMIT_MAX) {
+                Ok(v) => wanted.limit = v,
+                Err(response) => return response,
             },
-            _ => {
-                return bad_request(&format!(
-                    "unknown query parameter {key:?} (expected prefix, after, limit)"
-                ))
-            }
+            _ => return unknown_parameter(&key, "prefix, after, limit"),
         }
     }
     for (what, text) in [
@@ -828,6 +820,22 @@ async fn channels(shard: &Rc<Shard>, query: Option<&str>) -> Response {
     Response::json(200, out)
 }
 
+/// A page's `limit` parameter: 1 to `max`, else 400 saying so.
+fn page_limit(value: &str, max: usize) -> Result<usize, Response> {
+    match value.parse::<usize>() {
+        Ok(v) if (1..=max).contains(&v) => Ok(v),
+        _ => Err(bad_request(&format!(
+            "limit must be an integer from 1 to {max}, not {value:?}"
+        ))),
+    }
+}
+
+fn unknown_parameter(key: &str, expected: &str) -> Response {
+    bad_request(&format!(
+        "unknown query parameter {key:?} (expected {expected})"
+    ))
+}
+
 fn write_bytes(out: &mut Vec<u8>, args: std::fmt::Arguments) -> std::io::Result<()> {
     std::io::Write::write_fmt(out, args)
 }
@@ -859,19 +867,11 @@ async fn history(shard: &Rc<Shard>, raw_channel: &str, query: Option<&str>) -> R
                     ))
                 }
             },
-            "limit" => match value.parse::<usize>() {
-                Ok(v) if (1..=HISTORY_LIMIT_MAX).contains(&v) => limit = v,
-                _ => {
-                    return bad_request(&format!(
-                        "limit must be an integer from 1 to {HISTORY_LIMIT_MAX}, not {value:?}"
-                    ))
-                }
+            "limit" => match page_limit(&value, HISTORY_LIMIT_MAX) {
+                Ok(v) => limit = v,
+                Err(response) => return response,
             },
-            _ => {
-                return bad_request(&format!(
-                    "unknown query parameter {key:?} (expected since, limit)"
-                ))
-            }
+            _ => return unknown_parameter(&key, "since, limit"),
         }
     }
     let page = match shard
