@@ -33,6 +33,9 @@ use crate::proxy::{self, Answer, BodyError, BodySource};
 use crate::shard::{ConnCtl, Shard};
 
 const READ_CHUNK: usize = 4096;
+/// The most write buffer an HTTP connection keeps between responses: more than pipelined
+/// single-event answers need (64 of them are about 16 KiB).
+const KEPT_OUTPUT_BYTES: usize = 16 * 1024;
 
 enum Read {
     Data,
@@ -112,10 +115,18 @@ async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
         return true;
     }
     let buf = std::mem::take(out);
-    let (result, mut buf) = stream.write_all(buf).await;
-    buf.clear();
-    *out = buf;
+    let (result, buf) = stream.write_all(buf).await;
+    *out = recycle_output(buf);
     result.is_ok()
+}
+
+/// The written buffer, emptied for the next responses. A large answer (a history page, a
+/// listing) must not stay with a keep-alive connection for life: the buffer is shrunk to
+/// [`KEPT_OUTPUT_BYTES`], not dropped, so that pipelined answers grow it again in one step.
+fn recycle_output(mut buf: Vec<u8>) -> Vec<u8> {
+    buf.clear();
+    buf.shrink_to(KEPT_OUTPUT_BYTES);
+    buf
 }
 
 fn limits(shard: &Shard) -> Limits {
@@ -714,11 +725,23 @@ mod tests {
     use bytes::{Bytes, BytesMut};
     use monoio::net::TcpStream;
 
-    use super::{read_more, write, BodyReader, ReadTimer};
+    use super::{read_more, recycle_output, write, BodyReader, ReadTimer, KEPT_OUTPUT_BYTES};
     use crate::config::Config;
     use crate::http::codec::{parse_head, Method, Parsed, RequestHead};
     use crate::http::Response;
     use crate::shard::{ConnCtl, Shard, Shared};
+
+    #[test]
+    fn a_large_answer_leaves_no_large_buffer_behind() {
+        let big = recycle_output(vec![b'x'; 330_000]);
+        assert!(big.is_empty());
+        assert!(big.capacity() <= KEPT_OUTPUT_BYTES, "{}", big.capacity());
+        // Pipelined answers keep what they grew: no allocation per response.
+        let mut small = Vec::with_capacity(8192);
+        small.extend_from_slice(&[b'x'; 6000]);
+        let small = recycle_output(small);
+        assert_eq!((small.len(), small.capacity()), (0, 8192));
+    }
 
     fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
