@@ -326,8 +326,8 @@ impl Sink for SseSink {
     }
 }
 
-/// Serves the stream until the client leaves, the shard drains, or the policy closes it.
-/// Serves one stream until it ends, then closes the connection: the stream's own task.
+/// Serves the stream until the client leaves, the shard drains, or the policy closes it, then
+/// closes the connection. The stream's own task: the HTTP connection's task has ended.
 pub async fn serve(shard: Rc<Shard>, ctl: Rc<ConnCtl>, stream: TcpStream, request: StreamRequest) {
     let expires_at_s = request.expires_at_s;
     // Boxed: the subscriptions and the answer's head are awaited once, and the future of a
