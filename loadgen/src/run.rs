@@ -252,6 +252,22 @@ impl Control {
         }
     }
 
+    /// Until every publisher has tried its first connection, at most the connect timeout and
+    /// a second: the first step's schedule starts with them connected. A publisher that
+    /// failed tries again in the step (and its failures are counted there too).
+    fn wait_publishers_connected(&mut self, publishers: u64) -> Result<(), LoadgenError> {
+        let shared = self.shared.clone();
+        let bound = Instant::now()
+            + Duration::from_millis(shared.opts.connect_timeout_ms)
+            + Duration::from_secs(1);
+        while shared.total(C::PubsOpen) + shared.total(C::PubConnectFailed) < publishers
+            && Instant::now() < bound
+        {
+            self.tick("connecting publishers", None)?;
+        }
+        Ok(())
+    }
+
     fn run_publish(&mut self, pool: &Pool) -> Result<(), LoadgenError> {
         let shared = self.shared.clone();
         let opts = &shared.opts;
@@ -259,6 +275,7 @@ impl Control {
         if subscribers > 0 {
             self.wait_subscribed(subscribers)?;
         }
+        self.wait_publishers_connected(opts.publishers as u64)?;
         let rates = opts.rate_steps();
         let step_ns = secs_to_ns(opts.publish_step_s());
         let drain_ns = opts.drain_ms * 1_000_000;
