@@ -172,6 +172,15 @@ pub struct Principal {
     pub grants: Grants,
 }
 
+/// The monotonic instant a token's `exp` (seconds since the epoch) falls on, reading the wall
+/// clock once: a connection checks its expiry against it without reading the wall clock again.
+pub fn expiry_instant(expires_at_s: u64) -> std::time::Instant {
+    let left_ms = expires_at_s
+        .saturating_mul(1000)
+        .saturating_sub(crate::shard::unix_ms());
+    std::time::Instant::now() + std::time::Duration::from_millis(left_ms)
+}
+
 /// The channels a principal may subscribe and publish to: what a connection keeps of its
 /// principal for its whole life.
 #[derive(Debug, Clone)]

@@ -329,7 +329,7 @@ impl Sink for SseSink {
 /// Serves the stream until the client leaves, the shard drains, or the policy closes it, then
 /// closes the connection. The stream's own task: the HTTP connection's task has ended.
 pub async fn serve(shard: Rc<Shard>, ctl: Rc<ConnCtl>, stream: TcpStream, request: StreamRequest) {
-    let expires_at_s = request.expires_at_s;
+    let expires_at = request.expires_at_s.map(crate::auth::expiry_instant);
     // Boxed: the subscriptions and the answer's head are awaited once, and the future of a
     // stream, which spends its life waiting, need not be sized for them.
     let mut opened = Box::pin(open(&shard, &ctl, stream, request)).await;
@@ -340,7 +340,7 @@ pub async fn serve(shard: Rc<Shard>, ctl: Rc<ConnCtl>, stream: TcpStream, reques
             &opened.sink,
             &mut opened.write_half,
             &mut opened.cursor,
-            expires_at_s,
+            expires_at,
         )
         .await;
     }
@@ -472,7 +472,7 @@ async fn write_loop(
     sink: &Rc<SseSink>,
     write_half: &mut monoio::net::tcp::TcpOwnedWriteHalf,
     cursor: &mut Cursor,
-    expires_at_s: Option<u64>,
+    expires_at: Option<Instant>,
 ) {
     // Allocated by the first event: a stream that never gets one holds no write buffer.
     let mut buf: Vec<u8> = Vec::new();
@@ -564,19 +564,16 @@ async fn write_loop(
         if buf.capacity() > KEPT_BUFFER_BYTES {
             buf = Vec::new();
         }
-        let mut wait = keepalive.saturating_sub(last_write.elapsed());
-        if let Some(exp) = expires_at_s {
-            let left_ms = exp
-                .saturating_mul(1000)
-                .saturating_sub(crate::shard::unix_ms());
-            if left_ms == 0 {
+        let mut wake_at = last_write + keepalive;
+        if let Some(expires_at) = expires_at {
+            if Instant::now() >= expires_at {
                 return;
             }
-            wait = wait.min(Duration::from_millis(left_ms));
+            wake_at = wake_at.min(expires_at);
         }
         // The shard's connection timers wake it: a monoio sleep would add 640 bytes to every
         // stream's future, and they tick often enough (250 ms apart at most) for a keepalive.
-        ctl.set_timer(Some(Instant::now() + wait));
+        ctl.set_timer(Some(wake_at));
         ctl.wait().await;
         ctl.set_timer(None);
         if ctl.is_closing() && sink.out.borrow().queue.is_empty() {

@@ -803,12 +803,12 @@ pub async fn serve(
     let writer = Box::new(WriteSide {
         shard: shard.clone(),
         conn: conn.clone(),
-        expires_at: Stamp::deadline_of(request.principal.expires_at_s.map(|exp_s| {
-            let left_ms = exp_s
-                .saturating_mul(1000)
-                .saturating_sub(crate::shard::unix_ms());
-            Instant::now() + Duration::from_millis(left_ms)
-        })),
+        expires_at: Stamp::deadline_of(
+            request
+                .principal
+                .expires_at_s
+                .map(crate::auth::expiry_instant),
+        ),
         last_write: Stamp::now(),
         next_ping: Stamp::deadline(
             Instant::now() + Duration::from_millis(config.websocket.heartbeat_ms),
