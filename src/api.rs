@@ -763,6 +763,12 @@ async fn channels(shard: &Rc<Shard>, query: Option<&str>) -> Response {
             Err(e) => return bad_request(&format!("query: {e}")),
         };
         match key.as_str() {
+            "prefix" | "after" if value.len() > names::CHANNEL_MAX => {
+                return bad_request(&format!(
+                    "{key} is longer than a channel name may be ({} bytes)",
+                    names::CHANNEL_MAX
+                ))
+            }
             "prefix" => wanted.prefix = value,
             "after" => wanted.after = Some(value),
             "limit" => match page_limit(&value, CHANNELS_LIMIT_MAX) {
@@ -770,17 +776,6 @@ async fn channels(shard: &Rc<Shard>, query: Option<&str>) -> Response {
                 Err(response) => return response,
             },
             _ => return unknown_parameter(&key, "prefix, after, limit"),
-        }
-    }
-    for (what, text) in [
-        ("prefix", Some(&wanted.prefix)),
-        ("after", wanted.after.as_ref()),
-    ] {
-        if text.is_some_and(|t| t.len() > names::CHANNEL_MAX) {
-            return bad_request(&format!(
-                "{what} is longer than a channel name may be ({} bytes)",
-                names::CHANNEL_MAX
-            ));
         }
     }
     let limit = wanted.limit;

@@ -134,7 +134,7 @@ pub struct OwnedInfo {
 }
 
 /// Which owned channels a listing asks for (`GET /api/v1/relay/channels`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ChannelQuery {
     /// Only names that start with this ("" for all).
     pub prefix: String,
@@ -145,35 +145,12 @@ pub struct ChannelQuery {
 }
 
 /// One shard's part of a listing.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChannelPage {
     /// The first `limit` names after `after` that start with the prefix, in name order.
     pub rows: Vec<OwnedInfo>,
     /// Every owned channel whose name starts with the prefix, before or after `after`.
     pub matching: usize,
-}
-
-/// A channel ordered by its name, for picking a page's rows.
-struct ByName<'a>(&'a Arc<str>, &'a OwnedChannel);
-
-impl PartialEq for ByName<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-
-impl Eq for ByName<'_> {}
-
-impl PartialOrd for ByName<'_> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByName<'_> {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.cmp(other.0)
-    }
 }
 
 /// What the config says about one channel, resolved once when the channel is created.
@@ -577,7 +554,11 @@ impl Owned {
     /// only the channels whose oldest event is due and those that lost their last subscriber.
     pub fn sweep(&mut self, now: Instant) -> Sweep {
         let mut sweep = Sweep::default();
-        while (self.expiries.peek()).is_some_and(|Reverse((at, _))| *at <= now) {
+        while self
+            .expiries
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
             let Some((expired, reclaimed)) = self.drop_from_next(|history| history.expire(now))
             else {
                 break;
@@ -586,7 +567,9 @@ impl Owned {
             sweep.reclaimed += usize::from(reclaimed);
         }
         for name in self.maybe_idle.drain(..) {
-            let idle = (self.channels.get(&name))
+            let idle = self
+                .channels
+                .get(&name)
                 .is_some_and(|c| c.interest.is_empty() && c.history.is_empty());
             if idle {
                 self.channels.remove(&name);
@@ -601,9 +584,9 @@ impl Owned {
     /// 150 ms), but only the page's rows are copied or sorted: the names are kept in a
     /// max-heap of the page's size, so a name past the page costs one comparison.
     pub fn list(&self, query: &ChannelQuery) -> ChannelPage {
-        let mut page: BinaryHeap<ByName<'_>> = BinaryHeap::with_capacity(query.limit + 1);
+        let mut page: BinaryHeap<&Arc<str>> = BinaryHeap::with_capacity(query.limit + 1);
         let mut matching = 0;
-        for (name, channel) in &self.channels {
+        for name in self.channels.keys() {
             if !name.starts_with(query.prefix.as_str()) {
                 continue;
             }
@@ -612,21 +595,24 @@ impl Owned {
                 continue;
             }
             if page.len() < query.limit {
-                page.push(ByName(name, channel));
-            } else if page.peek().is_some_and(|last| **name < **last.0) {
+                page.push(name);
+            } else if page.peek().is_some_and(|last| name < *last) {
                 page.pop();
-                page.push(ByName(name, channel));
+                page.push(name);
             }
         }
         let rows = page
             .into_sorted_vec()
             .into_iter()
-            .map(|ByName(name, channel)| OwnedInfo {
-                channel: name.clone(),
-                epoch: channel.epoch,
-                seq: channel.last_seq,
-                history: channel.history.len(),
-                subscribers: channel.subscribers(),
+            .filter_map(|name| {
+                let channel = self.channels.get(name)?;
+                Some(OwnedInfo {
+                    channel: name.clone(),
+                    epoch: channel.epoch,
+                    seq: channel.last_seq,
+                    history: channel.history.len(),
+                    subscribers: channel.subscribers(),
+                })
             })
             .collect();
         ChannelPage { rows, matching }
