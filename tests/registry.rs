@@ -1351,19 +1351,6 @@ fn concurrent_rounds(addr: std::net::SocketAddr, path: &str, clients: usize, rou
     }
 }
 
-/// The metric `name` once it reaches at least `min` (the shards bring the client's counts up to
-/// date on their maintenance tick, a quarter second apart).
-fn metric_reaching(server: &Server, name: &str, min: f64) -> f64 {
-    let deadline = Instant::now() + EVENTUALLY;
-    loop {
-        let value = server.metric_sum(name);
-        if value >= min || Instant::now() >= deadline {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn concurrent_requests_keep_their_upstream_connections(driver: &str) {
     // 32 requests at a time, four times over: the connections of the first round serve the
     // rest. A pool smaller than the concurrency (8 per shard before `proxy.pool_max_idle`)
@@ -1380,17 +1367,24 @@ fn concurrent_requests_keep_their_upstream_connections(driver: &str) {
         "{accepted} connections reached the instance for 4 rounds of {CLIENTS} concurrent \
          requests; the first round's should serve them all (a few more for health checks)"
     );
-    let opened = metric_reaching(
+    // The shards bring the client's counts into their metrics on the maintenance tick.
+    let opened = wait_metric_at_least(
         &server,
         "relay_upstream_connections_opened_total",
         accepted as f64,
+        EVENTUALLY,
     );
     assert_eq!(
         opened, accepted as f64,
         "relay_upstream_connections_opened_total"
     );
     assert_eq!(server.metric_sum("relay_upstream_pool_overflow_total"), 0.0);
-    let idle = metric_reaching(&server, "relay_upstream_idle_connections", CLIENTS as f64);
+    let idle = wait_metric_at_least(
+        &server,
+        "relay_upstream_idle_connections",
+        CLIENTS as f64,
+        EVENTUALLY,
+    );
     assert!(
         idle >= CLIENTS as f64,
         "relay_upstream_idle_connections {idle}: the connections wait in the pools"
@@ -1406,7 +1400,12 @@ fn concurrent_requests_keep_their_upstream_connections(driver: &str) {
         accepted >= CLIENTS + CLIENTS / 2,
         "{accepted} connections: the second round must have opened most of its own again"
     );
-    let overflow = metric_reaching(&small, "relay_upstream_pool_overflow_total", 1.0);
+    let overflow = wait_metric_at_least(
+        &small,
+        "relay_upstream_pool_overflow_total",
+        1.0,
+        EVENTUALLY,
+    );
     assert!(
         overflow >= (CLIENTS - 4) as f64,
         "relay_upstream_pool_overflow_total {overflow}: each round closes all but 2 per shard"

@@ -247,7 +247,6 @@ pub fn ws_error_status(code: &[u8]) -> u16 {
 pub async fn run(ctx: Rc<Ctx>, p: usize) {
     let _live = ctx.task();
     let mut seen = 0u64;
-    let mut conn: Option<Conn> = None;
     // NATS mode: this publisher's last sequence number on each channel, across steps.
     let mut seqs = match ctx.opts().target_kind {
         TargetKind::Relay => Vec::new(),
@@ -257,13 +256,7 @@ pub async fn run(ctx: Rc<Ctx>, p: usize) {
     // that opening many connections is not charged to the first events' schedule: with 2,000
     // publishers it delayed the first second's sends by up to 50 ms. A failure here is
     // counted; the step tries again.
-    match connect(&ctx, p).await {
-        Ok(c) => conn = Some(c),
-        Err(e) => {
-            ctx.stats().add(C::PubConnectFailed, 1);
-            ctx.stats().note(format!("publisher {p}: {e}"));
-        }
-    }
+    let mut conn = connect_counted(&ctx, p).await;
     loop {
         // Wait for the next step (or stop), answering pings meanwhile.
         let phase = loop {
@@ -340,14 +333,10 @@ async fn run_step(
         }
         if conn.as_ref().is_none_or(|c| c.pipe.dead.get()) {
             drop_conn(ctx, conn.take());
-            match connect(ctx, p as usize).await {
-                Ok(c) => *conn = Some(c),
-                Err(e) => {
-                    ctx.stats().add(C::PubConnectFailed, 1);
-                    ctx.stats().note(format!("publisher {p}: {e}"));
-                    monoio::time::sleep(RECONNECT_BACKOFF).await;
-                    continue;
-                }
+            *conn = connect_counted(ctx, p as usize).await;
+            if conn.is_none() {
+                monoio::time::sleep(RECONNECT_BACKOFF).await;
+                continue;
             }
         }
         let Some(c) = conn.as_mut() else { continue };
@@ -558,6 +547,18 @@ async fn send_pong(c: &mut Conn) -> Result<(), ()> {
     }
     let (r, _) = c.write.write_all(frame).await;
     r.map(drop).map_err(drop)
+}
+
+/// [`connect`], with a failure counted and noted.
+async fn connect_counted(ctx: &Rc<Ctx>, p: usize) -> Option<Conn> {
+    match connect(ctx, p).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            ctx.stats().add(C::PubConnectFailed, 1);
+            ctx.stats().note(format!("publisher {p}: {e}"));
+            None
+        }
+    }
 }
 
 /// Opens a publisher connection and starts its reply reader.
