@@ -556,6 +556,11 @@ async fn write_loop(
                 }
                 batch.clear();
             }
+            // A stream that always has more to write never reaches the quiet wait below: its
+            // token's expiry is checked after every write as well.
+            if expires_at.is_some_and(|at| last_write >= at) {
+                return;
+            }
             continue;
         }
         if ctl.is_closing() {

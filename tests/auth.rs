@@ -21,6 +21,8 @@ both_drivers!(
     publish_claim_limits_publishing,
     token_expiry_closes_with_1008,
     token_expiry_ends_a_backlogged_connection,
+    token_expiry_ends_an_sse_stream,
+    token_expiry_ends_a_backlogged_sse_stream,
     api_keys_guard_publish_and_admin,
     open_endpoints_stay_open,
     jwt_and_api_keys_are_separate,
@@ -485,6 +487,55 @@ fn token_expiry_ends_a_backlogged_connection(driver: &str) {
         );
     }
     assert_fresh_token_works(&server, "after a backlogged connection's token expired");
+}
+
+fn token_expiry_ends_an_sse_stream(driver: &str) {
+    let server = Server::start_with_config(driver, JWT_ONLY);
+    let t = token_expiring_in_2_to_3_s();
+    let mut s = SseStream::open(server.addr, &sse_path(&["late.q"], Some(&t)), None);
+    let got = s.next_event(Duration::from_secs(10));
+    assert!(
+        got.is_none() && s.eof,
+        "a quiet stream whose token expires 2-3 s after opening should end by then; got {got:?}, \
+         ended: {}",
+        s.eof
+    );
+    assert_fresh_token_works(&server, "after an SSE stream's token expired");
+}
+
+/// The SSE twin of `token_expiry_ends_a_backlogged_connection`: a stream whose writer always
+/// has more queued ends at its token's expiry, not once it has caught up.
+fn token_expiry_ends_a_backlogged_sse_stream(driver: &str) {
+    let server = Server::start_with_config(
+        driver,
+        &format!(
+            "{JWT_ONLY}[limits]\noutbound_queue_messages = 100000\n\
+             outbound_queue_bytes = 67108864\n"
+        ),
+    );
+    let t = token_expiring_in_2_to_3_s();
+    let path = sse_path(&["late.s"], Some(&t));
+    let mut s = SseStream::try_open_on(small_rcvbuf_stream(server.addr), &path, None)
+        .unwrap_or_else(|r| panic!("SSE with a token valid for 2 more seconds: {r}"));
+    wait_subscribers(server.addr, &[("late.s", 1)]);
+    // 8000 events of 2 KB (16 MB) while the client does not read, then an event a millisecond
+    // (8 s or more for all of them): the token expires with most of the backlog still queued.
+    publish_2kb_events(server.addr, "late.s", 8000);
+    let mut events = 0u64;
+    while s.next_event(Duration::from_secs(10)).is_some() {
+        events += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        s.eof,
+        "reading the backlog: nothing for 10 s after {events} events"
+    );
+    assert!(
+        events < 8000,
+        "the token expired 2-3 s into an 8 s backlog: the stream should end before the \
+         backlog does, but all 8000 events came first"
+    );
+    assert_fresh_token_works(&server, "after a backlogged SSE stream's token expired");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ pub fn slow_subscriber(addr: SocketAddr, path: &str, channel: &str) -> WsClient 
 }
 
 /// A client socket with a tiny receive buffer (for slow-consumer and backlog tests).
-fn small_rcvbuf_stream(addr: SocketAddr) -> TcpStream {
+pub fn small_rcvbuf_stream(addr: SocketAddr) -> TcpStream {
     let sock =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
