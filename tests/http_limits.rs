@@ -23,6 +23,7 @@ both_drivers!(
     garbage_bytes,
     bad_chunk_size,
     invalid_publish_bodies,
+    pipelined_answers_are_not_all_held,
     config_unknown_key_is_refused,
     print_config,
     bad_env_variable_is_refused,
@@ -380,6 +381,58 @@ fn invalid_publish_bodies(driver: &str) {
 }
 
 /// Runs the binary to completion (at most 10 s) and returns (success, stdout, stderr).
+fn rss_kb(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
+        .expect("the server's /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc status")
+}
+
+/// A client that pipelines requests for large answers and reads none of them makes the
+/// connection hold one answer at a time, not every answer to what it sent.
+fn pipelined_answers_are_not_all_held(driver: &str) {
+    let server = Server::start(driver, &[]);
+    // 60 events of 60 KB: a history page of them is a 3.6 MB answer.
+    let data = format!("\"{}\"", "x".repeat(60_000));
+    for _ in 0..4 {
+        let items: Vec<String> = (0..15).map(|_| event_json("big.h", "t", &data)).collect();
+        publish(server.addr, &format!("[{}]", items.join(",")));
+    }
+    let path = "/api/v1/relay/channels/big.h/history";
+    let before_kb = rss_kb(&server);
+    // 40 requests in one write (2.5 KB, one read for relay): holding all their answers is
+    // 144 MB.
+    let mut conn = Conn::from_stream(common::ws::small_rcvbuf_stream(server.addr));
+    let one = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    conn.send_raw(one.repeat(40).as_bytes());
+    let mut most_kb = before_kb;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        most_kb = most_kb.max(rss_kb(&server));
+    }
+    let grown_mb = (most_kb - before_kb) / 1024;
+    assert!(
+        grown_mb < 48,
+        "relay grew by {grown_mb} MB while a client pipelined 40 requests for 3.6 MB answers \
+         and read nothing: it should hold about one answer at a time"
+    );
+    socket2::SockRef::from(&conn.stream)
+        .set_recv_buffer_size(4 << 20)
+        .expect("SO_RCVBUF");
+    for i in 0..40 {
+        let r = conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("answer {i} of 40: {e}"));
+        assert_eq!(r.status, 200, "answer {i} of 40: {r}");
+        let events = json(&r)["events"].as_array().map_or(0, Vec::len);
+        assert_eq!(events, 60, "answer {i} of 40 has every event");
+    }
+    assert_still_serving(&server, "40 pipelined large answers");
+}
+
 fn run_to_exit(mut cmd: std::process::Command) -> (std::process::ExitStatus, String, String) {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
