@@ -381,16 +381,6 @@ fn invalid_publish_bodies(driver: &str) {
 }
 
 /// Runs the binary to completion (at most 10 s) and returns (success, stdout, stderr).
-fn rss_kb(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
-        .expect("the server's /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc status")
-}
-
 /// A client that pipelines requests for large answers and reads none of them makes the
 /// connection hold one answer at a time, not every answer to what it sent.
 fn pipelined_answers_are_not_all_held(driver: &str) {
@@ -402,7 +392,7 @@ fn pipelined_answers_are_not_all_held(driver: &str) {
         publish(server.addr, &format!("[{}]", items.join(",")));
     }
     let path = "/api/v1/relay/channels/big.h/history";
-    let before_kb = rss_kb(&server);
+    let before_kb = server.rss_kb();
     // 40 requests in one write (2.5 KB, one read for relay): holding all their answers is
     // 144 MB.
     let mut conn = Conn::from_stream(common::ws::small_rcvbuf_stream(server.addr));
@@ -411,7 +401,7 @@ fn pipelined_answers_are_not_all_held(driver: &str) {
     let mut most_kb = before_kb;
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));
-        most_kb = most_kb.max(rss_kb(&server));
+        most_kb = most_kb.max(server.rss_kb());
     }
     let grown_mb = (most_kb - before_kb) / 1024;
     assert!(

@@ -48,6 +48,7 @@ both_drivers!(
     idle_sides_park_and_wake,
     slow_consumer_is_closed_with_1013,
     slow_consumer_drop_oldest_sends_gap,
+    resubscribing_without_reading_holds_one_replay,
     stalled_reader_catches_up_intact,
     per_ip_connection_limit,
     max_connections_limit,
@@ -1663,6 +1664,73 @@ fn slow_consumer_is_closed_with_1013(driver: &str) {
         1,
         "the healthy subscriber afterwards",
     );
+}
+
+/// A client that subscribes with `since` and unsubscribes over and over, reading nothing,
+/// makes relay hold one replay at most: a replay is not counted in the slow-consumer bound,
+/// and what is queued for a channel goes with its subscription.
+fn resubscribing_without_reading_holds_one_replay(driver: &str) {
+    let server = Server::start_with_config(driver, "[limits]\noutbound_queue_messages = 100000\n");
+    // A full history (1000 events, the default size): each replay is 1000 frames.
+    for _ in 0..20 {
+        let items: Vec<String> = (0..50)
+            .map(|i| event_json("resub.r", "t", &i.to_string()))
+            .collect();
+        publish(server.addr, &format!("[{}]", items.join(",")));
+    }
+    let history = json(&server.get("/api/v1/relay/channels/resub.r/history?limit=1"));
+    let epoch = history["epoch"].clone();
+    let mut c = WsClient::try_open_on(small_rcvbuf_stream(server.addr), WS_PATH, &[])
+        .unwrap_or_else(|r| panic!("upgrade: {r}"));
+    c.welcome();
+    let before_kb = server.rss_kb();
+    let received = server.metric_sum("relay_ws_messages_received_total");
+    let rounds = 2000;
+    let subscribe = json!({"op":"subscribe","channel":"resub.r","since":{"epoch":epoch,"seq":0}});
+    let unsubscribe = json!({"op":"unsubscribe","channel":"resub.r"});
+    for _ in 0..rounds {
+        c.send_json(&subscribe);
+        c.send_json(&unsubscribe);
+    }
+    let handled = wait_metric_at_least(
+        &server,
+        "relay_ws_messages_received_total",
+        received + 2.0 * rounds as f64,
+        BOUND,
+    );
+    assert!(
+        handled >= received + 2.0 * rounds as f64,
+        "relay should read all {} messages, read {}",
+        2 * rounds,
+        handled - received
+    );
+    let grown_mb = server.rss_kb().saturating_sub(before_kb) / 1024;
+    assert!(
+        grown_mb < 24,
+        "relay grew by {grown_mb} MB over {rounds} replays of 1000 events to a client that reads \
+         nothing; it should hold one (keeping every one is about 60 MB)"
+    );
+    socket2::SockRef::from(&c.stream)
+        .set_recv_buffer_size(1 << 20)
+        .expect("SO_RCVBUF");
+    let (mut subscribed, mut unsubscribed) = (0, 0);
+    while unsubscribed < rounds {
+        let v = c.next_json(BOUND, "the replies to every subscribe and unsubscribe");
+        match v["op"].as_str() {
+            Some("subscribed") => subscribed += 1,
+            Some("unsubscribed") => {
+                unsubscribed += 1;
+                assert_eq!(subscribed, unsubscribed, "replies in order: {v}");
+            }
+            Some("event") => assert_eq!(
+                subscribed,
+                unsubscribed + 1,
+                "an event only between a subscribed and its unsubscribed: {v}"
+            ),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    c.assert_alive("after the re-subscriptions");
 }
 
 fn slow_consumer_drop_oldest_sends_gap(driver: &str) {

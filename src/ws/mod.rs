@@ -10,7 +10,8 @@
 //! its state and nothing else.
 //!
 //! Bounds: `limits.outbound_queue_messages` / `limits.outbound_queue_bytes` count live events
-//! and replies (replays are bounded by history); past them `limits.slow_consumer` closes with
+//! and replies (replays are bounded by history, one per subscription: unsubscribing drops
+//! what is queued for the channel); past them `limits.slow_consumer` closes with
 //! 1013 or drops the oldest events and sends `{"op":"gap",...}`. `limits.max_frame_bytes`
 //! bounds frames and messages (1009), `limits.max_subscriptions_per_connection` subscriptions.
 //! Must never: write the same event twice or out of order within a channel, grow memory for a
@@ -440,10 +441,30 @@ impl WsConn {
         );
     }
 
-    /// Forgets `channel`; its name when it was subscribed.
+    /// Forgets `channel`, with its events still queued and its gaps; its name when it was
+    /// subscribed. Nothing of a channel follows its `unsubscribed`, and a replay (not counted
+    /// in the bound) stays bounded by history per subscription: a client that subscribed with
+    /// `since` and unsubscribed over and over, reading nothing, made relay keep every replay
+    /// (31 KB a round at 1,000 events of history, until the replies filled the bound).
     pub fn end_subscription(&self, channel: &str) -> Option<Arc<str>> {
         let mut out = self.out.borrow_mut();
-        out.subscriptions.remove(channel)
+        let out = &mut *out;
+        let name = out.subscriptions.remove(channel)?;
+        let (mut counted, mut counted_bytes) = (0, 0);
+        out.queue.retain(|item| match item {
+            Item::Event(event, live) if *event.channel == *channel => {
+                if *live {
+                    counted += 1;
+                    counted_bytes += event.ws_frame().len();
+                }
+                false
+            }
+            _ => true,
+        });
+        out.counted -= counted;
+        out.counted_bytes -= counted_bytes;
+        out.gaps.retain(|(gap, _, _)| **gap != *channel);
+        Some(name)
     }
 
     /// Forgets every subscription; their names.
@@ -1723,7 +1744,11 @@ mod tests {
         c.offer(&event("a", 1));
         assert!(c.end_subscription("a").is_some());
         c.offer(&event("a", 2));
-        assert_eq!(drain(&c), ["subscribed", "event a 1"]);
+        assert_eq!(
+            drain(&c),
+            ["subscribed"],
+            "a 1, queued but not written, goes with the subscription"
+        );
     }
 
     #[test]
@@ -1773,6 +1798,42 @@ mod tests {
             c.out.borrow().queue.len(),
             3,
             "nothing more is queued once closing"
+        );
+    }
+
+    #[test]
+    fn unsubscribing_drops_the_channels_queued_events_and_gaps() {
+        let mut config = Config::default();
+        config.limits.outbound_queue_messages = 6;
+        config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
+        let c = conn(&config);
+        subscribe_with_replay(&c, reply("subscribed"), 50);
+        let b: Arc<str> = Arc::from("b");
+        c.begin_subscription(&b);
+        c.recovered(&b, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        // Live: 51..=56 on `a` (two dropped for room, a gap), then 1..=2 on `b`.
+        for seq in 51..=56 {
+            c.offer(&event("a", seq));
+        }
+        c.offer(&event("b", 1));
+        c.offer(&event("b", 2));
+        assert!(
+            !c.out.borrow().gaps.is_empty(),
+            "the bound dropped some of a"
+        );
+        assert_eq!(c.end_subscription("a").as_deref(), Some("a"));
+        assert_eq!(c.end_subscription("a"), None, "a is no longer subscribed");
+        {
+            let out = c.out.borrow();
+            let frames = reply("subscribed").len();
+            let b_events = 2 * event("b", 1).ws_frame().len();
+            assert_eq!(out.counted, 4, "two replies and b's two events are left");
+            assert_eq!(out.counted_bytes, 2 * frames + b_events);
+        }
+        assert_eq!(
+            drain(&c),
+            ["subscribed", "subscribed", "event b 1", "event b 2"],
+            "nothing of a, replayed or live, follows its unsubscribe; nor its gap"
         );
     }
 

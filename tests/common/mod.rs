@@ -287,6 +287,17 @@ impl Server {
         metric_sum(&resp.text(), name)
             .unwrap_or_else(|| panic!("metric {name} not found in /metrics:\n{}", resp.text()))
     }
+
+    /// The server's resident memory (`VmRSS`), in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the server's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
 }
 
 impl Drop for Server {
