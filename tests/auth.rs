@@ -442,16 +442,21 @@ fn token_expiry_closes_with_1008(driver: &str) {
     assert_fresh_token_works(&server, "after the expiry");
 }
 
-/// A connection whose writer always has more queued (a client far behind) never goes quiet:
-/// its token's expiry is checked between its writes, not only once it has caught up.
-fn token_expiry_ends_a_backlogged_connection(driver: &str) {
-    let server = Server::start_with_config(
+/// JWT on, and room for 16 MB queued for one client: its backlog is not a slow consumer.
+fn server_for_a_backlog(driver: &str) -> Server {
+    Server::start_with_config(
         driver,
         &format!(
             "{JWT_ONLY}[limits]\noutbound_queue_messages = 100000\n\
              outbound_queue_bytes = 67108864\n"
         ),
-    );
+    )
+}
+
+/// A connection whose writer always has more queued (a client far behind) never goes quiet:
+/// its token's expiry is checked between its writes, not only once it has caught up.
+fn token_expiry_ends_a_backlogged_connection(driver: &str) {
+    let server = server_for_a_backlog(driver);
     let t = token_expiring_in_2_to_3_s();
     let mut c = slow_subscriber(server.addr, &ws_path(&t), "late.c");
     // 8000 events of 2 KB (16 MB) while the client does not read: a backlog several times what
@@ -506,13 +511,7 @@ fn token_expiry_ends_an_sse_stream(driver: &str) {
 /// The SSE twin of `token_expiry_ends_a_backlogged_connection`: a stream whose writer always
 /// has more queued ends at its token's expiry, not once it has caught up.
 fn token_expiry_ends_a_backlogged_sse_stream(driver: &str) {
-    let server = Server::start_with_config(
-        driver,
-        &format!(
-            "{JWT_ONLY}[limits]\noutbound_queue_messages = 100000\n\
-             outbound_queue_bytes = 67108864\n"
-        ),
-    );
+    let server = server_for_a_backlog(driver);
     let t = token_expiring_in_2_to_3_s();
     let path = sse_path(&["late.s"], Some(&t));
     let mut s = SseStream::try_open_on(small_rcvbuf_stream(server.addr), &path, None)
