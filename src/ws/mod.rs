@@ -10,8 +10,8 @@
 //! its state and nothing else.
 //!
 //! Bounds: `limits.outbound_queue_messages` / `limits.outbound_queue_bytes` count live events
-//! and replies (replays are bounded by history, one per subscription: unsubscribing drops
-//! what is queued for the channel); past them `limits.slow_consumer` closes with
+//! and replies; replayed events are bounded apart (`max_subscriptions_per_connection` × the
+//! largest history, see [`WsConn::recovered`]); past them `limits.slow_consumer` closes with
 //! 1013 or drops the oldest events and sends `{"op":"gap",...}`. `limits.max_frame_bytes`
 //! bounds frames and messages (1009), `limits.max_subscriptions_per_connection` subscriptions.
 //! Must never: write the same event twice or out of order within a channel, grow memory for a
@@ -169,6 +169,9 @@ struct Outbound {
     /// Live events and frames queued: what the slow-consumer bound counts.
     counted: usize,
     counted_bytes: usize,
+    /// Replayed events queued: not in the bound above (catching up is not being slow), but
+    /// bounded by [`max_replayed`].
+    replayed: u32,
     subscriptions: Subscriptions,
     /// (channel, first dropped seq, last dropped seq) to announce with `{"op":"gap"}`.
     gaps: Vec<(Arc<str>, u64, u64)>,
@@ -176,7 +179,7 @@ struct Outbound {
     close: Option<(u16, &'static str)>,
     /// Replies and pushes (`Item::Frame`) in `queue`: they are written at once, never held
     /// by write pacing (a publisher waiting for its `published` must not wait on pacing).
-    frames_queued: usize,
+    frames_queued: u32,
 }
 
 /// [`WsConn::close_decided`]. Dropped (its write finished first), it takes its waker back out
@@ -354,7 +357,7 @@ impl WsConn {
     /// Whether events are queued.
     fn events_pending(&self) -> bool {
         let out = self.out.borrow();
-        out.queue.len() > out.frames_queued
+        out.queue.len() > out.frames_queued as usize
     }
 
     /// Whether replies or pushes are queued (not only events).
@@ -378,6 +381,8 @@ impl WsConn {
             }
             out.counted += 1;
             out.counted_bytes += event.ws_frame().len();
+        } else {
+            out.replayed += 1;
         }
         out.queue.push_back(Item::Event(event.clone(), live));
         self.ctl.notify();
@@ -400,6 +405,20 @@ impl WsConn {
         true
     }
 
+    /// Applies the slow-consumer policy until `n` more replayed events fit under `max`; false
+    /// when the connection is being closed instead.
+    fn make_room_for_replay(&self, out: &mut Outbound, n: usize, max: usize) -> bool {
+        while out.replayed as usize + n > max {
+            self.stats.slow_consumer_drops.inc();
+            if self.policy == SlowConsumerPolicy::Close || !self.drop_oldest_event(out) {
+                out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
+                self.wake_for_close();
+                return false;
+            }
+        }
+        true
+    }
+
     /// Drops the oldest queued event and records the gap; false when no event is queued.
     fn drop_oldest_event(&self, out: &mut Outbound) -> bool {
         let Some(pos) = out.queue.iter().position(|i| matches!(i, Item::Event(..))) else {
@@ -411,6 +430,8 @@ impl WsConn {
         if live {
             out.counted -= 1;
             out.counted_bytes -= event.ws_frame().len();
+        } else {
+            out.replayed -= 1;
         }
         match out.gaps.iter_mut().find(|(c, _, _)| *c == event.channel) {
             Some(gap) => {
@@ -441,30 +462,11 @@ impl WsConn {
         );
     }
 
-    /// Forgets `channel`, with its events still queued and its gaps; its name when it was
-    /// subscribed. Nothing of a channel follows its `unsubscribed`, and a replay (not counted
-    /// in the bound) stays bounded by history per subscription: a client that subscribed with
-    /// `since` and unsubscribed over and over, reading nothing, made relay keep every replay
-    /// (31 KB a round at 1,000 events of history, until the replies filled the bound).
+    /// Forgets `channel`; its name when it was subscribed. What is already queued for it
+    /// still goes out, before the `unsubscribed` reply.
     pub fn end_subscription(&self, channel: &str) -> Option<Arc<str>> {
         let mut out = self.out.borrow_mut();
-        let out = &mut *out;
-        let name = out.subscriptions.remove(channel)?;
-        let (mut counted, mut counted_bytes) = (0, 0);
-        out.queue.retain(|item| match item {
-            Item::Event(event, live) if *event.channel == *channel => {
-                if *live {
-                    counted += 1;
-                    counted_bytes += event.ws_frame().len();
-                }
-                false
-            }
-            _ => true,
-        });
-        out.counted -= counted;
-        out.counted_bytes -= counted_bytes;
-        out.gaps.retain(|(gap, _, _)| **gap != *channel);
-        Some(name)
+        out.subscriptions.remove(channel)
     }
 
     /// Forgets every subscription; their names.
@@ -473,13 +475,15 @@ impl WsConn {
         out.subscriptions.drain()
     }
 
-    /// Queues the `subscribed` reply, then the replay, then what arrived meanwhile.
+    /// Queues the `subscribed` reply, then the replay, then what arrived meanwhile. The
+    /// replay must fit with those still queued under `max_replayed` (see [`max_replayed`]).
     pub fn recovered(
         &self,
         channel: &Arc<str>,
         reply: Bytes,
         answer: &Subscribed,
         since: Option<&Since>,
+        max_replayed: usize,
     ) {
         self.send_frame(reply);
         let mut out = self.out.borrow_mut();
@@ -495,6 +499,10 @@ impl WsConn {
             Some(s) if answer.recovered => s.seq,
             _ => answer.seq,
         };
+        let replaying = answer.replay.iter().filter(|e| e.seq > last).count();
+        if !self.make_room_for_replay(out, replaying, max_replayed) {
+            return;
+        }
         for event in &answer.replay {
             if event.seq > last {
                 last = event.seq;
@@ -541,6 +549,8 @@ impl WsConn {
                     if is_live {
                         out.counted -= 1;
                         out.counted_bytes -= event.ws_frame().len();
+                    } else {
+                        out.replayed -= 1;
                     }
                     batch.push(Frame::Event(event, is_live));
                 }
@@ -1570,6 +1580,24 @@ async fn send_close(stream: &mut TcpStream, code: u16, reason: &str) {
     }
 }
 
+/// The replayed events a connection may have queued: full histories for the most
+/// subscriptions it may hold (and no more than the node retains). Only a client that
+/// re-subscribes with `since` and reads nothing gets past it.
+pub fn max_replayed(config: &Config) -> usize {
+    let largest_history = config
+        .channels
+        .iter()
+        .filter_map(|rule| rule.history_size)
+        .fold(config.history.size, usize::max);
+    config
+        .limits
+        .max_subscriptions_per_connection
+        .max(1)
+        .saturating_mul(largest_history)
+        .min(config.history.max_events)
+        .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1621,6 +1649,10 @@ mod tests {
 
     /// Subscribes `c` to channel `a` from seq 0, recovering events 1..=`events` after `reply`.
     fn subscribe_with_replay(c: &WsConn, reply: Bytes, events: u64) {
+        subscribe_with_replay_under(c, reply, events, usize::MAX);
+    }
+
+    fn subscribe_with_replay_under(c: &WsConn, reply: Bytes, events: u64, max_replayed: usize) {
         let a: Arc<str> = Arc::from("a");
         c.begin_subscription(&a);
         let replay: Vec<Arc<Event>> = (1..=events).map(|s| event("a", s)).collect();
@@ -1628,7 +1660,13 @@ mod tests {
             epoch: "e".into(),
             seq: 0,
         };
-        c.recovered(&a, reply, &answer(events, true, replay), Some(&since));
+        c.recovered(
+            &a,
+            reply,
+            &answer(events, true, replay),
+            Some(&since),
+            max_replayed,
+        );
     }
 
     fn reply(op: &str) -> Bytes {
@@ -1652,6 +1690,7 @@ mod tests {
             reply("subscribed"),
             &answer(3, true, vec![event("a", 2), event("a", 3)]),
             Some(&since),
+            usize::MAX,
         );
         c.offer(&event("a", 4));
         c.offer(&event("a", 5));
@@ -1680,7 +1719,13 @@ mod tests {
         c.begin_subscription(&a);
         // Recovering: the run is held like single offers, in order.
         c.offer_many(&[event("a", 2), event("a", 3)]);
-        c.recovered(&a, reply("subscribed"), &answer(2, false, Vec::new()), None);
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(2, false, Vec::new()),
+            None,
+            usize::MAX,
+        );
         assert!(
             !c.only_events_pending(),
             "a reply is queued: it goes at once"
@@ -1739,16 +1784,18 @@ mod tests {
         let c = conn(&Config::default());
         let a: Arc<str> = Arc::from("a");
         c.begin_subscription(&a);
-        c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(0, false, Vec::new()),
+            None,
+            usize::MAX,
+        );
         c.offer(&event("b", 1));
         c.offer(&event("a", 1));
         assert!(c.end_subscription("a").is_some());
         c.offer(&event("a", 2));
-        assert_eq!(
-            drain(&c),
-            ["subscribed"],
-            "a 1, queued but not written, goes with the subscription"
-        );
+        assert_eq!(drain(&c), ["subscribed", "event a 1"]);
     }
 
     #[test]
@@ -1759,7 +1806,13 @@ mod tests {
         let c = conn(&config);
         let a: Arc<str> = Arc::from("a");
         c.begin_subscription(&a);
-        c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(0, false, Vec::new()),
+            None,
+            usize::MAX,
+        );
         for seq in 1..=8 {
             c.offer(&event("a", seq));
         }
@@ -1784,7 +1837,13 @@ mod tests {
         let c = conn(&config);
         let a: Arc<str> = Arc::from("a");
         c.begin_subscription(&a);
-        c.recovered(&a, reply("subscribed"), &answer(0, false, Vec::new()), None);
+        c.recovered(
+            &a,
+            reply("subscribed"),
+            &answer(0, false, Vec::new()),
+            None,
+            usize::MAX,
+        );
         for seq in 1..=10 {
             c.offer(&event("a", seq));
         }
@@ -1801,40 +1860,69 @@ mod tests {
         );
     }
 
+    /// Subscribes `c` to `a` with a replay of 1..=`events` and unsubscribes, `rounds` times.
+    fn resubscribe(c: &WsConn, config: &Config, events: u64, rounds: usize) {
+        for _ in 0..rounds {
+            subscribe_with_replay_under(c, reply("subscribed"), events, max_replayed(config));
+            c.end_subscription("a");
+        }
+    }
+
     #[test]
-    fn unsubscribing_drops_the_channels_queued_events_and_gaps() {
+    fn replays_are_bounded_apart_from_the_queue() {
         let mut config = Config::default();
-        config.limits.outbound_queue_messages = 6;
+        config.limits.max_subscriptions_per_connection = 2;
+        config.history.size = 50;
+        assert_eq!(max_replayed(&config), 100);
+        let c = conn(&config);
+        resubscribe(&c, &config, 50, 2);
+        assert_eq!(c.out.borrow().replayed, 100);
+        assert!(c.out.borrow().close.is_none(), "two full replays fit");
+        drain(&c);
+        assert_eq!(
+            c.out.borrow().replayed,
+            0,
+            "written replays leave the count"
+        );
+        resubscribe(&c, &config, 50, 3);
+        assert_eq!(
+            c.out.borrow().close,
+            Some((close::TRY_AGAIN_LATER, "slow consumer")),
+            "replays past the bound are a slow consumer"
+        );
+        assert!(c.out.borrow().replayed <= 100);
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_for_a_replay_with_a_gap() {
+        let mut config = Config::default();
+        config.limits.max_subscriptions_per_connection = 1;
+        config.history.size = 50;
         config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
         let c = conn(&config);
-        subscribe_with_replay(&c, reply("subscribed"), 50);
-        let b: Arc<str> = Arc::from("b");
-        c.begin_subscription(&b);
-        c.recovered(&b, reply("subscribed"), &answer(0, false, Vec::new()), None);
-        // Live: 51..=56 on `a` (two dropped for room, a gap), then 1..=2 on `b`.
-        for seq in 51..=56 {
-            c.offer(&event("a", seq));
-        }
-        c.offer(&event("b", 1));
-        c.offer(&event("b", 2));
-        assert!(
-            !c.out.borrow().gaps.is_empty(),
-            "the bound dropped some of a"
-        );
-        assert_eq!(c.end_subscription("a").as_deref(), Some("a"));
-        assert_eq!(c.end_subscription("a"), None, "a is no longer subscribed");
-        {
-            let out = c.out.borrow();
-            let frames = reply("subscribed").len();
-            let b_events = 2 * event("b", 1).ws_frame().len();
-            assert_eq!(out.counted, 4, "two replies and b's two events are left");
-            assert_eq!(out.counted_bytes, 2 * frames + b_events);
-        }
+        resubscribe(&c, &config, 50, 2);
+        let out = c.out.borrow();
+        assert!(out.close.is_none());
         assert_eq!(
-            drain(&c),
-            ["subscribed", "subscribed", "event b 1", "event b 2"],
-            "nothing of a, replayed or live, follows its unsubscribe; nor its gap"
+            out.replayed, 50,
+            "the first replay made room for the second"
         );
+        assert_eq!(out.gaps.len(), 1, "{:?}", out.gaps);
+        assert_eq!((out.gaps[0].1, out.gaps[0].2), (1, 50));
+    }
+
+    #[test]
+    fn the_replay_bound_follows_the_largest_history_and_the_node_budget() {
+        let mut config = Config::default();
+        assert_eq!(max_replayed(&config), 1024 * 1000);
+        config.channels.push(crate::config::ChannelRule {
+            pattern: "big.*".into(),
+            history_size: Some(4000),
+            ..Default::default()
+        });
+        assert_eq!(max_replayed(&config), 1024 * 4000);
+        config.history.max_events = 10_000;
+        assert_eq!(max_replayed(&config), 10_000);
     }
 
     #[test]
@@ -1856,7 +1944,13 @@ mod tests {
         let c = conn(&config);
         let a: Arc<str> = Arc::from("a");
         c.begin_subscription(&a);
-        c.recovered(&a, Bytes::new(), &answer(0, false, Vec::new()), None);
+        c.recovered(
+            &a,
+            Bytes::new(),
+            &answer(0, false, Vec::new()),
+            None,
+            usize::MAX,
+        );
         for seq in 1..=20 {
             c.offer(&event("a", seq));
         }

@@ -392,8 +392,9 @@ impl Session {
         reply.num_field("seq", answer.seq);
         reply.raw_field("recovered", if answer.recovered { "true" } else { "false" });
         if let Some(frame) = reply.finish() {
+            let max_replayed = super::max_replayed(self.shard.config());
             self.conn
-                .recovered(&channel, frame, &answer, since.as_ref());
+                .recovered(&channel, frame, &answer, since.as_ref(), max_replayed);
         }
         Ok(None)
     }
