@@ -391,24 +391,23 @@ impl WsConn {
     /// Applies the slow-consumer policy until `len` more bytes fit; false when the
     /// connection is being closed instead.
     fn make_room(&self, out: &mut Outbound, len: usize) -> bool {
-        while out.counted > 0
-            && (out.counted >= self.max_messages as usize
-                || out.counted_bytes + len > self.max_bytes as usize)
-        {
-            self.stats.slow_consumer_drops.inc();
-            if self.policy == SlowConsumerPolicy::Close || !self.drop_oldest_event(out) {
-                out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
-                self.wake_for_close();
-                return false;
-            }
-        }
-        true
+        self.make_room_while(out, |out| {
+            out.counted > 0
+                && (out.counted >= self.max_messages as usize
+                    || out.counted_bytes + len > self.max_bytes as usize)
+        })
     }
 
     /// Applies the slow-consumer policy until `n` more replayed events fit under `max`; false
     /// when the connection is being closed instead.
     fn make_room_for_replay(&self, out: &mut Outbound, n: usize, max: usize) -> bool {
-        while out.replayed as usize + n > max {
+        self.make_room_while(out, |out| out.replayed as usize + n > max)
+    }
+
+    /// Applies the slow-consumer policy while `over` holds: each step is counted and drops the
+    /// oldest event (`drop_oldest`) or decides the close; false once closing.
+    fn make_room_while(&self, out: &mut Outbound, over: impl Fn(&Outbound) -> bool) -> bool {
+        while over(out) {
             self.stats.slow_consumer_drops.inc();
             if self.policy == SlowConsumerPolicy::Close || !self.drop_oldest_event(out) {
                 out.close = Some((close::TRY_AGAIN_LATER, "slow consumer"));
@@ -1669,6 +1668,15 @@ mod tests {
         );
     }
 
+    /// Subscribes `c` to `channel` without `since` (nothing to replay), after `reply`.
+    fn subscribe_live(c: &WsConn, channel: &str, reply: Bytes) -> Arc<str> {
+        let channel: Arc<str> = Arc::from(channel);
+        c.begin_subscription(&channel);
+        let answer = answer(0, false, Vec::new());
+        c.recovered(&channel, reply, &answer, None, usize::MAX);
+        channel
+    }
+
     fn reply(op: &str) -> Bytes {
         protocol::Reply::new(op, None).finish().unwrap_or_default()
     }
@@ -1782,15 +1790,7 @@ mod tests {
     #[test]
     fn events_of_other_channels_and_after_unsubscribe_are_ignored() {
         let c = conn(&Config::default());
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        c.recovered(
-            &a,
-            reply("subscribed"),
-            &answer(0, false, Vec::new()),
-            None,
-            usize::MAX,
-        );
+        subscribe_live(&c, "a", reply("subscribed"));
         c.offer(&event("b", 1));
         c.offer(&event("a", 1));
         assert!(c.end_subscription("a").is_some());
@@ -1804,15 +1804,7 @@ mod tests {
         config.limits.outbound_queue_messages = 4;
         config.limits.slow_consumer = SlowConsumerPolicy::DropOldest;
         let c = conn(&config);
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        c.recovered(
-            &a,
-            reply("subscribed"),
-            &answer(0, false, Vec::new()),
-            None,
-            usize::MAX,
-        );
+        subscribe_live(&c, "a", reply("subscribed"));
         for seq in 1..=8 {
             c.offer(&event("a", seq));
         }
@@ -1835,15 +1827,7 @@ mod tests {
         let mut config = Config::default();
         config.limits.outbound_queue_messages = 3;
         let c = conn(&config);
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        c.recovered(
-            &a,
-            reply("subscribed"),
-            &answer(0, false, Vec::new()),
-            None,
-            usize::MAX,
-        );
+        subscribe_live(&c, "a", reply("subscribed"));
         for seq in 1..=10 {
             c.offer(&event("a", seq));
         }
@@ -1942,15 +1926,7 @@ mod tests {
         let one = event("a", 1).ws_frame().len();
         config.limits.outbound_queue_bytes = one * 3;
         let c = conn(&config);
-        let a: Arc<str> = Arc::from("a");
-        c.begin_subscription(&a);
-        c.recovered(
-            &a,
-            Bytes::new(),
-            &answer(0, false, Vec::new()),
-            None,
-            usize::MAX,
-        );
+        subscribe_live(&c, "a", Bytes::new());
         for seq in 1..=20 {
             c.offer(&event("a", seq));
         }
