@@ -484,10 +484,11 @@ fn connections(shard: &Shard) -> Response {
 
 // ----- publish -----
 
-/// One event as a publisher sends it: an envelope without `seq`, `epoch` or `ts`.
+/// One event as a publisher sends it: an envelope without `seq`, `epoch` or `ts`. Public for
+/// the fuzz target that checks the fast path (`envelope`) against it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DraftIn<'a> {
+pub struct DraftIn<'a> {
     #[serde(borrow)]
     channel: Cow<'a, str>,
     #[serde(rename = "type", borrow)]
@@ -553,7 +554,7 @@ fn draft_from(body: &Bytes, text: &str) -> Result<Draft, String> {
 impl<'a> DraftIn<'a> {
     /// The fields as the fast path (`envelope`) reads them, so both readings make drafts, and
     /// are compared, as one type.
-    fn fields(&'a self) -> envelope::Fields<'a> {
+    pub fn fields(&'a self) -> envelope::Fields<'a> {
         envelope::Fields {
             channel: &self.channel,
             event_type: &self.event_type,

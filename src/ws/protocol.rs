@@ -35,33 +35,34 @@ pub mod code {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SinceIn {
-    epoch: String,
-    seq: u64,
+pub struct SinceIn {
+    pub epoch: String,
+    pub seq: u64,
 }
 
-/// Every field any op takes; each op checks the ones it needs.
+/// Every field any op takes; each op checks the ones it needs. Public for the fuzz target
+/// that checks the publish fast path (`envelope::scan_ws_publish`) against it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Request<'a> {
+pub struct Request<'a> {
     #[serde(borrow)]
-    op: Cow<'a, str>,
+    pub op: Cow<'a, str>,
     #[serde(rename = "ref", default, borrow)]
-    reference: Option<&'a RawValue>,
+    pub reference: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    channel: Option<Cow<'a, str>>,
+    pub channel: Option<Cow<'a, str>>,
     #[serde(default)]
-    since: Option<SinceIn>,
+    pub since: Option<SinceIn>,
     #[serde(rename = "type", default, borrow)]
-    event_type: Option<Cow<'a, str>>,
+    pub event_type: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    data: Option<&'a RawValue>,
+    pub data: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
+    pub id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    source: Option<Cow<'a, str>>,
+    pub source: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    correlation_id: Option<Cow<'a, str>>,
+    pub correlation_id: Option<Cow<'a, str>>,
 }
 
 /// A publish's fields, as the fast path (`envelope`) or a parsed [`Request`] has them.
