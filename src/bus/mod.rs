@@ -112,6 +112,7 @@ pub struct Subscribed {
     pub seq: u64,
     /// With `since`: whether every missed event is in `replay`.
     pub recovered: bool,
+    /// The events after `since` still in history, in seq order.
     pub replay: Vec<Arc<Event>>,
 }
 

@@ -498,15 +498,17 @@ impl WsConn {
             Some(s) if answer.recovered => s.seq,
             _ => answer.seq,
         };
-        let replaying = answer.replay.iter().filter(|e| e.seq > last).count();
-        if !self.make_room_for_replay(out, replaying, max_replayed) {
+        // The replay is in seq order: what the client has not seen is its tail.
+        let unseen = answer.replay.partition_point(|e| e.seq <= last);
+        let replay = answer.replay.get(unseen..).unwrap_or_default();
+        if !self.make_room_for_replay(out, replay.len(), max_replayed) {
             return;
         }
-        for event in &answer.replay {
-            if event.seq > last {
-                last = event.seq;
-                self.enqueue_event(out, event, false);
-            }
+        for event in replay {
+            self.enqueue_event(out, event, false);
+        }
+        if let Some(event) = replay.last() {
+            last = event.seq;
         }
         last = last.max(answer.seq);
         for item in held {
